@@ -1,0 +1,145 @@
+"""The FastAPI app: routers, JSON errors for every failure, and the job-recovery sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.deps import get_settings
+from api.routes import health, jobs
+from core import jobs as job_service
+from core.db import session_scope
+from core.errors import InputError
+from core.settings import Settings
+from worker.app import enqueue_train
+
+log = logging.getLogger(__name__)
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "upload_too_large",
+    416: "range_not_satisfiable",
+    422: "invalid_request",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+def error_response(
+    status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status_code, headers=headers
+    )
+
+
+async def _input_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InputError)
+    return error_response(exc.status_code, exc.code, exc.message)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors()[:5]:
+        # ("query", "limit") -> "query.limit"; the body's own prefix adds nothing.
+        where = ".".join(str(part) for part in error["loc"] if part != "body") or "request"
+        problems.append(f"{where}: {error['msg']}")
+    return error_response(
+        status.HTTP_422_UNPROCESSABLE_CONTENT, "invalid_request", "; ".join(problems)
+    )
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(
+        status.HTTP_500_INTERNAL_SERVER_ERROR, "internal_error", "internal server error"
+    )
+
+
+def sweep(settings: Settings, *, include_queued: bool) -> None:
+    """Re-enqueue jobs whose worker died (lease expired), and at startup every queued job.
+
+    Queued jobs are re-sent at startup because the embedded broker keeps no messages across a
+    restart; a duplicate message is harmless (its claim fails). Not periodically, or every
+    job waiting behind a long one would collect duplicates.
+    """
+    with session_scope(settings) as session:
+        ids = job_service.requeue_expired(session)
+        if include_queued:
+            ids = sorted(set(ids) | set(job_service.queued_job_ids(session)))
+    for job_id in ids:
+        enqueue_train(settings, job_id)
+    if ids:
+        log.info("sweep: enqueued %d job(s) again", len(ids))
+
+
+async def _sweep_forever(settings: Settings) -> None:
+    include_queued = True
+    while True:
+        try:
+            await run_in_threadpool(sweep, settings, include_queued=include_queued)
+            include_queued = False
+        except Exception:
+            log.exception("sweep failed; retrying")
+        await asyncio.sleep(settings.lease_seconds / 2)
+
+
+def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> FastAPI:
+    """The app; ``settings`` overrides the environment's (tests), ``sweeper`` the recovery loop."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if sweeper:
+            task = asyncio.create_task(_sweep_forever(settings or get_settings()))
+        yield
+        if task is not None:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(
+        title="SQAKD service",
+        version="1",
+        summary="Quantize a full-precision vision model with SQAKD, as a service.",
+        lifespan=lifespan,
+        # Stable operation ids ("jobs-create_job"), so generated clients keep their names.
+        generate_unique_id_function=lambda route: (
+            f"{route.tags[0]}-{route.name}"
+            if isinstance(route, APIRoute) and route.tags
+            else route.name
+        ),
+    )
+    if settings is not None:
+        app.dependency_overrides[get_settings] = lambda: settings
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.add_exception_handler(InputError, _input_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    return app
+
+
+app = create_app()

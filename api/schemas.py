@@ -1,0 +1,107 @@
+"""Response bodies. Built from table rows, they show only public fields: no file paths, no lease."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from core.jobs import JobStatus
+from core.models import Job
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorDetail
+
+
+class ArtifactPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    size: int
+    sha256: str
+    created_at: dt.datetime
+
+
+class FilePublic(BaseModel):
+    size: int
+    sha256: str
+
+
+class JobInputsPublic(BaseModel):
+    model: FilePublic
+    data: FilePublic
+    eval_data: FilePublic | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    status: JobStatus
+    stage: str | None
+    progress: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    error: ErrorDetail | None
+    artifacts: list[ArtifactPublic]
+    config: dict[str, Any]
+    inputs: JobInputsPublic
+    cancel_requested: bool
+    attempts: int  # deliveries that ran the job; more than 1 after a worker died
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobPublic:
+        eval_data = (
+            FilePublic(size=job.eval_data_size, sha256=job.eval_data_sha256)
+            if job.eval_data_size is not None and job.eval_data_sha256 is not None
+            else None
+        )
+        return cls(
+            id=job.id,
+            status=JobStatus(job.status),
+            stage=job.stage,
+            progress=job.progress,
+            metrics=job.metrics,
+            error=ErrorDetail.model_validate(job.error) if job.error else None,
+            artifacts=[ArtifactPublic.model_validate(a) for a in job.artifacts],
+            config=job.config,
+            inputs=JobInputsPublic(
+                model=FilePublic(size=job.model_size, sha256=job.model_sha256),
+                data=FilePublic(size=job.data_size, sha256=job.data_sha256),
+                eval_data=eval_data,
+            ),
+            cancel_requested=job.cancel_requested,
+            attempts=job.attempts,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class JobList(BaseModel):
+    items: list[JobPublic]
+    next_cursor: str | None
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactPublic]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, str]

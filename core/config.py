@@ -1,0 +1,86 @@
+"""The job config: every choice a user can make about one quantization job, validated.
+
+It is stored on the job row as JSON (``JobConfig.model_dump(mode="json")``) and read back with
+``JobConfig.model_validate``; ``version`` lets later releases migrate old rows.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Method = Literal["lsq", "ewgs"]
+"""Quantizer families this release trains with (see ``core.sqakd.quantizers.QUANTIZERS``)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Preprocessing(_Strict):
+    """How pixels become the model's input: RGB, resize, /255, then (x - mean) / std."""
+
+    input_size: tuple[int, int] | None = Field(
+        None, description="[H, W]; default: the model's own static input size."
+    )
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    augment: bool = Field(True, description="Random crop (padding 1/8 of the side) and h-flip.")
+
+    @field_validator("input_size")
+    @classmethod
+    def _positive_size(cls, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        if size is not None and not all(8 <= side <= 1024 for side in size):
+            raise ValueError("input_size sides must lie in 8..1024 pixels")
+        return size
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(value <= 0 for value in std):
+            raise ValueError("std values must be positive")
+        return std
+
+
+class ExportConfig(_Strict):
+    onnx: bool = Field(True, description="Write model_qdq.onnx (QuantizeLinear/DequantizeLinear).")
+
+
+class JobConfig(_Strict):
+    """One job's settings. Defaults suit a short job (minutes, not the paper's 1,200 epochs)."""
+
+    version: Literal[1] = 1
+    weight_bits: int = Field(4, ge=1, le=8)
+    activation_bits: int = Field(4, ge=1, le=8)
+    method: Method = "lsq"
+    per_channel: bool = Field(True, description="One weight scale per output channel.")
+    first_last_bits: int | None = Field(
+        8, ge=1, le=8, description="Bits of the first conv and last linear; null: the job's bits."
+    )
+    epochs: int | None = Field(None, ge=1, le=1000, description="Default 1 unless steps is set.")
+    steps: int | None = Field(None, ge=1, le=1_000_000, description="Overrides epochs.")
+    batch_size: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(4.0, gt=0, le=100)
+    lr: float = Field(1e-4, gt=0, le=1.0, description="Adam learning rate of the weights.")
+    quantizer_lr: float = Field(1e-4, gt=0, le=1.0, description="Adam lr of quantizer parameters.")
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Held-out share of the upload used for evaluation only."
+    )
+    preprocessing: Preprocessing = Preprocessing()
+    export: ExportConfig = ExportConfig()
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _epochs_or_steps(self) -> JobConfig:
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("give epochs or steps, not both")
+        return self
+
+    @property
+    def epoch_budget(self) -> int:
+        return self.epochs if self.epochs is not None else 1

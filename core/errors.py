@@ -1,0 +1,35 @@
+"""Errors that are the caller's fault: each carries a stable code, a message and an HTTP status.
+
+The API turns them into ``{"error": {"code": ..., "message": ...}}`` with their status; a worker
+that meets one marks the job ``failed`` with the same code and message.
+"""
+
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """Bad input from the user: a 4xx, never a 500."""
+
+    status_code: int = 422
+
+    def __init__(self, code: str, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class ModelImportError(InputError):
+    """The uploaded model cannot be read, converted or verified."""
+
+
+class DataImportError(InputError):
+    """The uploaded data archive is unsafe, unreadable or holds no images."""
+
+
+class TooLargeError(InputError):
+    status_code = 413

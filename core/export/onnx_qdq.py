@@ -1,0 +1,256 @@
+"""ONNX export of a fake-quantized student as QuantizeLinear/DequantizeLinear (QDQ), and its parity.
+
+How: on a deep copy of the student, every quantized layer is swapped for an export-only stand-in
+(``_qdq_layer``) built from the quantizers' integer grids (``Quantizer.grid()``), so this file
+needs no per-method code. Its forward uses ``torch.fake_quantize_per_*_affine``, which the
+exporter writes as QuantizeLinear -> DequantizeLinear; everything else (residual adds, pooling,
+BatchNorm, onnx2torch modules) is exported exactly as the float model would be. One pass over the
+ONNX graph then folds each weight's QuantizeLinear (whose input is a constant) into an integer
+initializer, so the file stores the integer weights followed by a DequantizeLinear.
+
+Why not export the float model and insert Q/DQ into its graph afterwards: that needs a map from
+PyTorch layers to ONNX nodes, which only the exporter's naming gives, and the eval-mode exporter
+folds BatchNorm into the convolutions, so the weights in the graph are no longer the quantized ones.
+
+Exactness (the ONNX model equals the student up to float summation order):
+- LSQ, 2..8 bits, signed or unsigned: exact. Weights are int8 (uint8 for an unsigned 8-bit weight
+  grid), zero point 0; activations are uint8 on unsigned grids, int8 on signed ones, preceded by a
+  Clip to the b-bit range when the grid is narrower than the 8-bit type.
+- Nearest representable only (exact export is a later issue): EWGS, whose levels are
+  ``lower + k * step`` with ``lower`` rarely a multiple of ``step`` (weights are written as
+  ``round(w / step)`` in int8 with zero point 0; activations use the rounded zero point of
+  ``grid()``; exact when ``lower`` is a whole number of steps), and 1-bit signed activations
+  (levels +-step/2: a QuantizeLinear cannot skip the 0 between them; 1-bit weights are exact).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from core.sqakd.modules import QuantModule, quant_layers
+from core.sqakd.quantizers import IntGrid
+
+# ONNX Runtime (>= 1.20) rewrites each float Conv/Gemm bias next to Q/DQ into int32 at scale
+# activation_scale * weight_scale. The student adds its bias in float, and rounding the bias
+# moves conv outputs across the next quantizer's rounding boundaries: at W4A4 on ResNet-20 the
+# logits then differ by ~0.1 on average instead of ~1e-4. Parity is about the file, so that one
+# rewrite is off by default; all other ORT optimizations (int8 kernels included) stay on.
+FILE_SEMANTICS = ("WeightBiasQuantization",)
+MIN_OPSET = 13  # per-channel (axis) QuantizeLinear/DequantizeLinear
+_INT8 = (-128, 127)
+_UINT8 = (0, 255)
+
+
+@dataclass(frozen=True)
+class _QParams:
+    """One QuantizeLinear/DequantizeLinear pair: ONNX integer type range and parameters.
+
+    Per tensor, scale and zero point are Python numbers, so tracing records them as constants.
+    """
+
+    scale: Tensor | float  # float32 [C] per channel (axis 0)
+    zero_point: Tensor | int  # int32 [C] per channel
+    type_range: tuple[int, int]  # _INT8 or _UINT8
+    clip: tuple[float, float] | None = None  # float range of the b-bit grid, when < 8 bits
+
+    def fake_quantize(self, x: Tensor) -> Tensor:
+        if self.clip is not None:
+            x = x.clamp(*self.clip)  # exports as Clip: QuantizeLinear saturates at 8 bits only
+        if isinstance(self.scale, Tensor) and isinstance(self.zero_point, Tensor):
+            return torch.fake_quantize_per_channel_affine(
+                x, self.scale, self.zero_point, 0, *self.type_range
+            )
+        return torch.fake_quantize_per_tensor_affine(
+            x, float(self.scale), int(self.zero_point), *self.type_range
+        )
+
+
+def _weight_qparams(grid: IntGrid, per_channel: bool) -> _QParams:
+    """Symmetric int8 (zero point 0) wherever the integer values fit, uint8 for unsigned 8 bits."""
+    unsigned_8bit = bool((grid.zero_point == 0).all()) and grid.qmin >= 0 and grid.qmax > 127
+    type_range = _UINT8 if unsigned_8bit else _INT8
+    scale = grid.scale.detach().float().reshape(-1)
+    if per_channel:
+        return _QParams(scale, torch.zeros_like(scale, dtype=torch.int32), type_range)
+    return _QParams(float(scale[0]), 0, type_range)
+
+
+def _activation_qparams(grid: IntGrid) -> _QParams:
+    """uint8 for grids of non-negative integers, int8 otherwise; Clip when the grid is narrower."""
+    type_range = _UINT8 if grid.qmin >= 0 else _INT8
+    scale = float(grid.scale.detach().float().reshape(-1)[0])
+    zero_point = int(grid.zero_point.detach().reshape(-1)[0].round().clamp(*type_range))
+    clip = None
+    if grid.qmin > type_range[0] or grid.qmax < type_range[1]:
+        clip = ((grid.qmin - zero_point) * scale, (grid.qmax - zero_point) * scale)
+    return _QParams(scale, zero_point, type_range, clip)
+
+
+class _FakeQuant(nn.Module):
+    """``_QParams.fake_quantize`` as a module: an activation stage, or a weight parametrization."""
+
+    def __init__(self, qparams: _QParams) -> None:
+        super().__init__()
+        self.qparams = qparams
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.qparams.fake_quantize(x)
+
+
+def _qdq_layer(layer: QuantModule) -> nn.Module:
+    """Export-only stand-in for a quantized layer: input fake-quant, then the float layer whose
+    weight is parametrized by a fake-quant (works for any layer type, unlike a per-type forward).
+
+    The weight holds the student's quantized weight, so the exported QuantizeLinear of it
+    reproduces the student's integers exactly and can be folded into an initializer.
+    """
+    w_quantizer, a_quantizer = layer.weight_quantizer, layer.act_quantizer
+    weight_qparams = _weight_qparams(w_quantizer.grid(), bool(w_quantizer.channels))
+    with torch.no_grad():
+        quantized = layer.quantized_weight()
+    float_layer = layer.to_float()  # a deep copy's: free to overwrite
+    float_layer.weight = nn.Parameter(quantized, requires_grad=False)
+    parametrize.register_parametrization(float_layer, "weight", _FakeQuant(weight_qparams))
+    return nn.Sequential(_FakeQuant(_activation_qparams(a_quantizer.grid())), float_layer)
+
+
+def export_qdq_onnx(
+    student: nn.Module, input_shape: tuple[int, int, int], path: Path, *, opset: int = 17
+) -> None:
+    """Writes an ONNX model with QuantizeLinear/DequantizeLinear around every quantized layer's
+    weight and input activation; dynamic batch dim; input named "input", output "logits"."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"QDQ export needs opset >= {MIN_OPSET} (per-channel), got {opset}")
+    model = copy.deepcopy(student).cpu().float().eval()
+    layers = list(quant_layers(model))
+    if not layers:
+        raise ValueError("the model has no quantized layers; prepare() it first")
+    for name, layer in layers:
+        model.set_submodule(name, _qdq_layer(layer))
+    # The TorchScript exporter (deprecated, present in torch <= 2.14): torch.export, under the
+    # dynamo exporter, has no fake-tensor kernel for fake_quantize (..._cachemask) in torch 2.14.
+    # TorchScript also writes the opset asked for and is fast; its deprecation warnings are noise.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based export"
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, *input_shape),),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    onnx_model = onnx.load(str(path))
+    _fold_constant_quantize(onnx_model.graph)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    onnx.save(onnx_model, str(path))
+
+
+def _fold_constant_quantize(graph: onnx.GraphProto) -> None:
+    """Replace QuantizeLinear of a constant (the weights) by its integer result, as initializer.
+
+    Uses QuantizeLinear's definition: saturate(round_half_even(x / scale) + zero_point).
+    """
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    for node in graph.node:  # topological order; the exporter puts equal constants behind Identity
+        if node.op_type == "Constant" and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+        elif node.op_type == "Identity" and node.input[0] in constants:
+            constants[node.output[0]] = constants[node.input[0]]
+    kept = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or not all(name in constants for name in node.input):
+            kept.append(node)
+            continue
+        x, scale, zero_point = (numpy_helper.to_array(constants[name]) for name in node.input)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1:  # per channel: broadcast along ``axis``
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        info = np.iinfo(zero_point.dtype)
+        q = np.rint(x.astype(np.float32) / scale) + zero_point.astype(np.float32)
+        q = np.clip(q, info.min, info.max).astype(zero_point.dtype)
+        graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
+    del graph.node[:]
+    graph.node.extend(kept)
+    _prune(graph)
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes and initializers nothing reads any more (the float weights, once folded)."""
+    while True:
+        used = {name for node in graph.node for name in node.input}
+        used |= {value.name for value in graph.output}
+        dead = [node for node in graph.node if not any(name in used for name in node.output)]
+        for node in dead:
+            graph.node.remove(node)
+        if not dead:
+            break
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+
+
+def onnx_parity(
+    student: nn.Module,
+    onnx_path: Path,
+    batches: Iterable[Tensor],
+    *,
+    disabled_optimizers: Sequence[str] = FILE_SEMANTICS,
+) -> dict[str, float]:
+    """Runs both on float input batches: {"top1_agreement": fraction of equal argmax,
+    "max_abs_diff": largest logit difference, "mean_abs_diff": mean one, "images": n}.
+
+    The mean tells a sound export (most logits equal to ~1e-6, an occasional rounding flip at a
+    grid boundary) from a wrong one better than the max, which one such flip sets.
+    By default this measures the file's own semantics (see ``FILE_SEMANTICS``); pass
+    ``disabled_optimizers=()`` for what ONNX Runtime computes with its default rewrites.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1  # a check on a few batches: stay out of training's way
+    session = ort.InferenceSession(
+        str(onnx_path),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(disabled_optimizers),
+    )
+    input_name = session.get_inputs()[0].name
+    was_training = student.training
+    device = next(student.parameters()).device
+    student.eval()
+    agree, images, max_abs_diff, sum_abs_diff, logits = 0, 0, 0.0, 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                expected = student(batch.to(device)).detach().cpu().float().numpy()
+                (actual,) = session.run(None, {input_name: batch.detach().cpu().float().numpy()})
+                diff = np.abs(expected - actual)
+                agree += int((expected.argmax(-1) == actual.argmax(-1)).sum())
+                images += len(batch)
+                max_abs_diff = max(max_abs_diff, float(diff.max()))
+                sum_abs_diff, logits = sum_abs_diff + float(diff.sum()), logits + diff.size
+    finally:
+        student.train(was_training)
+    nan = float("nan")
+    return {
+        "top1_agreement": agree / images if images else nan,
+        "max_abs_diff": max_abs_diff,
+        "mean_abs_diff": sum_abs_diff / logits if logits else nan,
+        "images": images,
+    }

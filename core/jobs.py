@@ -1,0 +1,507 @@
+"""Jobs: states, transitions, leases and progress; the service functions the API and worker call.
+
+States: ``queued -> running -> succeeded | failed | canceled`` (a queued job may also go straight
+to ``canceled``). While ``running``, ``stage`` is one of ``core.pipeline.STAGES``.
+
+The database is the source of truth; the broker only carries job ids. A worker must *claim* a
+job before running it: one atomic UPDATE that succeeds only for a queued job, or a running job
+whose lease expired (its worker died). The claimant owns the lease and renews it with every
+progress write and a heartbeat; every later write of the worker names the owner in its WHERE
+clause, so a worker that lost its lease can no longer change the job. Hence a redelivered
+message never trains a job twice at once, and a finished job is never run again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import logging
+import math
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.config import JobConfig
+from core.errors import InputError
+from core.models import Artifact, Job, utcnow
+from core.settings import Settings
+from core.storage import Storage, StoredFile
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+"""Claims per job: a job that kills its worker this often is failed instead of retried."""
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class JobNotFound(InputError):
+    status_code = 404
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__("job_not_found", f"no job {job_id!r}")
+
+
+class ArtifactNotFound(InputError):
+    status_code = 404
+
+    def __init__(self, job_id: str, name: str) -> None:
+        super().__init__("artifact_not_found", f"job {job_id!r} has no artifact {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Submitting
+
+
+@dataclass
+class JobUpload:
+    """What one request handed over: a staging folder with its files, and the raw config."""
+
+    directory: Path
+    config_text: str
+    model: StoredFile
+    data: StoredFile
+    eval_data: StoredFile | None = None
+
+
+def parse_config(text: str) -> JobConfig:
+    """The job config from its JSON text; errors name the offending field."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise InputError("invalid_config", f"config is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InputError("invalid_config", "config must be a JSON object")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise InputError("invalid_config", describe_validation_error(exc, "config")) from exc
+
+
+def describe_validation_error(exc: ValidationError, prefix: str) -> str:
+    """'config.weight_bits: Input should be less than or equal to 8; ...' (first 5 problems)."""
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in (prefix, *error["loc"]))
+        problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)
+
+
+def _validate_inputs(upload: JobUpload) -> JobConfig:
+    """Check config, model and archives as the worker will read them; fill a default input size."""
+    # Imported here: they pull in torch and onnx, which the rest of this module doesn't need.
+    from core.inputs.archive import inspect_archive
+    from core.inputs.onnx_model import load_onnx_model
+
+    config = parse_config(upload.config_text)
+    model = load_onnx_model(upload.model.path, input_size=config.preprocessing.input_size)
+    if config.preprocessing.input_size is None:
+        height, width = model.input_shape[2], model.input_shape[3]
+        if height is None or width is None:
+            raise InputError(
+                "input_size_required",
+                "the model's input height/width are dynamic: set config.preprocessing.input_size",
+            )
+        raw = config.model_dump(mode="json")
+        raw["preprocessing"]["input_size"] = [height, width]
+        config = parse_config(json.dumps(raw))
+    data = inspect_archive(upload.data.path)
+    log.info("data archive: %s images (%s)", data.image_count, data.format)
+    if upload.eval_data is not None:
+        eval_data = inspect_archive(upload.eval_data.path)
+        if not eval_data.class_names:
+            raise InputError(
+                "eval_data_unlabeled",
+                "eval_data needs its images in class folders (one folder per label)",
+            )
+    return config
+
+
+def submit_job(
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    upload: JobUpload,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Validate an upload and create its queued job; returns (job, created).
+
+    On any error, and when ``idempotency_key`` names an existing job (returned with created
+    False), the upload's files are deleted and no row is written. The caller enqueues the job
+    after this returns, that is after the commit.
+    """
+    storage = Storage(settings.data_dir)
+    adopted: Path | None = None
+    committed = False
+    try:
+        if idempotency_key is not None and (
+            existing := find_by_idempotency_key(session, tenant, idempotency_key)
+        ):
+            return existing, False
+        config = _validate_inputs(upload)
+        job_id = str(uuid.uuid4())
+        adopted = storage.adopt_upload(upload.directory, job_id)
+
+        def stored(file: StoredFile) -> str:
+            return storage.relative(adopted / file.path.name)
+
+        job = Job(
+            id=job_id,
+            tenant=tenant,
+            idempotency_key=idempotency_key,
+            status=JobStatus.QUEUED,
+            config=config.model_dump(mode="json"),
+            model_path=stored(upload.model),
+            model_sha256=upload.model.sha256,
+            model_size=upload.model.size,
+            data_path=stored(upload.data),
+            data_sha256=upload.data.sha256,
+            data_size=upload.data.size,
+            cancel_requested=False,
+            attempts=0,
+        )
+        if upload.eval_data is not None:
+            job.eval_data_path = stored(upload.eval_data)
+            job.eval_data_sha256 = upload.eval_data.sha256
+            job.eval_data_size = upload.eval_data.size
+        session.add(job)
+        try:
+            session.commit()
+        except IntegrityError:
+            # A concurrent request with the same idempotency key won the race.
+            session.rollback()
+            existing = (
+                find_by_idempotency_key(session, tenant, idempotency_key)
+                if idempotency_key is not None
+                else None
+            )
+            if existing is None:
+                raise
+            return existing, False
+        committed = True
+        return job, True
+    finally:
+        # Whatever a committed job did not adopt is garbage now.
+        storage.remove_tree(upload.directory)
+        if adopted is not None and not committed:
+            storage.remove_tree(adopted.parent)
+
+
+def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+
+
+def fail_unqueued(session: Session, job_id: str, code: str, message: str) -> None:
+    """Fail a job whose task could not be enqueued (the broker refused it)."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.FAILED,
+            error={"code": code, "message": message},
+            finished_at=now,
+            updated_at=now,
+        )
+    )
+    session.commit()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def get_job(session: Session, tenant: str, job_id: str) -> Job:
+    """The tenant's job; another tenant's job is as unknown as a missing one."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+@dataclass
+class JobPage:
+    items: list[Job] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        return dt.datetime.fromisoformat(created_at), str(job_id)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise InputError("invalid_cursor", "cursor is not one this API returned") from exc
+
+
+def list_jobs(
+    session: Session, tenant: str, *, limit: int = 20, cursor: str | None = None
+) -> JobPage:
+    """The tenant's jobs, newest first, ``limit`` at a time; keyset pagination (created_at, id)."""
+    query = select(Job).where(Job.tenant == tenant)
+    if cursor is not None:
+        created_at, job_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
+        )
+    rows = list(
+        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+    )
+    page = JobPage(items=rows[:limit])
+    if len(rows) > limit:
+        page.next_cursor = _encode_cursor(rows[limit - 1])
+    return page
+
+
+def get_artifact(session: Session, tenant: str, job_id: str, name: str) -> Artifact:
+    job = get_job(session, tenant, job_id)
+    for artifact in job.artifacts:
+        if artifact.name == name:
+            return artifact
+    raise ArtifactNotFound(job_id, name)
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    counts = dict.fromkeys(JobStatus, 0)
+    for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+        counts[JobStatus(status)] = count
+    return {str(status): count for status, count in counts.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Canceling
+
+
+def request_cancel(session: Session, tenant: str, job_id: str) -> Job:
+    """Cancel a queued job at once; flag a running one (its worker stops at the next step).
+
+    Canceling a finished job changes nothing, so a client may repeat the call safely.
+    """
+    get_job(session, tenant, job_id)  # 404 for unknown and foreign jobs
+    now = utcnow()
+    canceled = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELED, cancel_requested=True, finished_at=now, updated_at=now)
+    )
+    if canceled.rowcount == 0:  # type: ignore[attr-defined]
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+            .values(cancel_requested=True, updated_at=now)
+        )
+    session.commit()
+    session.expire_all()
+    return get_job(session, tenant, job_id)
+
+
+def is_cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Leases (worker side). Every write names the owner: a worker that lost its lease changes nothing.
+
+
+def _lease_until(lease_seconds: int, now: dt.datetime | None = None) -> dt.datetime:
+    return (now or utcnow()) + dt.timedelta(seconds=lease_seconds)
+
+
+def claim_job(
+    session: Session, job_id: str, owner: str, lease_seconds: int, *, now: dt.datetime | None = None
+) -> Job | None:
+    """Take the lease of a queued job, or of a running one whose lease expired; None otherwise."""
+    now = now or utcnow()
+    claimed = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            or_(
+                Job.status == JobStatus.QUEUED,
+                and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+            ),
+            Job.attempts < MAX_ATTEMPTS,
+        )
+        .values(
+            status=JobStatus.RUNNING,
+            stage=None,  # until the worker reports its first stage (a retry starts over)
+            lease_owner=owner,
+            lease_expires_at=_lease_until(lease_seconds, now),
+            attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, now),
+            updated_at=now,
+        )
+    )
+    session.commit()
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def _owned_update(
+    session: Session, job_id: str, owner: str, values: dict[str, Any], *, now: dt.datetime
+) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
+        .values(updated_at=now, **values)
+    )
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: int) -> bool:
+    """Heartbeat; False when the lease was lost (expired and taken, or the job finished)."""
+    now = utcnow()
+    return _owned_update(
+        session, job_id, owner, {"lease_expires_at": _lease_until(lease_seconds, now)}, now=now
+    )
+
+
+def report_stage(session: Session, job_id: str, owner: str, stage: str, lease_seconds: int) -> bool:
+    now = utcnow()
+    values = {"stage": stage, "lease_expires_at": _lease_until(lease_seconds, now)}
+    return _owned_update(session, job_id, owner, values, now=now)
+
+
+def report_progress(
+    session: Session, job_id: str, owner: str, progress: dict[str, Any], lease_seconds: int
+) -> bool:
+    now = utcnow()
+    values = {"progress": json_safe(progress), "lease_expires_at": _lease_until(lease_seconds, now)}
+    return _owned_update(session, job_id, owner, values, now=now)
+
+
+def record_artifact(session: Session, settings: Settings, job_id: str, stored: StoredFile) -> None:
+    """Record (or, on a rerun, replace) one stored artifact of a job."""
+    name = stored.path.name
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    session.add(
+        Artifact(
+            job_id=job_id,
+            name=name,
+            path=Storage(settings.data_dir).relative(stored.path),
+            size=stored.size,
+            sha256=stored.sha256,
+        )
+    )
+    session.commit()
+
+
+def _finish(
+    session: Session, job_id: str, owner: str, status: JobStatus, values: dict[str, Any]
+) -> bool:
+    now = utcnow()
+    finished = _owned_update(
+        session,
+        job_id,
+        owner,
+        {"status": status, "finished_at": now, "lease_owner": None, "lease_expires_at": None}
+        | values,
+        now=now,
+    )
+    if not finished:
+        log.warning("job %s: lease of %s lost before it could be marked %s", job_id, owner, status)
+    return finished
+
+
+def succeed(session: Session, job_id: str, owner: str, metrics: dict[str, Any]) -> bool:
+    return _finish(
+        session, job_id, owner, JobStatus.SUCCEEDED, {"metrics": json_safe(metrics), "stage": None}
+    )
+
+
+def fail(session: Session, job_id: str, owner: str, code: str, message: str) -> bool:
+    error = {"code": code, "message": message}
+    return _finish(session, job_id, owner, JobStatus.FAILED, {"error": error})
+
+
+def cancel(session: Session, job_id: str, owner: str) -> bool:
+    """The worker stopped a job whose cancel was requested."""
+    return _finish(session, job_id, owner, JobStatus.CANCELED, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Recovery
+
+
+def requeue_expired(session: Session, *, now: dt.datetime | None = None) -> list[str]:
+    """Put running jobs whose lease expired (their worker died) back in the queue.
+
+    Returns their ids, to be enqueued again; a job that used up ``MAX_ATTEMPTS`` fails instead.
+    Clearing the owner makes a worker that was only stalled, not dead, lose the job.
+    """
+    now = now or utcnow()
+    expired = and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+    session.execute(
+        update(Job)
+        .where(expired, Job.attempts >= MAX_ATTEMPTS)
+        .values(
+            status=JobStatus.FAILED,
+            error={
+                "code": "worker_lost",
+                "message": f"the worker running this job stopped {MAX_ATTEMPTS} times",
+            },
+            lease_owner=None,
+            lease_expires_at=None,
+            finished_at=now,
+            updated_at=now,
+        )
+    )
+    ids = list(session.scalars(select(Job.id).where(expired)))
+    if ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), expired)
+            .values(
+                status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None, updated_at=now
+            )
+        )
+    session.commit()
+    return ids
+
+
+def queued_job_ids(session: Session) -> list[str]:
+    return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED)))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def json_safe(value: Any) -> Any:
+    """JSON the database accepts: NaN and infinities (PostgreSQL refuses them) become null."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy / torch scalars
+        return json_safe(value.item())
+    if isinstance(value, Iterable):
+        return [json_safe(item) for item in value]
+    return str(value)

@@ -1,0 +1,170 @@
+"""One quantization job from uploaded files to artifacts, free of HTTP, queues and databases.
+
+The worker calls ``run_quantization`` with a ``Reporter`` that writes progress to the job row;
+tests and scripts can pass any object with the same methods.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from core.config import JobConfig
+from core.export.onnx_qdq import export_qdq_onnx, onnx_parity
+from core.inputs.images import ImageSet, load_image_archive, normalize
+from core.inputs.onnx_model import load_onnx_model
+from core.sqakd.calibrate import calibrate
+from core.sqakd.metrics import compare, model_sizes, predict
+from core.sqakd.modules import QuantSpec, describe_layers, prepare
+from core.sqakd.trainer import TrainConfig, TrainingCanceled, steps_per_epoch, train
+
+CALIBRATION_IMAGES = 256  # ranges from one batch: enough for a stable MSE fit, still quick
+PARITY_IMAGES = 512
+
+STAGES = ("validating", "calibrating", "training", "evaluating", "exporting")
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    model_path: Path
+    data_path: Path
+    eval_data_path: Path | None = None
+
+
+@dataclass
+class JobResult:
+    metrics: dict[str, Any]
+    artifacts: dict[str, Path] = field(default_factory=dict)  # artifact name -> file in workdir
+
+
+class JobCanceled(Exception):
+    """Raised when ``Reporter.should_stop`` asked the job to stop."""
+
+
+class Reporter(Protocol):
+    def stage(self, stage: str) -> None:
+        """The job entered ``stage`` (one of ``STAGES``)."""
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        """Training progress: step, total_steps, epoch, epochs, loss, eta_seconds, images_per_second."""
+
+    def should_stop(self) -> bool:
+        """True once the user canceled the job."""
+
+
+def run_quantization(
+    inputs: JobInputs, config: JobConfig, workdir: Path, reporter: Reporter
+) -> JobResult:
+    """Import, calibrate, distill, evaluate and export; raises InputError for bad uploads."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prep = config.preprocessing
+
+    reporter.stage("validating")
+    imported = load_onnx_model(inputs.model_path, input_size=prep.input_size)
+    input_size = prep.input_size or (imported.input_shape[2], imported.input_shape[3])
+    data = load_image_archive(inputs.data_path, input_size)
+    if inputs.eval_data_path is not None:
+        train_set, eval_set = data, load_image_archive(inputs.eval_data_path, input_size)
+    else:
+        train_set, eval_set = data.split(config.eval_fraction, config.seed)
+    labels = _usable_labels(eval_set, imported.num_outputs)
+    teacher = imported.module.to(device).to(memory_format=torch.channels_last)
+    teacher_logits = predict(teacher, eval_set.pixels, prep.mean, prep.std)
+
+    reporter.stage("calibrating")
+    spec = QuantSpec(
+        method=config.method,
+        weight_bits=config.weight_bits,
+        activation_bits=config.activation_bits,
+        per_channel=config.per_channel,
+        first_last_bits=config.first_last_bits,
+    )
+    student = prepare(teacher, spec)
+    calibration = train_set.pixels[:CALIBRATION_IMAGES].to(device)
+    calibrate(student, teacher, normalize(calibration, prep.mean, prep.std))
+    calibrated = compare(
+        teacher_logits, predict(student, eval_set.pixels, prep.mean, prep.std), labels
+    )
+
+    reporter.stage("training")
+    total_steps = config.steps or config.epoch_budget * steps_per_epoch(
+        len(train_set), config.batch_size
+    )
+    train_config = TrainConfig(
+        steps=total_steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        quantizer_lr=config.quantizer_lr,
+        weight_decay=config.weight_decay,
+        temperature=config.temperature,
+        mean=prep.mean,
+        std=prep.std,
+        augment=prep.augment,
+        seed=config.seed,
+    )
+    try:
+        stats = train(
+            teacher,
+            student,
+            train_set.pixels,
+            train_config,
+            on_step=lambda p: reporter.progress(asdict(p)),
+            should_stop=reporter.should_stop,
+        )
+    except TrainingCanceled as stop:
+        raise JobCanceled(str(stop)) from stop
+
+    reporter.stage("evaluating")
+    student.eval()
+    metrics: dict[str, Any] = {
+        **compare(teacher_logits, predict(student, eval_set.pixels, prep.mean, prep.std), labels),
+        "calibrated": calibrated,
+        "eval_images": len(eval_set),
+        "eval_source": "eval_data" if inputs.eval_data_path is not None else "held_out",
+        "train_images": len(train_set),
+        **model_sizes(student),
+        "train": asdict(stats),
+    }
+
+    reporter.stage("exporting")
+    student = student.cpu()
+    artifacts = {
+        "student.safetensors": workdir / "student.safetensors",
+        "quant_config.json": workdir / "quant_config.json",
+        "metrics.json": workdir / "metrics.json",
+    }
+    save_file(
+        {k: v.detach().contiguous() for k, v in student.state_dict().items()},
+        artifacts["student.safetensors"],
+    )
+    quant_config = {
+        "job_config": config.model_dump(mode="json"),
+        "quant_spec": spec.to_dict(),
+        "input": {"name": imported.input_name, "shape": [3, *input_size]},
+        "layers": describe_layers(student),
+    }
+    artifacts["quant_config.json"].write_text(json.dumps(quant_config, indent=2))
+    if config.export.onnx:
+        onnx_path = artifacts["model_qdq.onnx"] = workdir / "model_qdq.onnx"
+        export_qdq_onnx(student, (3, *input_size), onnx_path)
+        eval_inputs = normalize(eval_set.pixels[:PARITY_IMAGES], prep.mean, prep.std)
+        metrics["onnx_parity"] = onnx_parity(student, onnx_path, eval_inputs.split(64))
+    artifacts["metrics.json"].write_text(json.dumps(metrics, indent=2))
+    return JobResult(metrics=metrics, artifacts=artifacts)
+
+
+def _usable_labels(images: ImageSet, num_outputs: int | None) -> Tensor | None:
+    """Class-folder labels, if they can index the model's outputs (evaluation only)."""
+    if images.labels is None or images.class_names is None:
+        return None
+    if num_outputs is not None and len(images.class_names) > num_outputs:
+        return None
+    return images.labels

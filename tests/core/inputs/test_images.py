@@ -1,0 +1,220 @@
+"""Decoding archives to uint8 tensors, splitting, normalising and augmenting them."""
+
+from __future__ import annotations
+
+import io
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from core.errors import DataImportError
+from core.inputs.images import ImageSet, augment, load_image_archive, normalize
+from tests.core.inputs.test_archive import KINDS, image_bytes, write_archive
+from tests.fixtures_paths import shared_path
+
+
+def palette_with_transparency() -> bytes:
+    image = Image.new("P", (8, 8), 1)
+    image.putpalette([0, 0, 0, 40, 50, 60] + [0] * 762)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", transparency=0)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_modes_become_rgb_in_sorted_order(tmp_path: Path, kind: str) -> None:
+    files = {
+        "set/b/rgba.png": image_bytes("PNG", "RGBA", color=(1, 2, 3, 4)),
+        "set/a/gray.png": image_bytes("PNG", "L", color=77),
+        "set/b/palette.png": palette_with_transparency(),
+        "set/a/deep/er/rgb.webp": image_bytes("WEBP", color=(200, 100, 0)),
+        "set/a/photo.JPG": image_bytes("JPEG", color=(90, 160, 220)),
+        "set/b/depth16.png": image_bytes("PNG", "I;16", color=40000),
+    }
+    images = load_image_archive(write_archive(tmp_path / f"upload.{kind}", files), (8, 8))
+
+    # Sorted by path: a/deep/er/rgb.webp, a/gray.png, a/photo.JPG, b/depth16.png, b/palette.png,
+    # b/rgba.png.
+    assert images.pixels.dtype == torch.uint8
+    assert images.pixels.shape == (6, 3, 8, 8)
+    colours = images.pixels.float().mean(dim=(2, 3))
+    expected = torch.tensor(
+        [[200, 100, 0], [77, 77, 77], [90, 160, 220], [156] * 3, [40, 50, 60], [1, 2, 3]],
+        dtype=torch.float,
+    )
+    # WebP (lossy by default) and JPEG store YCbCr: a few levels off on solid colours.
+    torch.testing.assert_close(colours, expected, atol=3, rtol=0)
+    assert images.class_names == ["a", "b", "er"]
+    assert images.labels is not None and images.labels.tolist() == [2, 0, 0, 1, 1, 1]
+
+
+def test_resizes_to_height_width(tmp_path: Path) -> None:
+    files = {"wide.png": image_bytes(size=(16, 8), color=(9, 8, 7)), "small.png": image_bytes()}
+    images = load_image_archive(write_archive(tmp_path / "upload.zip", files), (4, 6))
+
+    assert images.pixels.shape == (2, 3, 4, 6)
+    assert images.pixels[0, :, 0, 0].tolist() == [10, 20, 30]  # small.png sorts first
+    assert (images.pixels[1] == torch.tensor([9, 8, 7]).view(3, 1, 1)).all()
+
+
+def test_flat_archive_is_unlabelled(tmp_path: Path) -> None:
+    files = {"1.png": image_bytes(), "2.png": image_bytes()}
+    images = load_image_archive(write_archive(tmp_path / "upload.tar", files), (8, 8))
+
+    assert (images.labels, images.class_names) == (None, None)
+
+
+def test_max_images_takes_the_first_in_sorted_order(tmp_path: Path) -> None:
+    files = {f"{c}/{i}.png": image_bytes(color=(i, 0, 0)) for c in "ba" for i in range(3)}
+    images = load_image_archive(write_archive(tmp_path / "upload.zip", files), (8, 8), max_images=4)
+
+    assert len(images) == 4
+    assert images.pixels[:, 0, 0, 0].tolist() == [0, 1, 2, 0]
+    assert images.labels is not None and images.labels.tolist() == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        random.Random(0).randbytes(500),
+        image_bytes("JPEG")[:100],  # truncated
+        image_bytes("GIF"),  # decodable, but not a format we accept
+    ],
+)
+def test_undecodable_image_is_named(tmp_path: Path, broken: bytes) -> None:
+    files = {"cls/ok.png": image_bytes(), "cls/broken.jpg": broken}
+
+    with pytest.raises(DataImportError) as excinfo:
+        load_image_archive(write_archive(tmp_path / "upload.zip", files), (8, 8))
+
+    assert excinfo.value.code == "bad_image"
+    assert "'cls/broken.jpg'" in excinfo.value.message
+
+
+def test_loading_validates_like_inspecting(tmp_path: Path) -> None:
+    files = {"cls/ok.png": image_bytes(), "../evil.png": image_bytes()}
+
+    with pytest.raises(DataImportError) as excinfo:
+        load_image_archive(write_archive(tmp_path / "upload.zip", files), (8, 8))
+
+    assert excinfo.value.code == "unsafe_archive_entry"
+
+
+def make_set(count: int, labelled: bool = True) -> ImageSet:
+    pixels = torch.arange(count, dtype=torch.uint8).view(count, 1, 1, 1).expand(count, 3, 2, 2)
+    labels = torch.arange(count) % 3 if labelled else None
+    return ImageSet(pixels.clone(), labels, ["x", "y", "z"] if labelled else None)
+
+
+def test_split_is_a_seeded_partition() -> None:
+    images = make_set(20)
+
+    train, held_out = images.split(0.25, seed=3)
+
+    assert (len(train), len(held_out)) == (15, 5)
+    ids = sorted(train.pixels[:, 0, 0, 0].tolist() + held_out.pixels[:, 0, 0, 0].tolist())
+    assert ids == list(range(20))
+    assert torch.equal(held_out.labels, held_out.pixels[:, 0, 0, 0].long() % 3)
+    assert held_out.class_names == ["x", "y", "z"]
+    assert torch.equal(images.split(0.25, seed=3)[1].pixels, held_out.pixels)
+    assert not torch.equal(images.split(0.25, seed=4)[1].pixels, held_out.pixels)
+
+
+@pytest.mark.parametrize(("fraction", "sizes"), [(0.01, (4, 1)), (0.99, (1, 4))])
+def test_split_keeps_one_image_on_each_side(fraction: float, sizes: tuple[int, int]) -> None:
+    train, held_out = make_set(5, labelled=False).split(fraction, seed=0)
+
+    assert (len(train), len(held_out)) == sizes
+    assert held_out.labels is None
+
+
+def test_split_needs_two_images() -> None:
+    with pytest.raises(DataImportError) as excinfo:
+        make_set(1).split(0.5, seed=0)
+
+    assert excinfo.value.code == "too_few_images"
+
+
+def test_normalize() -> None:
+    batch = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    mean, std = (0.5, 0.2, 0.0), (0.5, 0.1, 2.0)
+
+    out = normalize(batch, mean, std)
+
+    assert out.dtype == torch.float32 and out.shape == batch.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([-1.0, 0.0, 0.5]))
+
+
+def test_normalize_wants_uint8() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        normalize(torch.zeros(1, 3, 2, 2), (0, 0, 0), (1, 1, 1))
+
+
+def reference_augment(
+    image: torch.Tensor, pad: int, top: int, left: int, flip: bool
+) -> torch.Tensor:
+    height, width = image.shape[1:]
+    crop = F.pad(image, (pad, pad, pad, pad))[:, top : top + height, left : left + width]
+    return crop.flip(-1) if flip else crop
+
+
+@pytest.mark.parametrize(("height", "pad"), [(16, 2), (4, 1)])
+def test_augment_is_a_padded_crop_and_flip(height: int, pad: int) -> None:
+    batch = torch.randint(1, 256, (64, 3, height, height + 3), dtype=torch.uint8)
+
+    out = augment(batch, torch.Generator().manual_seed(0))
+
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    offsets = range(2 * pad + 1)
+    used = set()
+    for image, result in zip(batch, out, strict=True):
+        matches = [
+            (top, left, flip)
+            for top in offsets
+            for left in offsets
+            for flip in (False, True)
+            if torch.equal(reference_augment(image, pad, top, left, flip), result)
+        ]
+        assert matches, "every output is one crop of the padded image, maybe flipped"
+        used.update(matches)
+    assert {flip for _, _, flip in used} == {False, True}
+    assert len({(top, left) for top, left, _ in used}) > 3
+
+
+def test_augment_is_deterministic_given_the_generator() -> None:
+    batch = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+
+    first = augment(batch, torch.Generator().manual_seed(7))
+    again = augment(batch, torch.Generator().manual_seed(7))
+    other = augment(batch, torch.Generator().manual_seed(8))
+
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_real_cifar10_images(tmp_path: Path) -> None:
+    root = shared_path("data", "cifar10", "train")
+    classes = sorted(folder.name for folder in root.iterdir() if folder.is_dir())
+    path = tmp_path / "cifar.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in classes:
+            for file in sorted((root / name).glob("*.jpg"))[:20]:
+                archive.write(file, f"{name}/{file.name}")
+    first = sorted((root / classes[0]).glob("*.jpg"))[0]
+
+    images = load_image_archive(path, (32, 32))
+
+    assert images.pixels.shape == (200, 3, 32, 32)
+    assert images.class_names == classes and len(classes) == 10
+    assert images.labels is not None
+    assert images.labels.tolist() == [i for i in range(10) for _ in range(20)]
+    with Image.open(first) as image:
+        expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(images.pixels[0], expected)

