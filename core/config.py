@@ -65,8 +65,17 @@ class JobConfig(_Strict):
     steps: int | None = Field(None, ge=1, le=1_000_000, description="Overrides epochs.")
     batch_size: int = Field(64, ge=1, le=4096)
     temperature: float = Field(4.0, gt=0, le=100)
-    lr: float = Field(1e-4, gt=0, le=1.0, description="Adam learning rate of the weights.")
-    quantizer_lr: float = Field(1e-4, gt=0, le=1.0, description="Adam lr of quantizer parameters.")
+    lr: float = Field(
+        0.01, gt=0, le=10.0, description="Adam learning rate of layer weights (unit: lr_unit)."
+    )
+    quantizer_lr: float = Field(
+        0.01, gt=0, le=10.0, description="Adam learning rate of quantizer ranges (unit: lr_unit)."
+    )
+    lr_unit: Literal["step", "absolute"] = Field(
+        "step",
+        description="step: rates are multiples of each layer's weight quantization step, so one "
+        "default suits every bit-width; absolute: plain rates (the paper: 1e-3 and 1e-5).",
+    )
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     eval_fraction: float = Field(
         0.1, gt=0, lt=1, description="Held-out share of the upload used for evaluation only."

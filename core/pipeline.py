@@ -103,6 +103,7 @@ def run_quantization(
         batch_size=config.batch_size,
         lr=config.lr,
         quantizer_lr=config.quantizer_lr,
+        lr_unit=config.lr_unit,
         weight_decay=config.weight_decay,
         temperature=config.temperature,
         mean=prep.mean,

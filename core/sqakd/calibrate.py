@@ -2,8 +2,11 @@
 
 Layer by layer, in the order the student runs them:
 
-1. the activation quantizer is fitted to the input the layer really receives (the output of the
-   already-quantized layers before it) and the weight quantizer to the weight (MSE-best clip);
+1. the activation quantizer's range is searched on the input the layer really receives (the
+   output of the already-quantized layers before it), then the weight quantizer's range per
+   channel, each scored by how well the layer's output can still match the teacher's output
+   of that layer (the residual after the best per-channel scale and shift), not by how close
+   the quantized tensor is to the float one: what matters is the output;
 2. the layer's output is matched to the teacher's output of the same layer with one scale and
    one shift per output channel (least squares), folded into the weight grid and the bias.
 
@@ -19,6 +22,7 @@ from torch import Tensor, nn
 
 from core.sqakd.modules import QuantModule, quant_layers
 
+SEARCH_IMAGES = 64  # the range search runs the layer ~50 times: a sub-batch keeps it quick
 MAX_GAIN = 4.0  # a per-channel correction outside [1/4, 4] means the fit is noise
 
 
@@ -28,9 +32,22 @@ def calibrate(student: nn.Module, teacher: nn.Module, batch: Tensor) -> None:
     layers = dict(quant_layers(student))
     reference = _layer_outputs(teacher, list(layers), batch)
 
-    def fit_input(layer: QuantModule, args: tuple[Tensor, ...]) -> None:
-        layer.weight_quantizer.calibrate(layer.weight, signed=True)
-        layer.act_quantizer.calibrate(args[0], signed=bool(args[0].min() < 0))
+    def fit_ranges(name: str, layer: QuantModule, args: tuple[Tensor, ...]) -> None:
+        x, target = args[0][:SEARCH_IMAGES], reference[name][:SEARCH_IMAGES]
+
+        def output_error() -> Tensor:
+            return _fit_residual(type(layer).forward(layer, x), target)  # no hooks re-entered
+
+        layer.weight_quantizer.enabled = False
+        layer.act_quantizer.fit_range(
+            _max_abs(x), signed=bool(x.min() < 0), error=lambda: output_error().sum().view(1)
+        )
+        layer.weight_quantizer.enabled = True
+        per_channel = layer.weight_quantizer.channels is not None
+        layer.weight_quantizer.fit_range(
+            _max_abs(layer.weight, per_channel), signed=True,
+            error=lambda: output_error() if per_channel else output_error().sum().view(1),
+        )
 
     def match_teacher(name: str, layer: QuantModule, output: Tensor) -> Tensor:
         gain, shift = _channel_fit(output, reference[name])
@@ -40,7 +57,8 @@ def calibrate(student: nn.Module, teacher: nn.Module, batch: Tensor) -> None:
 
     hooks = []
     for name, layer in layers.items():
-        hooks.append(layer.register_forward_pre_hook(lambda m, args: fit_input(m, args)))
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, args, name=name: fit_ranges(name, m, args)))
         hooks.append(layer.register_forward_hook(
             lambda m, _args, out, name=name: match_teacher(name, m, out)))
     was_training = student.training
@@ -71,14 +89,30 @@ def _layer_outputs(teacher: nn.Module, names: list[str], batch: Tensor) -> dict[
     return outputs
 
 
-def _channel_fit(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Per channel (dim 1) ``gain, shift`` minimising ``|gain * output + shift - target|^2``."""
+def _max_abs(tensor: Tensor, per_channel: bool = False) -> Tensor:
+    dims = tuple(range(1, tensor.dim())) if per_channel else tuple(range(tensor.dim()))
+    return tensor.detach().abs().amax(dim=dims).reshape(-1).float().clamp_min(1e-8)
+
+
+def _channel_moments(output: Tensor, target: Tensor) -> tuple[Tensor, ...]:
+    """Per channel (dim 1): means of output and target, variance of output, covariance."""
     y = output.transpose(0, 1).reshape(output.shape[1], -1).float()
     t = target.transpose(0, 1).reshape(target.shape[1], -1).float()
     y_mean, t_mean = y.mean(1), t.mean(1)
-    y_centered = y - y_mean[:, None]
-    variance = y_centered.pow(2).mean(1)
-    covariance = (y_centered * (t - t_mean[:, None])).mean(1)
+    y_centered, t_centered = y - y_mean[:, None], t - t_mean[:, None]
+    return (y_mean, t_mean, y_centered.pow(2).mean(1), (y_centered * t_centered).mean(1),
+            t_centered.pow(2).mean(1))
+
+
+def _channel_fit(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per channel (dim 1) ``gain, shift`` minimising ``|gain * output + shift - target|^2``."""
+    y_mean, t_mean, variance, covariance, _ = _channel_moments(output, target)
     gain = torch.where(variance > 1e-12, covariance / variance.clamp_min(1e-12), torch.ones_like(variance))
     gain = gain.clamp(1 / MAX_GAIN, MAX_GAIN)
     return gain, t_mean - gain * y_mean
+
+
+def _fit_residual(output: Tensor, target: Tensor) -> Tensor:
+    """Per channel: the squared error left after the best ``gain, shift`` (unclamped)."""
+    _, _, variance, covariance, target_variance = _channel_moments(output, target)
+    return target_variance - covariance.pow(2) / variance.clamp_min(1e-12)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}
+CLIP_FRACTIONS = torch.logspace(-1.7, 0, 24).tolist()  # 0.02 .. 1 of the largest magnitude
 
 
 def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
@@ -100,9 +101,40 @@ class Quantizer(nn.Module):
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def calibrate(self, x: Tensor, *, signed: bool) -> None:
-        """Initial parameters from a sample of the tensor this quantizer will see."""
+    def set_range(self, clip: Tensor) -> None:
+        """Represent ``[-clip, clip]`` (signed) or ``[0, clip]``; ``clip`` per channel or [1]."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def fit_range(self, max_abs: Tensor, *, signed: bool, error: Callable[[], Tensor]) -> None:
+        """Set the range, per channel, to the clip fraction of ``max_abs`` with the least error.
+
+        Where the range starts decides what a short job can reach: max-abs clipping wastes
+        levels on outliers, and at 2 bits leaves a student near chance. ``error()`` scores the
+        current range (one value per channel, or one in all).
+        """
+        self.signed = signed
+        best_error, best_clip = None, max_abs
+        for fraction in CLIP_FRACTIONS:
+            clip = max_abs * fraction
+            self.set_range(clip)
+            candidate = error()
+            if best_error is None:
+                best_error, best_clip = candidate, clip
+            else:
+                better = candidate < best_error
+                best_error = torch.where(better, candidate, best_error)
+                best_clip = torch.where(better, clip, best_clip)
+        self.set_range(best_clip)
+
+    def calibrate(self, x: Tensor, *, signed: bool) -> None:
+        """Fit the range to a sample of the tensor this quantizer will see (least MSE)."""
+        dims = self.reduce_dims(x)
+        x = x.detach().float()
+        max_abs = x.abs().amax(dim=dims).reshape(-1).clamp_min(1e-8)
+        self.fit_range(
+            max_abs, signed=signed, error=lambda: (self.quantize(x) - x).pow(2).mean(dim=dims).reshape(-1)
+        )
 
     def grid(self) -> IntGrid:
         raise NotImplementedError
@@ -113,38 +145,6 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, per_channel={bool(self.channels)}"
-
-
-def mse_best_clip(x: Tensor, bits: int, signed: bool, reduce_dims: tuple[int, ...]) -> Tensor:
-    """The clip value (per channel if ``reduce_dims`` keeps dim 0) minimising quantization MSE.
-
-    A calibrated range decides where a short job starts: max-abs clipping wastes levels on
-    outliers and, at 2 bits, leaves a student near chance; a grid search over fractions of the
-    max is cheap and lands close to the optimum.
-    """
-    x = x.detach().float()
-    max_abs = x.abs().amax(dim=reduce_dims, keepdim=True).clamp_min(1e-8)
-    best_err: Tensor | None = None
-    best_clip = max_abs
-    levels = 2**bits
-    for fraction in torch.linspace(0.05, 1.0, 40).tolist():
-        clip = max_abs * fraction
-        if signed:
-            qmax = max(levels // 2 - 1, 0)
-            offset = 0.5 if qmax == 0 else 0.0  # 1 bit signed: levels {-1/2, +1/2} * step
-            step = clip / (qmax + offset) if qmax + offset > 0 else clip
-            q = ((x / step - offset).round().clamp(-(levels // 2), qmax) + offset) * step
-        else:
-            step = clip / (levels - 1)
-            q = (x / step).round().clamp(0, levels - 1) * step
-        err = (q - x).pow(2).mean(dim=reduce_dims, keepdim=True)
-        if best_err is None:
-            best_err, best_clip = err, clip
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_clip = torch.where(better, clip, best_clip)
-    return best_clip
 
 
 @register_quantizer("lsq")
@@ -172,12 +172,10 @@ class LSQQuantizer(Quantizer):
         q = round_ste((x / step - offset).clamp(qmin, qmax))
         return (q + offset) * step
 
-    def calibrate(self, x: Tensor, *, signed: bool) -> None:
-        self.signed = signed
-        qmin, qmax, offset = self.int_range()
-        clip = mse_best_clip(x, self.bits, signed, self.reduce_dims(x))
+    def set_range(self, clip: Tensor) -> None:
+        _, qmax, offset = self.int_range()
         with torch.no_grad():
-            self.step.copy_((clip / (qmax + offset)).reshape(-1).expand_as(self.step))
+            self.step.copy_((clip / (qmax + offset)).expand_as(self.step))
 
     def rescale_(self, gain: Tensor) -> None:
         with torch.no_grad():
@@ -223,21 +221,33 @@ class EWGSQuantizer(Quantizer):
         self.upper = nn.Parameter(torch.ones(channels or 1))
         self.delta = delta
 
+    @property
+    def symmetric_binary(self) -> bool:
+        return self.signed and self.bits == 1
+
     def quantize(self, x: Tensor) -> Tensor:
         shape = self.param_shape(x)
         lower = self.lower.view(shape) if self.channels else self.lower.squeeze()
         upper = self.upper.view(shape) if self.channels else self.upper.squeeze()
-        width = (upper - lower).clamp_min(1e-8)
         steps = self.levels - 1
+        if self.symmetric_binary:
+            lower = -upper  # 1 bit signed: {-u, +u}, a grid with no zero level
+        else:
+            # Snap the lower bound to a whole number of steps below zero, so that zero is a
+            # level (an integer zero point): only then does the grid export exactly to int8.
+            step = (upper - lower).clamp_min(1e-8) / steps
+            lower = -round_ste(-lower / step) * step
+        width = (upper - lower).clamp_min(1e-8)
         normalised = ((x - lower) / width).clamp(0, 1) * steps
         return _EWGSRound.apply(normalised, self.delta) / steps * width + lower
 
-    def calibrate(self, x: Tensor, *, signed: bool) -> None:
-        self.signed = signed
-        clip = mse_best_clip(x, self.bits, signed, self.reduce_dims(x)).reshape(-1)
+    def set_range(self, clip: Tensor) -> None:
+        """Signed: ``[-clip, clip - step]``, so the zero point starts on a whole step."""
+        half = self.levels // 2
+        upper = clip if not self.signed or self.symmetric_binary else clip * (half - 1) / half
         with torch.no_grad():
-            self.upper.copy_(clip.expand_as(self.upper))
-            self.lower.copy_((-clip if signed else torch.zeros_like(clip)).expand_as(self.lower))
+            self.upper.copy_(upper.expand_as(self.upper))
+            self.lower.copy_((-clip if self.signed else torch.zeros_like(clip)).expand_as(self.lower))
 
     def rescale_(self, gain: Tensor) -> None:
         with torch.no_grad():
@@ -245,7 +255,10 @@ class EWGSQuantizer(Quantizer):
             self.upper.mul_(gain.reshape(-1).expand_as(self.upper))
 
     def grid(self) -> IntGrid:
-        """Levels ``lower + k * step``; the zero point is rounded onto the integer lattice."""
-        step = ((self.upper - self.lower).detach().clamp_min(1e-8)) / (self.levels - 1)
+        """Levels ``lower + k * step`` with ``lower`` snapped as in ``quantize``."""
+        upper = self.upper.detach()
+        if self.symmetric_binary:
+            return IntGrid(upper, torch.zeros_like(upper), -1, 1, stride=2)
+        step = (upper - self.lower.detach()).clamp_min(1e-8) / (self.levels - 1)
         zero_point = (-self.lower.detach() / step).round()
         return IntGrid(step, zero_point, 0, self.levels - 1)

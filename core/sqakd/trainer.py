@@ -11,21 +11,23 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from core.inputs.images import augment, normalize
 from core.sqakd.distill import distillation_loss
-from core.sqakd.modules import quantizers
+from core.sqakd.modules import quant_layers
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     steps: int
     batch_size: int
-    lr: float = 1e-4  # the paper's 1e-3 suits 1,200 epochs; short jobs it wrecks
-    quantizer_lr: float = 1e-4
+    lr: float = 0.01
+    quantizer_lr: float = 0.01
+    lr_unit: str = "step"  # "step": rates in units of each layer's weight step; or "absolute"
     weight_decay: float = 0.0
     temperature: float = 4.0
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -74,21 +76,40 @@ def batch_indices(images: int, batch_size: int, seed: int) -> Iterator[tuple[int
     size = min(batch_size, images)
     epoch = 0
     while True:
-        order = torch.randperm(images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(images, generator=generator)
         for i in range(per_epoch):
             yield epoch, order[i * size : (i + 1) * size]
         epoch += 1
 
 
 def make_optimizer(student: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam with two groups: layer weights, and quantizer parameters (ranges, steps)."""
-    quantizer_params = {id(p) for q in quantizers(student) for p in q.parameters()}
-    weights = [p for p in student.parameters() if id(p) not in quantizer_params]
-    ranges = [p for p in student.parameters() if id(p) in quantizer_params]
-    return torch.optim.Adam([
-        {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": ranges, "lr": cfg.quantizer_lr, "weight_decay": 0.0},
-    ])
+    """Adam with, per quantized layer, one group for its weights and one for its quantizers.
+
+    With ``lr_unit="step"`` each layer's learning rates are multiples of its mean weight
+    quantization step: one update moves a weight by about ``lr`` of a step whatever the
+    bit-width. An absolute rate cannot suit all bit-widths in a short job: 1e-3 flips 8-bit
+    codes every step and wrecks a calibrated W8A8 student, while 1e-4 barely moves 2-bit codes.
+    ``lr_unit="absolute"`` gives the paper's plain rates (1e-3 weights, 1e-5 quantizers).
+    """
+    groups: list[dict[str, Any]] = []
+    grouped: set[int] = set()
+    steps = []
+    for _, layer in quant_layers(student):
+        grid = layer.weight_quantizer.grid()
+        step = (grid.scale * grid.stride).mean().item() if cfg.lr_unit == "step" else 1.0
+        steps.append(step)
+        weights = [p for p in (layer.weight, layer.bias) if p is not None]
+        ranges = [*layer.weight_quantizer.parameters(), *layer.act_quantizer.parameters()]
+        groups.append({"params": weights, "lr": cfg.lr * step, "weight_decay": cfg.weight_decay})
+        groups.append({"params": ranges, "lr": cfg.quantizer_lr * step, "weight_decay": 0.0})
+        grouped.update(id(p) for p in weights + ranges)
+    others = [p for p in student.parameters() if id(p) not in grouped]
+    if others:  # e.g. PReLU slopes: the typical step of the model's layers
+        typical_step = sum(steps) / len(steps) if steps else 1.0
+        groups.append({"params": others, "lr": cfg.lr * typical_step,
+                       "weight_decay": cfg.weight_decay})
+    return torch.optim.Adam(groups)
 
 
 def train(
