@@ -52,7 +52,7 @@ class Reporter(Protocol):
         """The job entered ``stage`` (one of ``STAGES``)."""
 
     def progress(self, progress: dict[str, Any]) -> None:
-        """Training progress: step, total_steps, epoch, epochs, loss, eta_seconds, images_per_second."""
+        """Training progress: step, total_steps, epoch(s), loss, eta_seconds, images_per_second."""
 
     def should_stop(self) -> bool:
         """True once the user canceled the job."""

@@ -169,6 +169,14 @@ def _verification_shape(
 ) -> tuple[int, int, int, int]:
     """The batch shape to verify with: the model's static dims, else ``input_size``."""
     batch, channels, height, width = input_shape
+    if batch is not None:
+        # Training and evaluation run batches of any size; a graph traced at one batch size
+        # often bakes it into Reshape constants, so it cannot be made dynamic after the fact.
+        raise ModelImportError(
+            "fixed_batch_size",
+            f"model input batch dimension is fixed at {batch}; export it with a dynamic batch, "
+            "e.g. torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}})",
+        )
     if input_size is not None and any(
         static is not None and static != wanted
         for static, wanted in zip((height, width), input_size, strict=True)
@@ -186,7 +194,7 @@ def _verification_shape(
                 "set preprocessing.input_size to [H, W]",
             )
         height, width = input_size
-    return batch or VERIFY_BATCH_SIZE, 3, height, width
+    return VERIFY_BATCH_SIZE, 3, height, width
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

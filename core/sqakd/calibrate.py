@@ -45,7 +45,8 @@ def calibrate(student: nn.Module, teacher: nn.Module, batch: Tensor) -> None:
         layer.weight_quantizer.enabled = True
         per_channel = layer.weight_quantizer.channels is not None
         layer.weight_quantizer.fit_range(
-            _max_abs(layer.weight, per_channel), signed=True,
+            _max_abs(layer.weight, per_channel),
+            signed=True,
             error=lambda: output_error() if per_channel else output_error().sum().view(1),
         )
 
@@ -57,10 +58,14 @@ def calibrate(student: nn.Module, teacher: nn.Module, batch: Tensor) -> None:
 
     hooks = []
     for name, layer in layers.items():
-        hooks.append(layer.register_forward_pre_hook(
-            lambda m, args, name=name: fit_ranges(name, m, args)))
-        hooks.append(layer.register_forward_hook(
-            lambda m, _args, out, name=name: match_teacher(name, m, out)))
+        hooks.append(
+            layer.register_forward_pre_hook(lambda m, args, name=name: fit_ranges(name, m, args))
+        )
+        hooks.append(
+            layer.register_forward_hook(
+                lambda m, _args, out, name=name: match_teacher(name, m, out)
+            )
+        )
     was_training = student.training
     try:
         student.eval()
@@ -75,7 +80,8 @@ def _layer_outputs(teacher: nn.Module, names: list[str], batch: Tensor) -> dict[
     outputs: dict[str, Tensor] = {}
     hooks = [
         teacher.get_submodule(name).register_forward_hook(
-            lambda _m, _args, out, name=name: outputs.__setitem__(name, out))
+            lambda _m, _args, out, name=name: outputs.__setitem__(name, out)
+        )
         for name in names
     ]
     was_training = teacher.training
@@ -100,14 +106,21 @@ def _channel_moments(output: Tensor, target: Tensor) -> tuple[Tensor, ...]:
     t = target.transpose(0, 1).reshape(target.shape[1], -1).float()
     y_mean, t_mean = y.mean(1), t.mean(1)
     y_centered, t_centered = y - y_mean[:, None], t - t_mean[:, None]
-    return (y_mean, t_mean, y_centered.pow(2).mean(1), (y_centered * t_centered).mean(1),
-            t_centered.pow(2).mean(1))
+    return (
+        y_mean,
+        t_mean,
+        y_centered.pow(2).mean(1),
+        (y_centered * t_centered).mean(1),
+        t_centered.pow(2).mean(1),
+    )
 
 
 def _channel_fit(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Per channel (dim 1) ``gain, shift`` minimising ``|gain * output + shift - target|^2``."""
     y_mean, t_mean, variance, covariance, _ = _channel_moments(output, target)
-    gain = torch.where(variance > 1e-12, covariance / variance.clamp_min(1e-12), torch.ones_like(variance))
+    gain = torch.where(
+        variance > 1e-12, covariance / variance.clamp_min(1e-12), torch.ones_like(variance)
+    )
     gain = gain.clamp(1 / MAX_GAIN, MAX_GAIN)
     return gain, t_mean - gain * y_mean
 

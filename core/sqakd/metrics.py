@@ -27,7 +27,10 @@ def predict(
     model.eval()
     try:
         outputs = [
-            model(normalize(pixels[i : i + batch_size].to(device), mean, std)).flatten(1).float().cpu()
+            model(normalize(pixels[i : i + batch_size].to(device), mean, std))
+            .flatten(1)
+            .float()
+            .cpu()
             for i in range(0, len(pixels), batch_size)
         ]
     finally:
@@ -35,15 +38,23 @@ def predict(
     return torch.cat(outputs)
 
 
-def compare(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor | None) -> dict[str, float | None]:
+def compare(
+    teacher_logits: Tensor, student_logits: Tensor, labels: Tensor | None
+) -> dict[str, float | None]:
     """Top-1 agreement and KL(teacher || student) at T=1; top-1 of both when labels exist."""
     agreement = (teacher_logits.argmax(1) == student_logits.argmax(1)).float().mean().item()
     kl = F.kl_div(
-        F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1),
-        log_target=True, reduction="batchmean",
+        F.log_softmax(student_logits, 1),
+        F.log_softmax(teacher_logits, 1),
+        log_target=True,
+        reduction="batchmean",
     ).item()
-    result: dict[str, float | None] = {"agreement": agreement, "kl": kl,
-                                       "teacher_top1": None, "student_top1": None}
+    result: dict[str, float | None] = {
+        "agreement": agreement,
+        "kl": kl,
+        "teacher_top1": None,
+        "student_top1": None,
+    }
     if labels is not None:
         result["teacher_top1"] = (teacher_logits.argmax(1) == labels).float().mean().item()
         result["student_top1"] = (student_logits.argmax(1) == labels).float().mean().item()
@@ -59,14 +70,17 @@ def model_sizes(student: nn.Module) -> dict[str, int]:
     """
     layers = [layer for _, layer in quant_layers(student)]
     quantizer_params = {
-        id(p) for layer in layers for q in (layer.weight_quantizer, layer.act_quantizer)
+        id(p)
+        for layer in layers
+        for q in (layer.weight_quantizer, layer.act_quantizer)
         for p in q.parameters()
     }
     quantized_weights = {id(layer.weight) for layer in layers}
     float_params = [p for p in student.parameters() if id(p) not in quantizer_params]
     packed = sum(
         math.ceil(layer.weight.numel() * layer.weight_quantizer.bits / 8)
-        + 8 * (layer.weight_quantizer.channels or 1) + 8  # weight and activation grids
+        + 8 * (layer.weight_quantizer.channels or 1)
+        + 8  # weight and activation grids
         for layer in layers
     )
     packed += sum(p.numel() * 4 for p in float_params if id(p) not in quantized_weights)

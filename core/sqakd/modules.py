@@ -151,7 +151,9 @@ def prepare(teacher: nn.Module, spec: QuantSpec) -> nn.Module:
     for name, (w_bits, a_bits) in layer_bits(names, spec).items():
         float_layer = student.get_submodule(name)
         quant_cls = QUANT_MODULES[type(float_layer)]
-        quant_layer = quant_cls.from_float(float_layer, spec.method, w_bits, a_bits, spec.per_channel)
+        quant_layer = quant_cls.from_float(
+            float_layer, spec.method, w_bits, a_bits, spec.per_channel
+        )
         _set_submodule(student, name, quant_layer)  # type: ignore[arg-type]
     for parameter in student.parameters():
         parameter.requires_grad_(True)

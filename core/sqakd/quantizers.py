@@ -133,7 +133,9 @@ class Quantizer(nn.Module):
         x = x.detach().float()
         max_abs = x.abs().amax(dim=dims).reshape(-1).clamp_min(1e-8)
         self.fit_range(
-            max_abs, signed=signed, error=lambda: (self.quantize(x) - x).pow(2).mean(dim=dims).reshape(-1)
+            max_abs,
+            signed=signed,
+            error=lambda: (self.quantize(x) - x).pow(2).mean(dim=dims).reshape(-1),
         )
 
     def grid(self) -> IntGrid:
@@ -247,7 +249,9 @@ class EWGSQuantizer(Quantizer):
         upper = clip if not self.signed or self.symmetric_binary else clip * (half - 1) / half
         with torch.no_grad():
             self.upper.copy_(upper.expand_as(self.upper))
-            self.lower.copy_((-clip if self.signed else torch.zeros_like(clip)).expand_as(self.lower))
+            self.lower.copy_(
+                (-clip if self.signed else torch.zeros_like(clip)).expand_as(self.lower)
+            )
 
     def rescale_(self, gain: Tensor) -> None:
         with torch.no_grad():

@@ -107,8 +107,9 @@ def make_optimizer(student: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     others = [p for p in student.parameters() if id(p) not in grouped]
     if others:  # e.g. PReLU slopes: the typical step of the model's layers
         typical_step = sum(steps) / len(steps) if steps else 1.0
-        groups.append({"params": others, "lr": cfg.lr * typical_step,
-                       "weight_decay": cfg.weight_decay})
+        groups.append(
+            {"params": others, "lr": cfg.lr * typical_step, "weight_decay": cfg.weight_decay}
+        )
     return torch.optim.Adam(groups)
 
 
@@ -159,15 +160,17 @@ def train(
         loss_value = loss.item()
         elapsed = time.perf_counter() - started
         if on_step is not None:
-            on_step(TrainProgress(
-                step=step + 1,
-                total_steps=cfg.steps,
-                epoch=epoch + 1,
-                epochs=epochs,
-                loss=loss_value,
-                eta_seconds=elapsed / (step + 1) * (cfg.steps - step - 1),
-                images_per_second=images_seen / elapsed,
-            ))
+            on_step(
+                TrainProgress(
+                    step=step + 1,
+                    total_steps=cfg.steps,
+                    epoch=epoch + 1,
+                    epochs=epochs,
+                    loss=loss_value,
+                    eta_seconds=elapsed / (step + 1) * (cfg.steps - step - 1),
+                    images_per_second=images_seen / elapsed,
+                )
+            )
 
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -369,8 +369,8 @@ def test_initializers_listed_as_inputs_are_not_inputs(tmp_path: Path) -> None:
         ),
         (
             [helper.make_node("Hardmax", ["x"], ["y"])],
-            [image("x", [1, 3, 4, 4])],
-            [image("y", [1, 3, 4, 4])],
+            [image("x", ["N", 3, 4, 4])],
+            [image("y", ["N", 3, 4, 4])],
             "cannot be converted to PyTorch: Hardmax",
         ),
     ],
@@ -402,11 +402,27 @@ def test_opset_that_cannot_be_lowered(tmp_path: Path) -> None:
             helper.make_node("Neg", ["minus_axes"], ["axes"]),
             helper.make_node("ReduceMean", ["x", "axes"], ["y"]),
         ],
-        [image("x", [1, 3, 4, 4])],
-        [image("y", [1, 3, 1, 1])],
+        [image("x", ["N", 3, 4, 4])],
+        [image("y", ["N", 3, 1, 1])],
         opset=18,
     )
 
     with pytest.raises(ModelImportError, match="from opset 18 to opset 17") as error:
         load_onnx_model(path)
     assert error.value.code == "unsupported_model"
+
+
+def test_fixed_batch_dimension_is_rejected(tmp_path: Path) -> None:
+    """Training runs batches of any size; a graph fixed at batch 1 would fail mid-job."""
+    path = write_model(
+        tmp_path / "model.onnx",
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [image("x", [1, 3, 4, 4])],
+        [image("y", [1, 3, 4, 4])],
+    )
+
+    with pytest.raises(ModelImportError) as error:
+        load_onnx_model(path)
+
+    assert error.value.code == "fixed_batch_size"
+    assert "dynamic batch" in error.value.message
