@@ -54,6 +54,8 @@ class QuantModule:
             method, weight_bits, weight=True, channels=out_channels if per_channel else None
         )
         quant.act_quantizer = create_quantizer(method, act_bits, weight=False)
+        quant.weight_quantizer.to(quant.weight.device)  # quantizers live beside their layer
+        quant.act_quantizer.to(quant.weight.device)
         return quant
 
     def to_float(self) -> nn.Module:

@@ -96,7 +96,8 @@ class Quantizer(nn.Module):
         return tuple(range(1, x.dim())) if self.channels else tuple(range(x.dim()))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.quantize(x) if self.enabled else x
+        # Rounding onto 256 levels needs float32: bf16 has 8 significant bits.
+        return self.quantize(x.float()) if self.enabled else x
 
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError

@@ -33,6 +33,7 @@ class TrainConfig:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     augment: bool = True
+    amp: bool = False  # bf16 autocast on CUDA; measured slower than fp32 at 32 px (BENCHMARKS.md)
     seed: int = 0
 
 
@@ -132,6 +133,8 @@ def train(
     )
     augment_rng = torch.Generator(device=pixels.device).manual_seed(cfg.seed)
     epochs = math.ceil(cfg.steps / steps_per_epoch(len(pixels), cfg.batch_size))
+    # bf16 autocast runs the convolutions in bf16 on CUDA; quantizers compute in float32.
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -148,9 +151,11 @@ def train(
             batch = augment(batch, augment_rng)
         inputs = normalize(batch.to(device, non_blocking=True), cfg.mean, cfg.std)
 
-        with torch.inference_mode():
-            teacher_logits = teacher(inputs)
-        loss = distillation_loss(student(inputs), teacher_logits.clone(), cfg.temperature)
+        with autocast:
+            with torch.inference_mode():
+                teacher_logits = teacher(inputs)
+            student_logits = student(inputs)
+        loss = distillation_loss(student_logits, teacher_logits.clone(), cfg.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
