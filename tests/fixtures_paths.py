@@ -1,13 +1,14 @@
-"""Paths into ``../shared`` (fixtures, data), which live beside the repo and are never copied in.
+"""What tests need from outside the repo: ``../shared`` (fixtures, data) and local services.
 
-A missing file fails the test in CI, where it must be present, and skips it on a developer
-machine that has no ``shared/`` checkout.
+Something missing fails the test in CI, where it must be present, and skips it on a developer
+machine without it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -18,8 +19,12 @@ def shared_path(*parts: str) -> Path:
     """``../shared/<parts>``, or fail (``CI`` set) / skip (otherwise) when it is missing."""
     path = SHARED_DIR.joinpath(*parts)
     if not path.exists():
-        message = f"shared file missing: {path}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"shared file missing: {path}")
     return path
+
+
+def unavailable(message: str) -> NoReturn:
+    """Fail in CI (``CI`` set), where everything must be there; skip elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

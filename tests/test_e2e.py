@@ -29,6 +29,7 @@ import redis
 
 from core.pipeline import STAGES
 from tests.factories import INPUT_SIZE, post_job
+from tests.fixtures_paths import unavailable
 from tests.utils import (
     REDIS_TEST_DB,
     REDIS_URL,
@@ -67,7 +68,7 @@ def postgres_url() -> Iterator[str]:
     try:
         admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
+        unavailable(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         try:
@@ -84,7 +85,7 @@ def production_env(postgres_url: str) -> Iterator[dict[str, str]]:
     try:
         client.ping()
     except redis.ConnectionError:
-        pytest.skip(f"no Redis at {REDIS_URL}")
+        unavailable(f"no Redis at {REDIS_URL}")
     yield {
         "DATABASE_URL": postgres_url,
         "BROKER_URL": f"{REDIS_URL}/{REDIS_TEST_DB}",

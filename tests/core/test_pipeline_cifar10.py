@@ -7,13 +7,12 @@ low-bit students on 2,000 unlabeled training images; agreement with the teacher 
 
 from __future__ import annotations
 
-import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.cifar import cifar_zip, teacher_preprocessing
 from core.config import JobConfig
 from core.pipeline import JobInputs, run_quantization
 from tests.fixtures_paths import shared_path
@@ -34,27 +33,15 @@ class RecordingReporter:
         return False
 
 
-def cifar_zip(split: str, per_class: int, path: Path) -> Path:
-    """The first ``per_class`` JPEGs of every class folder of ``split``, zipped as uploaded."""
-    root = shared_path("data", "cifar10", split)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        for class_dir in sorted(root.iterdir()):
-            for image in sorted(class_dir.iterdir())[:per_class]:
-                archive.write(image, f"{class_dir.name}/{image.name}")
-    return path
-
-
 @pytest.fixture(scope="module")
 def cifar_job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobInputs, dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("cifar")
-    meta = json.loads(shared_path("fixtures", "resnet20_cifar10.json").read_text())
     inputs = JobInputs(
         model_path=shared_path("fixtures", "resnet20_cifar10.onnx"),
-        data_path=cifar_zip("train", 200, tmp / "train.zip"),
-        eval_data_path=cifar_zip("test", 100, tmp / "test.zip"),
+        data_path=cifar_zip(shared_path("data", "cifar10", "train"), 200, tmp / "train.zip"),
+        eval_data_path=cifar_zip(shared_path("data", "cifar10", "test"), 100, tmp / "test.zip"),
     )
-    preprocessing = {"input_size": [32, 32], "mean": meta["mean"], "std": meta["std"]}
-    return inputs, preprocessing
+    return inputs, teacher_preprocessing(shared_path("fixtures", "resnet20_cifar10.json"))
 
 
 @pytest.mark.slow

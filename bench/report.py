@@ -1,0 +1,83 @@
+"""Write benchmark tables into BENCHMARKS.md, each in its own marked section.
+
+A section lies between ``<!-- <name>:start -->`` and ``<!-- <name>:end -->``; rerunning a
+benchmark replaces its section and leaves the others alone.
+
+    python -m bench.report cuda cuda_check.json   # render bench/cuda_check.py's JSON
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, no GPU"
+
+
+def write_section(name: str, body: str, *, command: str, machine_text: str) -> None:
+    """Replace (or append) section ``name`` with ``body``, stamped with command, machine, date."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    stamped = (
+        f"{start}\n_Command: `{command}`; machine: {machine_text}; "
+        f"date: {dt.date.today().isoformat()}._\n\n{body.strip()}\n{end}"
+    )
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + stamped + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + stamped + "\n"
+    BENCHMARKS.write_text(text)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def cuda_section(report: dict[str, Any]) -> str:
+    speed = table(
+        ["precision", "batch", "steps", "images/s", "peak GPU memory (MiB)"],
+        [
+            [r["precision"], r["batch"], r["steps"], r["images_per_second"], r["peak_memory_mib"]]
+            for r in report["training"]
+        ],
+    )
+    job = report["job"]
+    parity = job["onnx_parity"]
+    return (
+        f"SQAKD training step of a quantized torchvision ResNet-18 (LSQ W4A4, 32x32 inputs, "
+        f"channels_last, teacher under inference_mode) on {report['device']}, "
+        f"torch {report['torch']}:\n\n{speed}\n\n"
+        f"A whole job through `core.pipeline.run_quantization` on CUDA (2,048 generated "
+        f"images, 2 epochs, batch 128): {job['seconds']} s, stages {', '.join(job['stages'])}; "
+        f"training {job['train_images_per_second']} images/s; artifacts "
+        f"{', '.join(job['artifacts'])}; ONNX Runtime vs PyTorch top-1 agreement "
+        f"{parity['top1_agreement']:.3f}, max logit difference {parity['max_abs_diff']:.3g}.\n\n"
+        f"TensorRT: {report['tensorrt'] or 'not installed on that machine (no engine built)'}."
+    )
+
+
+if __name__ == "__main__":
+    kind, path = sys.argv[1], Path(sys.argv[2])
+    if kind != "cuda":
+        raise SystemExit(f"unknown report kind {kind!r}")
+    report = json.loads(path.read_text())
+    write_section(
+        "cuda-check",
+        cuda_section(report),
+        command="PYTHONPATH=. python3 bench/cuda_check.py --out cuda_check.json "
+        "&& python -m bench.report cuda cuda_check.json",
+        machine_text=f"{report['device']} (lent device machine), torch {report['torch']}",
+    )
