@@ -12,6 +12,6 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     The ``T**2`` keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015).
     """
     student_log_p = F.log_softmax(student_logits.flatten(1).float() / temperature, dim=1)
-    teacher_log_p = F.log_softmax(teacher_logits.flatten(1).float() / temperature, dim=1)
+    teacher_log_p = F.log_softmax(teacher_logits.detach().flatten(1).float() / temperature, dim=1)
     kl = F.kl_div(student_log_p, teacher_log_p, log_target=True, reduction="batchmean")
     return kl * temperature**2

@@ -86,9 +86,10 @@ class QuantModule:
 def _rebind(layer: nn.Module, cls: type) -> Any:
     """``layer``'s state under another class, sharing its Parameters (no copy)."""
     rebound = cls.__new__(cls)
-    rebound.__dict__ = layer.__dict__.copy()
-    rebound._parameters = dict(layer._parameters)
-    rebound._modules = dict(layer._modules)
+    # Own copies of every registry (parameters, modules, hooks); the Parameters stay shared.
+    rebound.__dict__ = {
+        k: v.copy() if isinstance(v, dict) else v for k, v in layer.__dict__.items()
+    }
     return rebound
 
 

@@ -146,6 +146,16 @@ class Quantizer(nn.Module):
         """Multiply the represented range by ``gain`` (per channel): same codes, scaled values."""
         raise NotImplementedError
 
+    def range_lr_unit(self) -> float:
+        """How far a learning rate of 1 may move this quantizer's parameters in one update.
+
+        Chosen so that ``quantizer_lr`` moves the range by about that many quantization steps
+        whatever the method: a bound moves by ``lr`` steps; a step size by ``lr / qmax`` of
+        itself, which moves the largest level by ``lr`` steps.
+        """
+        grid = self.grid()
+        return (grid.scale * grid.stride).mean().item()
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, per_channel={bool(self.channels)}"
 
@@ -179,6 +189,10 @@ class LSQQuantizer(Quantizer):
         _, qmax, offset = self.int_range()
         with torch.no_grad():
             self.step.copy_((clip / (qmax + offset)).expand_as(self.step))
+
+    def range_lr_unit(self) -> float:
+        _, qmax, offset = self.int_range()
+        return self.step.detach().abs().mean().item() / max(qmax + offset, 1.0)
 
     def rescale_(self, gain: Tensor) -> None:
         with torch.no_grad():
@@ -240,6 +254,7 @@ class EWGSQuantizer(Quantizer):
             # level (an integer zero point): only then does the grid export exactly to int8.
             step = (upper - lower).clamp_min(1e-8) / steps
             lower = -round_ste(-lower / step) * step
+            upper = lower + step * steps  # the snapped grid keeps its step
         width = (upper - lower).clamp_min(1e-8)
         normalised = ((x - lower) / width).clamp(0, 1) * steps
         return _EWGSRound.apply(normalised, self.delta) / steps * width + lower
@@ -261,7 +276,7 @@ class EWGSQuantizer(Quantizer):
 
     def grid(self) -> IntGrid:
         """Levels ``lower + k * step`` with ``lower`` snapped as in ``quantize``."""
-        upper = self.upper.detach()
+        upper = self.upper.detach().clone()  # a snapshot: training goes on changing upper
         if self.symmetric_binary:
             return IntGrid(upper, torch.zeros_like(upper), -1, 1, stride=2)
         step = (upper - self.lower.detach()).clamp_min(1e-8) / (self.levels - 1)

@@ -85,26 +85,36 @@ def batch_indices(images: int, batch_size: int, seed: int) -> Iterator[tuple[int
 
 
 def make_optimizer(student: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam with, per quantized layer, one group for its weights and one for its quantizers.
+    """Adam with, per quantized layer, one group for its weights and one per quantizer.
 
-    With ``lr_unit="step"`` each layer's learning rates are multiples of its mean weight
-    quantization step: one update moves a weight by about ``lr`` of a step whatever the
-    bit-width. An absolute rate cannot suit all bit-widths in a short job: 1e-3 flips 8-bit
-    codes every step and wrecks a calibrated W8A8 student, while 1e-4 barely moves 2-bit codes.
-    ``lr_unit="absolute"`` gives the paper's plain rates (1e-3 weights, 1e-5 quantizers).
+    With ``lr_unit="step"`` each layer's weight learning rate is a multiple of its mean weight
+    quantization step, so one update moves a weight by about ``lr`` of a step whatever the
+    bit-width, and each quantizer's rate moves its range by about ``quantizer_lr`` of its own
+    step (``Quantizer.range_lr_unit``). An absolute rate means a different thing at each
+    bit-width: 1e-3 flips 8-bit codes every step and wrecks a calibrated W8A8 student in a short
+    job (BENCHMARKS.md). ``lr_unit="absolute"`` takes plain rates (the paper: 1e-3 and 1e-5).
     """
+    by_step = cfg.lr_unit == "step"
     groups: list[dict[str, Any]] = []
     grouped: set[int] = set()
     steps = []
     for _, layer in quant_layers(student):
         grid = layer.weight_quantizer.grid()
-        step = (grid.scale * grid.stride).mean().item() if cfg.lr_unit == "step" else 1.0
+        step = (grid.scale * grid.stride).mean().item() if by_step else 1.0
         steps.append(step)
         weights = [p for p in (layer.weight, layer.bias) if p is not None]
-        ranges = [*layer.weight_quantizer.parameters(), *layer.act_quantizer.parameters()]
         groups.append({"params": weights, "lr": cfg.lr * step, "weight_decay": cfg.weight_decay})
-        groups.append({"params": ranges, "lr": cfg.quantizer_lr * step, "weight_decay": 0.0})
-        grouped.update(id(p) for p in weights + ranges)
+        for quantizer in (layer.weight_quantizer, layer.act_quantizer):
+            unit = quantizer.range_lr_unit() if by_step else 1.0
+            groups.append(
+                {
+                    "params": list(quantizer.parameters()),
+                    "lr": cfg.quantizer_lr * unit,
+                    "weight_decay": 0.0,
+                }
+            )
+            grouped.update(id(p) for p in quantizer.parameters())
+        grouped.update(id(p) for p in weights)
     others = [p for p in student.parameters() if id(p) not in grouped]
     if others:  # e.g. PReLU slopes: the typical step of the model's layers
         typical_step = sum(steps) / len(steps) if steps else 1.0

@@ -1,0 +1,283 @@
+"""The Conv2d/Linear swap: every layer quantized, reversible, sharing Parameters, bits per layer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from core.sqakd.modules import (
+    QUANT_MODULES,
+    QuantConv2d,
+    QuantLinear,
+    QuantModule,
+    QuantSpec,
+    convert,
+    describe_layers,
+    layer_bits,
+    prepare,
+    quant_layers,
+    quantizers,
+)
+from core.sqakd.quantizers import QUANTIZERS
+from tests.core.sqakd.nets import MIXED_LAYERS, MixedNet
+
+METHODS = sorted(QUANTIZERS)
+FLOAT_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def spec(method: str = "lsq", **overrides: object) -> QuantSpec:
+    values: dict[str, object] = {"method": method, "weight_bits": 4, "activation_bits": 3}
+    values.update(overrides)
+    return QuantSpec(**values)  # type: ignore[arg-type]
+
+
+def images(count: int = 4) -> Tensor:
+    return torch.randn(count, 3, 8, 8)
+
+
+def bits_by_layer(student: nn.Module) -> dict[str, tuple[int, int]]:
+    return {
+        name: (layer.weight_quantizer.bits, layer.act_quantizer.bits)
+        for name, layer in quant_layers(student)
+    }
+
+
+# --- prepare -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prepare_swaps_every_conv_and_linear(method: str) -> None:
+    teacher = MixedNet()
+    student = prepare(teacher, spec(method))
+    assert [name for name, _ in quant_layers(student)] == MIXED_LAYERS
+    for name, module in student.named_modules():
+        assert type(module) not in FLOAT_TYPES, f"{name} was left in float"
+    for name, layer in quant_layers(student):
+        original = teacher.get_submodule(name)
+        assert type(layer) is QUANT_MODULES[type(original)]
+        assert isinstance(layer, type(original))  # still a Conv2d / Linear for other code
+        assert type(layer.weight_quantizer) is QUANTIZERS[method]
+        assert type(layer.act_quantizer) is QUANTIZERS[method]
+        assert layer.weight_quantizer.for_weights and not layer.act_quantizer.for_weights
+        assert layer.weight_quantizer.channels == original.weight.shape[0]
+        assert layer.act_quantizer.channels is None
+    assert student.dw.groups == 8 and student.grouped.groups == 2
+    assert student.grouped.bias is None
+
+
+def test_prepare_per_tensor_spec_gives_per_tensor_weight_grids() -> None:
+    student = prepare(MixedNet(), spec(per_channel=False))
+    assert all(layer.weight_quantizer.channels is None for _, layer in quant_layers(student))
+
+
+def test_prepare_leaves_the_teacher_untouched_and_shares_nothing() -> None:
+    teacher = MixedNet()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = prepare(teacher, spec())
+    assert all(type(m) is not QuantConv2d and type(m) is not QuantLinear for m in teacher.modules())
+    teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
+    assert not teacher_ptrs & {p.data_ptr() for p in student.parameters()}
+    assert all(p.requires_grad for p in student.parameters())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_student_with_quantizers_disabled_is_the_teacher(method: str) -> None:
+    teacher = MixedNet()
+    student = prepare(teacher, spec(method))
+    for q in quantizers(student):
+        q.enabled = False
+    x = images()
+    assert torch.equal(student(x), teacher(x))
+    for q in quantizers(student):
+        q.enabled = True
+    assert not torch.equal(student(x), teacher(x))  # and the quantizers do act when enabled
+
+
+# --- from_float / to_float / convert -------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "make_layer",
+    [
+        lambda: nn.Conv2d(4, 6, 3, groups=2),
+        lambda: nn.Conv2d(4, 4, 3, groups=4, bias=False),
+        lambda: nn.Linear(5, 3),
+        lambda: nn.Linear(5, 3, bias=False),
+    ],
+    ids=["grouped-conv", "depthwise-conv-no-bias", "linear", "linear-no-bias"],
+)
+def test_from_float_and_to_float_share_parameters(
+    method: str, make_layer: Callable[[], nn.Module]
+) -> None:
+    layer = make_layer()
+    quant_cls = QUANT_MODULES[type(layer)]
+    quant = quant_cls.from_float(layer, method, 4, 8, per_channel=True)
+    assert type(quant) is quant_cls
+    assert quant.weight is layer.weight
+    assert quant.bias is layer.bias
+    assert (quant.weight_quantizer.bits, quant.act_quantizer.bits) == (4, 8)
+    assert "weight_quantizer" not in layer._modules  # the float layer is not modified
+    back = quant.to_float()
+    assert type(back) is type(layer)
+    assert back.weight is layer.weight and back.bias is layer.bias
+    assert not hasattr(back, "weight_quantizer") and not hasattr(back, "act_quantizer")
+    assert list(back.state_dict()) == list(layer.state_dict())
+    x = torch.randn(2, 4, 6, 6) if isinstance(layer, nn.Conv2d) else torch.randn(2, 5)
+    assert torch.equal(back(x), layer(x))
+
+
+def test_swap_shares_parameters_but_not_hooks() -> None:
+    layer = nn.Conv2d(3, 4, 3)
+    quant = QuantConv2d.from_float(layer, METHODS[0], 4, 4, per_channel=True)
+    fired: list[str] = []
+    quant.register_forward_hook(lambda *_: fired.append("quant"))
+    layer(torch.randn(1, 3, 5, 5))
+    assert fired == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_convert_undoes_prepare_with_the_same_parameters(method: str) -> None:
+    teacher = MixedNet()
+    student = prepare(teacher, spec(method))
+    weights = {name: p for name, p in student.named_parameters() if "quantizer" not in name}
+    float_model = convert(student)
+    assert float_model is student
+    assert not list(quant_layers(float_model))
+    assert not any(isinstance(m, QuantModule) for m in float_model.modules())
+    assert {name: p for name, p in float_model.named_parameters()} == weights
+    assert set(float_model.state_dict()) == set(teacher.state_dict())
+    x = images()
+    assert torch.equal(float_model(x), teacher(x))
+
+
+# --- bits per layer ------------------------------------------------------------------------
+
+
+def test_first_and_last_layers_get_first_last_bits() -> None:
+    student = prepare(MixedNet(), spec(first_last_bits=8))
+    expected = dict.fromkeys(MIXED_LAYERS, (4, 3))
+    expected["conv1"] = expected["fc2"] = (8, 8)
+    assert bits_by_layer(student) == expected
+
+
+def test_without_first_last_bits_every_layer_gets_the_job_bits() -> None:
+    student = prepare(MixedNet(), spec(first_last_bits=None))
+    assert bits_by_layer(student) == dict.fromkeys(MIXED_LAYERS, (4, 3))
+
+
+def test_layer_bits_patterns_override_defaults_and_edges() -> None:
+    patterns = {"block.*": 2, "fc?": 6, "dw": 5, "nothing.matches": 1}
+    student = prepare(MixedNet(), spec(first_last_bits=8, layer_bits=patterns))
+    assert bits_by_layer(student) == {
+        "conv1": (8, 8),
+        "dw": (5, 5),
+        "grouped": (4, 3),
+        "block.0": (2, 2),
+        "fc1": (6, 6),
+        "fc2": (6, 6),  # a pattern beats first_last_bits
+    }
+
+
+def test_layer_bits_function() -> None:
+    names = ["a", "b.0", "b.1", "c"]
+    assert layer_bits(names, spec(first_last_bits=None)) == dict.fromkeys(names, (4, 3))
+    assert layer_bits(names, spec(first_last_bits=8, layer_bits={"b.*": 2})) == {
+        "a": (8, 8),
+        "b.0": (2, 2),
+        "b.1": (2, 2),
+        "c": (8, 8),
+    }
+    assert layer_bits(["only"], spec(first_last_bits=6)) == {"only": (6, 6)}
+    assert layer_bits([], spec()) == {}
+
+
+def test_quant_spec_round_trips_through_json() -> None:
+    original = spec("ewgs", per_channel=False, first_last_bits=None, layer_bits={"fc*": 8})
+    assert QuantSpec(**json.loads(json.dumps(original.to_dict()))) == original
+
+
+# --- scale_output_ -------------------------------------------------------------------------
+
+
+def _calibrated_layer(
+    kind: str, method: str, bits: int, per_channel: bool
+) -> tuple[QuantModule, Tensor]:
+    if kind == "conv":
+        layer, x = nn.Conv2d(4, 6, 3), torch.randn(3, 4, 8, 8)
+    else:
+        layer, x = nn.Linear(5, 6, bias=False), torch.randn(7, 5)
+    quant = QUANT_MODULES[type(layer)].from_float(layer, method, bits, bits, per_channel)
+    quant.act_quantizer.calibrate(x, signed=True)
+    quant.weight_quantizer.calibrate(quant.weight, signed=True)
+    return quant, x
+
+
+def _expected(out: Tensor, gain: Tensor, shift: Tensor) -> Tensor:
+    view = (1, -1) + (1,) * (out.dim() - 2)
+    return out * gain.view(view) + shift.view(view)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear-no-bias"])
+@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("method", METHODS)
+def test_scale_output_per_channel_is_exact(method: str, bits: int, kind: str) -> None:
+    layer, x = _calibrated_layer(kind, method, bits, per_channel=True)
+    before = layer(x).detach()
+    channel_view = (-1,) + (1,) * (layer.weight.dim() - 1)
+    codes_grid = layer.weight_quantizer.grid()
+    codes = layer.quantized_weight().detach() / codes_grid.scale.view(channel_view)
+    gain, shift = torch.rand(6) + 0.5, torch.randn(6)
+    layer.scale_output_(gain, shift)
+    torch.testing.assert_close(
+        layer(x).detach(), _expected(before, gain, shift), rtol=1e-5, atol=1e-5
+    )
+    assert isinstance(layer.bias, nn.Parameter)
+    rescaled = layer.weight_quantizer.grid()
+    torch.testing.assert_close(rescaled.scale, codes_grid.scale * gain)
+    after_codes = layer.quantized_weight().detach() / rescaled.scale.view(channel_view)
+    torch.testing.assert_close(after_codes, codes, rtol=0, atol=1e-3)  # each weight keeps its code
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear-no-bias"])
+@pytest.mark.parametrize("method", METHODS)
+def test_scale_output_per_tensor_is_close(method: str, kind: str) -> None:
+    layer, x = _calibrated_layer(kind, method, 8, per_channel=False)
+    before = layer(x).detach()
+    gain, shift = torch.rand(6) + 0.5, torch.randn(6)
+    layer.scale_output_(gain, shift)
+    error = layer(x).detach() - _expected(before, gain, shift)
+    # the per-tensor grid is refitted: relative to the scaled output, measured <= 0.6% at 8 bits
+    assert error.norm() / _expected(before, gain, torch.zeros(6)).norm() < 0.02
+
+
+# --- describe_layers -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_describe_layers(per_channel: bool) -> None:
+    student = prepare(MixedNet(), spec(per_channel=per_channel, layer_bits={"fc1": 6}))
+    student.dw.act_quantizer.signed = False
+    kinds = {"fc1": "Linear", "fc2": "Linear"}
+    bits = {"conv1": (8, 8), "fc1": (6, 6), "fc2": (8, 8)}
+    assert describe_layers(student) == [
+        {
+            "name": name,
+            "kind": kinds.get(name, "Conv2d"),
+            "weight_bits": bits.get(name, (4, 3))[0],
+            "activation_bits": bits.get(name, (4, 3))[1],
+            "activation_signed": name != "dw",
+            "per_channel": per_channel,
+        }
+        for name in MIXED_LAYERS
+    ]
+    json.dumps(describe_layers(student))

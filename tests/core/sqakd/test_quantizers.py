@@ -1,0 +1,390 @@
+"""Quantizers: outputs on the declared integer grid, hand-computed backward rules, range fitting."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import Tensor
+
+from core.sqakd.quantizers import (
+    CLIP_FRACTIONS,
+    QUANTIZERS,
+    EWGSQuantizer,
+    IntGrid,
+    LSQQuantizer,
+    Quantizer,
+    create_quantizer,
+)
+
+METHODS = sorted(QUANTIZERS)
+ALL_BITS = list(range(1, 9))
+CHANNELS = 4
+# (weight, per_channel): per-channel grids exist for weights only
+KINDS = {
+    "weight-per-channel": (True, True),
+    "weight-per-tensor": (True, False),
+    "activation": (False, False),
+}
+
+
+def make(method: str, bits: int, kind: str) -> Quantizer:
+    weight, per_channel = KINDS[kind]
+    return create_quantizer(method, bits, weight=weight, channels=CHANNELS if per_channel else None)
+
+
+def sample(kind: str) -> Tensor:
+    """A weight [out, in, k, k] or an activation [batch, C, H, W], channels of different sizes."""
+    spread = torch.tensor([0.05, 0.3, 1.0, 4.0]).view(-1, 1, 1, 1)
+    if KINDS[kind][0]:
+        return torch.randn(CHANNELS, 3, 3, 3) * spread
+    return torch.randn(2, CHANNELS, 5, 5) * spread.view(1, -1, 1, 1)
+
+
+def per_channel_view(values: Tensor, q: Quantizer, like: Tensor) -> Tensor:
+    return values.view((-1,) + (1,) * (like.dim() - 1)) if q.channels else values.reshape(())
+
+
+def grid_codes(q: Quantizer, out: Tensor) -> Tensor:
+    """The (float) integer codes of ``out`` on ``q.grid()``: ``out / scale + zero_point``."""
+    grid = q.grid()
+    scale = per_channel_view(grid.scale, q, out)
+    zero_point = per_channel_view(grid.zero_point, q, out)
+    return out / scale + zero_point
+
+
+def assert_on_grid(q: Quantizer, out: Tensor) -> None:
+    grid = q.grid()
+    codes = grid_codes(q, out.detach())
+    rounded = codes.round()
+    worst = (codes - rounded).abs().max().item()
+    assert worst < 1e-3, f"output is {worst:.3f} of a step off the grid {grid}"
+    assert rounded.min() >= grid.qmin and rounded.max() <= grid.qmax
+    assert ((rounded - grid.qmin) % grid.stride == 0).all(), "codes off the grid's stride"
+    assert (grid.qmax - grid.qmin) // grid.stride + 1 == 2**q.bits
+
+
+def distinct_levels(q: Quantizer, out: Tensor) -> list[int]:
+    rows = out.detach().reshape(out.shape[0], -1) if q.channels else out.detach().reshape(1, -1)
+    return [row.unique().numel() for row in rows]
+
+
+# --- the forward: every output on the grid the exporters read -------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_lies_on_grid(method: str, bits: int, signed: bool, kind: str) -> None:
+    q = make(method, bits, kind)
+    x = sample(kind)
+    q.calibrate(x, signed=signed)
+    assert q.signed is signed
+    out = q(x)
+    assert out.shape == x.shape
+    assert_on_grid(q, out)
+    assert all(2 <= n <= 2**bits for n in distinct_levels(q, out))
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("method", METHODS)
+def test_full_range_input_hits_every_level(method: str, bits: int, signed: bool) -> None:
+    q = create_quantizer(method, bits, weight=False)
+    q.signed = signed
+    q.set_range(torch.tensor([1.0]))
+    out = q(torch.linspace(-4, 4, 4001))
+    assert out.unique().numel() == 2**bits
+    assert_on_grid(q, out)
+    if not signed:
+        assert out.min().item() == 0.0
+
+
+def _nudge_like_training(q: Quantizer) -> None:
+    """Move every range parameter by ~0.3 of a step, independently, as optimizer steps do."""
+    step = q.grid().scale
+    with torch.no_grad():
+        for parameter in q.parameters():
+            parameter.add_(0.3 * step * torch.randn_like(parameter))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_lies_on_grid_after_training_moves_the_range(
+    method: str, bits: int, signed: bool, kind: str
+) -> None:
+    q = make(method, bits, kind)
+    x = sample(kind)
+    q.calibrate(x, signed=signed)
+    _nudge_like_training(q)
+    assert_on_grid(q, q(x))
+
+
+def test_ewgs_levels_are_the_grid_levels_for_a_learned_interval() -> None:
+    """[-1, 1] at 2 bits: grid() says step 2/3, zero point 2; the forward must agree."""
+    q = EWGSQuantizer(2, weight=True)
+    with torch.no_grad():
+        q.lower.fill_(-1.0)
+        q.upper.fill_(1.0)
+    levels = q(torch.linspace(-2, 2, 401)).detach().unique()
+    grid = q.grid()
+    expected = (torch.arange(grid.qmin, grid.qmax + 1) - grid.zero_point) * grid.scale
+    assert expected.abs().min() == 0
+    torch.testing.assert_close(levels, expected)
+
+
+def test_disabled_quantizer_is_identity() -> None:
+    for method in METHODS:
+        q = create_quantizer(method, 2, weight=True)
+        q.enabled = False
+        x = torch.randn(10)
+        assert q(x) is x
+
+
+# --- LSQ backward --------------------------------------------------------------------------
+
+# s = 0.5, 3 bits signed: q in -4..3. x / s = [0.6, -1.4, 2.4, 10, -6, 0.2]
+LSQ_X = [0.3, -0.7, 1.2, 5.0, -3.0, 0.1]
+LSQ_INSIDE = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+# round(x/s) - x/s inside; qmax = 3 above, qmin = -4 below
+LSQ_STEP_TERMS = [0.4, 0.4, -0.4, 3.0, -4.0, -0.2]
+
+
+def test_lsq_backward_per_tensor_weight() -> None:
+    q = LSQQuantizer(3, weight=True)
+    q.set_range(torch.tensor([1.5]))  # step = clip / qmax = 0.5
+    assert q.step.item() == 0.5
+    x = torch.tensor(LSQ_X).view(2, 3).requires_grad_()
+    upstream = torch.tensor([1.0, 2.0, -1.0, 0.5, 1.0, 3.0]).view(2, 3)
+    out = q(x)
+    assert out.detach().flatten().tolist() == [0.5, -0.5, 1.0, 1.5, -2.0, 0.0]
+    (out * upstream).sum().backward()
+    assert x.grad.flatten().tolist() == (upstream.flatten() * torch.tensor(LSQ_INSIDE)).tolist()
+    # N = numel of the weight tensor (6), Qp = 3
+    expected = sum(g * t for g, t in zip(upstream.flatten().tolist(), LSQ_STEP_TERMS, strict=True))
+    assert q.step.grad.item() == pytest.approx(expected / math.sqrt(6 * 3), rel=1e-5)
+
+
+def test_lsq_backward_per_channel_weight() -> None:
+    q = LSQQuantizer(3, weight=True, channels=2)
+    with torch.no_grad():
+        q.step.copy_(torch.tensor([0.5, 0.25]))
+    # channel 0: x / 0.5 = [0.6, -1.4, 2.4]; channel 1: x / 0.25 = [12, -16, 0.8]
+    x = torch.tensor([[0.3, -0.7, 1.2], [3.0, -4.0, 0.2]], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [[1.0, 1.0, 1.0], [0.0, 0.0, 1.0]]
+    scale = 1 / math.sqrt(3 * 3)  # N = numel of one channel
+    channel0 = 0.4 + 0.4 - 0.4
+    channel1 = 3.0 - 4.0 + (1 - 0.8)
+    assert q.step.grad.tolist() == pytest.approx([channel0 * scale, channel1 * scale], rel=1e-5)
+
+
+def test_lsq_backward_activation_uses_one_sample() -> None:
+    q = LSQQuantizer(3, weight=False)
+    q.set_range(torch.tensor([1.5]))
+    x = torch.tensor(LSQ_X).view(2, 3).requires_grad_()  # 2 samples of 3 features
+    q(x).sum().backward()
+    assert x.grad.flatten().tolist() == LSQ_INSIDE
+    assert q.step.grad.item() == pytest.approx(sum(LSQ_STEP_TERMS) / math.sqrt(3 * 3), rel=1e-5)
+
+
+def test_lsq_backward_unsigned() -> None:
+    q = LSQQuantizer(2, weight=False)
+    q.signed = False  # q in 0..3
+    q.set_range(torch.tensor([3.0]))  # step 1
+    x = torch.tensor([[0.3, 1.6, 2.2, 5.0, -1.0]], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]]
+    terms = (0 - 0.3) + (2 - 1.6) + (2 - 2.2) + 3 + 0
+    assert q.step.grad.item() == pytest.approx(terms / math.sqrt(5 * 3), rel=1e-5)
+
+
+# --- EWGS backward -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "activation"])
+def test_ewgs_backward_scales_gradient_by_rounding_residual(weight: bool) -> None:
+    q = EWGSQuantizer(2, weight=weight, delta=0.5)
+    q.set_range(torch.tensor([1.0]))  # signed: [-1, 0.5], levels -1, -0.5, 0, 0.5
+    assert (q.lower.item(), q.upper.item()) == (-1.0, 0.5)
+    # normalised input n = (x + 1) / 1.5 * 3 = [0.4, 1.3, 2.2, 2.8, (3.8), (-1)]
+    x = torch.tensor([-0.8, -0.35, 0.1, 0.4, 0.9, -1.5], requires_grad=True)
+    upstream = torch.tensor([1.0, -2.0, 0.5, -1.0, 1.0, 1.0])
+    out = q(x)
+    assert out.detach().tolist() == pytest.approx([-1.0, -0.5, 0.0, 0.5, 0.5, -1.0], abs=1e-6)
+    (out * upstream).sum().backward()
+    # g * (1 + delta * sign(g) * (n - round(n))); zero where clamped
+    expected = [
+        1.0 * (1 + 0.5 * 0.4),
+        -2.0 * (1 - 0.5 * 0.3),
+        0.5 * (1 + 0.5 * 0.2),
+        -1.0 * (1 - 0.5 * -0.2),
+        0.0,
+        0.0,
+    ]
+    assert x.grad.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_ewgs_with_zero_delta_is_straight_through() -> None:
+    q = EWGSQuantizer(3, weight=True, delta=0.0)
+    q.set_range(torch.tensor([1.0]))
+    x = torch.tensor([-0.9, -0.33, 0.12, 0.61, 2.0], requires_grad=True)
+    (q(x) * torch.tensor([1.0, -3.0, 2.0, 0.5, 1.0])).sum().backward()
+    assert x.grad.tolist() == pytest.approx([1.0, -3.0, 2.0, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_range_parameters_receive_gradients(method: str) -> None:
+    q = create_quantizer(method, 4, weight=True, channels=CHANNELS)
+    x = sample("weight-per-channel")
+    q.calibrate(x, signed=True)
+    (q(x) * torch.randn_like(x)).sum().backward()
+    grads = [p.grad for p in q.parameters()]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# --- rescale_, fit_range / calibrate -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["weight-per-channel", "weight-per-tensor"])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("method", METHODS)
+def test_rescale_scales_values_and_keeps_codes(
+    method: str, bits: int, signed: bool, kind: str
+) -> None:
+    q = make(method, bits, kind)
+    x = sample(kind)
+    q.calibrate(x, signed=signed)
+    before, grid = q(x).detach(), _snapshot(q.grid())
+    codes = grid_codes(q, before).round()
+    # powers of two: every division and product scales exactly, so codes must match exactly
+    gain = torch.tensor([0.5, 2.0, 4.0, 0.25]) if q.channels else torch.tensor([2.0])
+    q.rescale_(gain)
+    view = per_channel_view(gain, q, x) if q.channels else gain.reshape(())
+    after = q(x * view).detach()
+    assert torch.equal(after, before * view)
+    rescaled = q.grid()
+    assert torch.equal(rescaled.scale, grid.scale * gain)
+    assert torch.equal(rescaled.zero_point, grid.zero_point)
+    assert (rescaled.qmin, rescaled.qmax, rescaled.stride) == (grid.qmin, grid.qmax, grid.stride)
+    assert torch.equal(grid_codes(q, after).round(), codes)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rescale_with_any_positive_gain_scales_values(method: str) -> None:
+    q = create_quantizer(method, 4, weight=True, channels=CHANNELS)
+    x = sample("weight-per-channel")
+    q.calibrate(x, signed=True)
+    before = q(x).detach()
+    gain = torch.tensor([0.7, 1.3, 2.9, 0.45])
+    q.rescale_(gain)
+    view = gain.view(-1, 1, 1, 1)
+    torch.testing.assert_close(q(x * view).detach(), before * view, rtol=1e-5, atol=1e-6)
+
+
+def _snapshot(grid: IntGrid) -> IntGrid:
+    return replace(grid, scale=grid.scale.clone(), zero_point=grid.zero_point.clone())
+
+
+@pytest.mark.parametrize(
+    "method",
+    METHODS,
+)
+def test_grid_is_a_snapshot(method: str) -> None:
+    for bits in (4, 1):
+        q = create_quantizer(method, bits, weight=True, channels=CHANNELS)
+        q.calibrate(sample("weight-per-channel"), signed=True)
+        grid = q.grid()
+        scale, zero_point = grid.scale.clone(), grid.zero_point.clone()
+        q.rescale_(torch.full((CHANNELS,), 2.0))
+        assert torch.equal(grid.scale, scale), f"{bits}-bit grid changed with the quantizer"
+        assert torch.equal(grid.zero_point, zero_point)
+
+
+def _mse(q: Quantizer, x: Tensor) -> Tensor:
+    dims = tuple(range(1, x.dim())) if q.channels else tuple(range(x.dim()))
+    return (q(x).detach() - x).pow(2).mean(dim=dims).reshape(-1)
+
+
+def _heavy_tailed(kind: str) -> Tensor:
+    """Laplace samples, channels of different sizes: max-abs clipping wastes levels on the tail."""
+    spread = torch.tensor([0.05, 0.3, 1.0, 4.0])
+    laplace = torch.distributions.Laplace(0.0, 1.0)
+    if KINDS[kind][0]:
+        return laplace.sample((CHANNELS, 16, 3, 3)) * spread.view(-1, 1, 1, 1)
+    return laplace.sample((2, CHANNELS, 6, 6)) * spread.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("method", METHODS)
+def test_calibrate_is_no_worse_than_max_abs(method: str, bits: int, kind: str) -> None:
+    x = _heavy_tailed(kind)
+    signed = True
+    fitted = make(method, bits, kind)
+    fitted.calibrate(x, signed=signed)
+    max_abs = make(method, bits, kind)
+    max_abs.signed = signed
+    dims = tuple(range(1, x.dim())) if max_abs.channels else tuple(range(x.dim()))
+    max_abs.set_range(x.abs().amax(dim=dims).reshape(-1))
+    fitted_mse, max_abs_mse = _mse(fitted, x), _mse(max_abs, x)
+    assert (fitted_mse <= max_abs_mse * (1 + 1e-5)).all()
+    if bits == 2:  # at 2 bits the search must find a clearly tighter clip (measured <= 0.71)
+        assert (fitted_mse < 0.9 * max_abs_mse).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fit_range_picks_least_error_per_channel(method: str) -> None:
+    x = _heavy_tailed("weight-per-channel")
+    q = create_quantizer(method, 3, weight=True, channels=CHANNELS)
+    max_abs = x.abs().amax(dim=(1, 2, 3))
+    q.fit_range(max_abs, signed=True, error=lambda: _mse(q, x))
+    chosen = _mse(q, x)
+    for fraction in CLIP_FRACTIONS:
+        other = create_quantizer(method, 3, weight=True, channels=CHANNELS)
+        other.set_range(max_abs * fraction)
+        assert (chosen <= _mse(other, x) * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unsigned_calibration_clamps_negatives_to_zero(method: str) -> None:
+    q = create_quantizer(method, 4, weight=False)
+    x = torch.relu(torch.randn(4, 8, 6, 6))
+    q.calibrate(x, signed=False)
+    out = q(torch.cat([x, -x]))
+    assert out.min().item() == 0.0
+    assert_on_grid(q, out)
+
+
+# --- factory -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_create_quantizer_builds_registered_class(method: str) -> None:
+    q = create_quantizer(method, 3, weight=True, channels=5)
+    assert type(q) is QUANTIZERS[method]
+    assert q.method == method
+    assert (q.bits, q.channels, q.for_weights, q.levels) == (3, 5, True, 8)
+    assert all(p.shape == (5,) for p in q.parameters())
+
+
+def test_registry_holds_the_release_methods() -> None:
+    assert {"lsq", "ewgs"} <= set(QUANTIZERS)
+
+
+def test_create_quantizer_rejects_unknown_method() -> None:
+    with pytest.raises(ValueError, match="unknown quantization method"):
+        create_quantizer("nope", 4, weight=True)
+
+
+@pytest.mark.parametrize("bits", [0, 9, -1])
+@pytest.mark.parametrize("method", METHODS)
+def test_create_quantizer_rejects_bits_outside_1_to_8(method: str, bits: int) -> None:
+    with pytest.raises(ValueError, match="bits"):
+        create_quantizer(method, bits, weight=False)
