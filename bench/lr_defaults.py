@@ -40,7 +40,7 @@ CONCLUSION = (
     "a whole quantization step and at 2 bits a small fraction of one; rates in units "
     'of each layer\'s weight step (`lr_unit: "step"`) make one setting mean the same '
     "at every bit-width. With this release's calibration a plain 1e-4 comes close; "
-    "the step unit was as good or better in every row here. 0.01 / 0.01 was the best "
+    "the step unit had the highest agreement in every row here. 0.01 / 0.01 was the best "
     "of 0.005, 0.01 and 0.02 for weights and 0.001, 0.01 and 0.1 for quantizers on "
     "W2A2 in the runs that chose it. The paper's rates remain available with "
     '`lr_unit: "absolute"`.'
