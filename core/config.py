@@ -13,8 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-Method = Literal["lsq", "ewgs"]
-"""Quantizer families this release trains with (see ``core.sqakd.quantizers.QUANTIZERS``)."""
+Method = Literal["lsq", "ewgs", "pact", "dorefa", "ste"]
+"""Quantizer families this release trains with (see ``core.sqakd.quantizers.QUANTIZERS``):
+learnable step (lsq), learnable interval (ewgs), learnable activation clip with DoReFa weights
+(pact), tanh-normalised weights and calibrated clips (dorefa), plain straight-through (ste)."""
 
 
 class _Strict(BaseModel):
@@ -77,6 +79,14 @@ class JobConfig(_Strict):
         "default suits every bit-width; absolute: plain rates (the paper: 1e-3 and 1e-5).",
     )
     weight_decay: float = Field(0.0, ge=0, le=1.0)
+    checkpoint_every: int = Field(
+        200,
+        ge=1,
+        le=1_000_000,
+        description="Training steps between resumable checkpoints (student, optimizer, "
+        "schedule, RNG); a job restarted after its worker died resumes from the last one. "
+        "Does not change the result.",
+    )
     eval_fraction: float = Field(
         0.1, gt=0, lt=1, description="Held-out share of the upload used for evaluation only."
     )

@@ -2,11 +2,17 @@
 
 The worker calls ``run_quantization`` with a ``Reporter`` that writes progress to the job row;
 tests and scripts can pass any object with the same methods.
+
+Training saves ``checkpoint.pt`` in the work dir every ``checkpoint_every`` steps, when stopped
+and when done. A job run again on the same work dir (its worker died or lost its lease) redoes
+the cheap, deterministic part (import, calibration: same student, same ``calibrated`` metrics)
+and resumes training from that checkpoint, ending with the student of a run that never stopped.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,10 +28,19 @@ from core.inputs.onnx_model import load_onnx_model
 from core.sqakd.calibrate import calibrate
 from core.sqakd.metrics import compare, model_sizes, predict
 from core.sqakd.modules import QuantSpec, describe_layers, prepare
-from core.sqakd.trainer import TrainConfig, TrainingCanceled, steps_per_epoch, train
+from core.sqakd.trainer import (
+    Checkpointer,
+    TrainConfig,
+    TrainingCanceled,
+    steps_per_epoch,
+    train,
+)
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 256  # ranges from one batch: enough for a stable MSE fit, still quick
 PARITY_IMAGES = 512
+CHECKPOINT = "checkpoint.pt"  # in the work dir; not an artifact
 
 STAGES = ("validating", "calibrating", "training", "evaluating", "exporting")
 
@@ -111,6 +126,10 @@ def run_quantization(
         augment=prep.augment,
         seed=config.seed,
     )
+    checkpoint = workdir / CHECKPOINT
+    resume_from = checkpoint if checkpoint.exists() else None
+    if resume_from is not None:
+        log.info("resuming training from %s", resume_from)
     try:
         stats = train(
             teacher,
@@ -119,6 +138,8 @@ def run_quantization(
             train_config,
             on_step=lambda p: reporter.progress(asdict(p)),
             should_stop=reporter.should_stop,
+            checkpointer=Checkpointer(checkpoint, config.checkpoint_every),
+            resume_from=resume_from,
         )
     except TrainingCanceled as stop:
         raise JobCanceled(str(stop)) from stop

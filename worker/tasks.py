@@ -24,7 +24,7 @@ from core.config import JobConfig
 from core.db import session_scope
 from core.errors import InputError
 from core.models import Job
-from core.pipeline import JobCanceled, JobInputs, run_quantization
+from core.pipeline import CHECKPOINT, JobCanceled, JobInputs, run_quantization
 from core.settings import Settings, get_settings
 from core.storage import Storage, StoredFile
 from worker.app import TRAIN_TASK, TRAIN_TIME_LIMIT_S, app
@@ -191,6 +191,8 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
                 jobs.record_artifact(session, settings, job.id, file)
             jobs.succeed(session, job.id, owner, metrics)
             log.info("job %s: succeeded", job.id)
+    if not canceled and error is None:  # only an unfinished job resumes from its checkpoint
+        (storage.work_dir(job.id) / CHECKPOINT).unlink(missing_ok=True)
 
 
 @app.task(

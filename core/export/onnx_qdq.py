@@ -13,14 +13,14 @@ PyTorch layers to ONNX nodes, which only the exporter's naming gives, and the ev
 folds BatchNorm into the convolutions, so the weights in the graph are no longer the quantized ones.
 
 Exactness (the ONNX model equals the student up to float summation order):
-- LSQ, 2..8 bits, signed or unsigned: exact. Weights are int8 (uint8 for an unsigned 8-bit weight
-  grid), zero point 0; activations are uint8 on unsigned grids, int8 on signed ones, preceded by a
-  Clip to the b-bit range when the grid is narrower than the 8-bit type.
-- Nearest representable only (exact export is a later issue): EWGS, whose levels are
-  ``lower + k * step`` with ``lower`` rarely a multiple of ``step`` (weights are written as
-  ``round(w / step)`` in int8 with zero point 0; activations use the rounded zero point of
-  ``grid()``; exact when ``lower`` is a whole number of steps), and 1-bit signed activations
-  (levels +-step/2: a QuantizeLinear cannot skip the 0 between them; 1-bit weights are exact).
+- Every method (lsq, ewgs, pact, dorefa, ste), 2..8 bits, signed or unsigned: exact, because each
+  quantizer keeps its levels on an integer grid with an integer zero point (EWGS snaps its lower
+  bound to a whole number of steps; DoReFa's odd codes fit int8 up to 7 bits and use -127..127
+  at 8). Weights are int8 (uint8 for an unsigned 8-bit weight grid); activations are uint8 on
+  unsigned grids, int8 on signed ones, preceded by a Clip to the b-bit range when the grid is
+  narrower than the 8-bit type.
+- Not exact: 1-bit signed activations (levels +-s: a QuantizeLinear cannot skip the 0 between
+  them; 1-bit weights are exact).
 """
 
 from __future__ import annotations

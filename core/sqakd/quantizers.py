@@ -7,6 +7,11 @@ low-bit model will compute with. They differ in what they learn:
 - ``lsq``  (Esser et al. 2020): a step size ``s``, gradient scaled by ``1/sqrt(numel * qmax)``.
 - ``ewgs`` (Lee et al. 2021): a lower and an upper bound; the rounding's backward scales each
   element's gradient by ``1 + delta * sign(g) * (x - round(x))``.
+- ``pact`` (Choi et al. 2018): an activation clip ``alpha``, reached by the gradient only where
+  ``x >= alpha``; weights as ``dorefa``.
+- ``dorefa`` (Zhou et al. 2016): nothing; weights ``tanh``-normalised onto a symmetric grid,
+  activations clipped to their calibrated range, straight-through rounding.
+- ``ste``: nothing (the baseline): a calibrated range, straight-through rounding.
 
 New schemes plug in with ``@register_quantizer("name")``; ``create_quantizer`` is the one factory.
 Each quantizer can describe its integer grid (``grid()``) so exporters need no per-method code.
@@ -282,3 +287,189 @@ class EWGSQuantizer(Quantizer):
         step = (upper - self.lower.detach()).clamp_min(1e-8) / (self.levels - 1)
         zero_point = (-self.lower.detach() / step).round()
         return IntGrid(step, zero_point, 0, self.levels - 1)
+
+
+# --- fixed and clipped ranges: ste, dorefa, pact ----------------------------------------------
+
+
+def snap(codes: Tensor, qmin: int, qmax: int, stride: int) -> Tensor:
+    """The nearest integer of ``qmin..qmax`` (step ``stride``) to each of ``codes``."""
+    return ((codes - qmin) / stride).round().clamp(0, (qmax - qmin) // stride) * stride + qmin
+
+
+def straight_through(value: Tensor, surrogate: Tensor) -> Tensor:
+    """Exactly ``value`` forward; the gradient of ``surrogate`` backward."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+def clip_range(x: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    """``clamp(x, lower, upper)`` whose gradient reaches ``x`` inside ``[lower, upper)``, the upper
+    bound where ``x >= upper`` and the lower bound where ``x < lower`` (PACT's rule)."""
+    return torch.where(x >= upper, upper, torch.where(x < lower, lower, x))
+
+
+def uniform_codes(bits: int, signed: bool) -> tuple[int, int, int]:
+    """(qmin, qmax, stride) of the plain uniform grid, zero point 0 throughout.
+
+    Unsigned ``0..2**b - 1``; signed ``-2**(b-1)..2**(b-1) - 1`` (zero is a level, one level
+    more below it than above, as LSQ); signed 1 bit ``{-1, +1}``.
+    """
+    if not signed:
+        return 0, 2**bits - 1, 1
+    if bits == 1:
+        return -1, 1, 2
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, 1
+
+
+@register_quantizer("ste")
+class STEQuantizer(Quantizer):
+    """The plain uniform quantizer (the baseline): a fixed range, straight-through rounding.
+
+    ``clip`` (a buffer, one per channel) is set by calibration and never learnt. Levels are
+    ``k * step`` with ``step = clip / qmax`` (``uniform_codes``): ``[0, clip]`` unsigned,
+    ``[-clip - step, clip]`` signed, ``{-clip, +clip}`` at 1 bit signed. The gradient of the
+    input is 1 inside the range and 0 outside; there is nothing to learn.
+    """
+
+    def __init__(self, bits: int, *, weight: bool, channels: int | None = None) -> None:
+        super().__init__(bits, weight=weight, channels=channels)
+        self.register_buffer("clip", torch.ones(channels or 1))
+
+    def codes(self) -> tuple[int, int, int]:
+        """(qmin, qmax, stride) of the integer grid; levels are ``q * range / qmax``."""
+        return uniform_codes(self.bits, self.signed)
+
+    def stored_range(self) -> Tensor:
+        """The tensor that holds the top of the range (per channel); ``set_range`` writes it."""
+        return self.clip
+
+    def range_value(self) -> Tensor:
+        """The top of the range (per channel) that the forward and ``grid()`` use."""
+        return self.stored_range()
+
+    def per_channel(self, value: Tensor, x: Tensor) -> Tensor:
+        return value.view(self.param_shape(x)) if self.channels else value.squeeze()
+
+    def quantize(self, x: Tensor) -> Tensor:
+        qmin, qmax, stride = self.codes()
+        upper = self.per_channel(self.range_value(), x)
+        step = upper / qmax
+        clipped = clip_range(x, qmin * step, upper)
+        codes = snap(clipped.detach() / step.detach(), qmin, qmax, stride)
+        return straight_through(codes * step.detach(), clipped)
+
+    def set_range(self, clip: Tensor) -> None:
+        stored = self.stored_range()
+        with torch.no_grad():
+            stored.copy_(clip.expand_as(stored))
+
+    def rescale_(self, gain: Tensor) -> None:
+        stored = self.stored_range()
+        with torch.no_grad():
+            stored.mul_(gain.reshape(-1).expand_as(stored))
+
+    def grid(self) -> IntGrid:
+        qmin, qmax, stride = self.codes()
+        step = self.range_value().detach() / qmax  # a new tensor: a snapshot
+        return IntGrid(step, torch.zeros_like(step), qmin, qmax, stride)
+
+
+KNEES = (1.0, 1.5, 2.0, 3.0, 5.0, 10.0)  # DoReFa's weak tanh warps: knee at these x max|w|
+
+
+@register_quantizer("dorefa")
+class DoReFaQuantizer(STEQuantizer):
+    """DoReFa-Net: tanh-normalised weights on a symmetric grid; activations as ``ste``.
+
+    Weights: ``t = tanh(w / r) / max|tanh(w / r)|`` (the max per output channel when per channel)
+    lies in [-1, 1] and is rounded to DoReFa's ``2q/n - 1``, ``n = 2**b - 1``: the odd integers
+    ``-n..n`` (stride 2) times ``clip / n``. ``clip``, the top level, gives the quantized weight
+    the float model's magnitude (uploaded models have BatchNorm folded into their weights, which
+    an unscaled [-1, 1] would undo). At 8 bits ``-255..255`` does not fit in int8: the grid is
+    ``-127..127`` times ``clip / 127`` (255 levels, symmetric, exact in int8). Rounding is
+    straight through; the gradient reaches ``w`` through tanh and the max. Nothing is learnt.
+
+    The tanh unit ``r = knee * clip``: DoReFa applies tanh to raw weights of a network trained
+    from scratch (|w| mostly << 1); folded weights have any size, so ``w`` is measured against
+    its own range, and scaling weights and ``clip`` together (``rescale_``) keeps every code.
+    Calibration chooses, per channel, among ``clip`` = the usual fractions of max|w| with
+    ``knee`` 1 (tanh soft-clips the weights at ``clip``: what 2 bits need) and knees at
+    ``KNEES`` x max|w| with ``clip = r tanh(max|w| / r)`` (a weak warp that keeps small weights'
+    size: what 8 bits need; a knee at max|w| alone bends weights by up to 24%). Both are
+    buffers. Unsigned weight grids (never chosen by calibration) use ``max(w, 0)`` on ``0..n``.
+    """
+
+    def __init__(self, bits: int, *, weight: bool, channels: int | None = None) -> None:
+        super().__init__(bits, weight=weight, channels=channels)
+        if weight:
+            self.register_buffer("knee", torch.ones(channels or 1))
+
+    def codes(self) -> tuple[int, int, int]:
+        if not self.for_weights:
+            return uniform_codes(self.bits, self.signed)
+        top = 2**self.bits - 1
+        if not self.signed:
+            return 0, top, 1
+        if self.bits == 8:
+            return -127, 127, 1
+        return -top, top, 2
+
+    def quantize(self, x: Tensor) -> Tensor:
+        if not self.for_weights:
+            return super().quantize(x)
+        qmin, qmax, stride = self.codes()
+        top = self.per_channel(self.clip, x)
+        t = torch.tanh(
+            (x if self.signed else x.clamp_min(0)) / (self.per_channel(self.knee, x) * top)
+        )
+        t = t / t.abs().amax(dim=self.reduce_dims(x), keepdim=True).clamp_min(1e-12)
+        codes = snap(t.detach() * qmax, qmin, qmax, stride)
+        return straight_through(codes * (top / qmax), t * top)
+
+    @torch.no_grad()
+    def fit_range(self, max_abs: Tensor, *, signed: bool, error: Callable[[], Tensor]) -> None:
+        """Weights: the least-error ``(clip, knee)`` per channel (class docstring)."""
+        if not self.for_weights:
+            super().fit_range(max_abs, signed=signed, error=error)
+            return
+        self.signed = signed
+        candidates = [(max_abs * fraction, 1.0) for fraction in CLIP_FRACTIONS]
+        candidates += [(max_abs * k * math.tanh(1 / k), 1 / math.tanh(1 / k)) for k in KNEES]
+        errors, clips, knees = [], [], []
+        for clip, knee in candidates:
+            clips.append(clip)
+            knees.append(torch.full_like(clip, knee))
+            self.set_range(clip)
+            self.knee.copy_(knees[-1].expand_as(self.knee))
+            errors.append(error())
+        best = torch.stack(errors).argmin(dim=0, keepdim=True)  # the first of equals, per channel
+        self.set_range(torch.stack(clips).gather(0, best)[0])
+        self.knee.copy_(torch.stack(knees).gather(0, best)[0].expand_as(self.knee))
+
+
+@register_quantizer("pact")
+class PACTQuantizer(DoReFaQuantizer):
+    """PACT: activations clipped to a learnable ``alpha``; weights as ``dorefa``.
+
+    Unsigned: ``clamp(x, 0, alpha)`` rounded to ``2**b - 1`` steps of ``alpha / (2**b - 1)``.
+    The gradient reaches ``alpha`` only where ``x >= alpha`` (d y / d alpha = 1), ``x`` only
+    inside ``[0, alpha)`` (straight through). Signed (the input can be negative): zero must be a
+    level for an exact int8 export, so the ``2**b`` levels are ``[-alpha - step, alpha]``
+    (``step = alpha / qmax``, ``uniform_codes``) and ``alpha`` also gets the lower bound's
+    gradient, ``-(1 + 1 / qmax)``, where ``x`` lies below it; 1 bit: ``{-alpha, +alpha}``,
+    gradient -1 below ``-alpha`` and 1 from ``alpha`` up.
+    """
+
+    def __init__(self, bits: int, *, weight: bool, channels: int | None = None) -> None:
+        super().__init__(bits, weight=weight, channels=channels)
+        if not weight:
+            del self.clip
+            self.alpha = nn.Parameter(torch.ones(channels or 1))
+
+    def stored_range(self) -> Tensor:
+        return self.clip if self.for_weights else self.alpha
+
+    def range_value(self) -> Tensor:
+        if self.for_weights:
+            return self.clip
+        return self.alpha.abs().clamp_min(1e-8)  # an update past zero must not flip the grid

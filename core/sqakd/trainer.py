@@ -1,16 +1,25 @@
 """The SQAKD training loop: a frozen teacher, a quantized student, the KL loss, no labels.
 
-Reads top to bottom: config, schedule, batches, the loop. Data arrives decoded once as a uint8
-tensor ``[N, 3, H, W]``; augmentation and normalisation run on tensors, so no image is decoded
-per epoch.
+Reads top to bottom: config, schedule, batches, checkpoints, the loop. Data arrives decoded once
+as a uint8 tensor ``[N, 3, H, W]``; augmentation and normalisation run on tensors, so no image
+is decoded per epoch.
+
+Resuming is exact: a checkpoint holds everything the remaining steps depend on (the student's
+state dict, optimizer and schedule state, the augmentation generator and torch's global RNG),
+and the batch order is a pure function of (seed, step), so a run stopped at step k and resumed
+from its checkpoint ends bit-identical (on CPU) to a run that never stopped.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import resource
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,14 +60,35 @@ class TrainProgress:
 @dataclass(frozen=True)
 class TrainStats:
     steps: int
-    seconds: float
+    seconds: float  # of this call: a resumed run counts from its checkpoint
     images_per_second: float
     final_loss: float
-    peak_memory_bytes: int | None
+    peak_memory_bytes: int  # CUDA: peak allocated in training; CPU: the process's peak RSS
+    resumed_from_step: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpointer:
+    """Where ``train`` saves its state: every ``every`` steps, when stopped, and at the end."""
+
+    path: Path
+    every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"checkpoint every {self.every} steps: must be at least 1")
+
+
+CHECKPOINT_VERSION = 1
 
 
 class TrainingCanceled(Exception):
     """``should_stop`` returned True; the student keeps the steps it took."""
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory (a worker process runs one job, then exits)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def steps_per_epoch(images: int, batch_size: int) -> int:
@@ -71,17 +101,23 @@ def cosine_factor(step: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
 
 
-def batch_indices(images: int, batch_size: int, seed: int) -> Iterator[tuple[int, Tensor]]:
-    """(epoch, indices) forever; each epoch a fresh permutation seeded by (seed, epoch)."""
+def batch_indices(
+    images: int, batch_size: int, seed: int, start: int = 0
+) -> Iterator[tuple[int, Tensor]]:
+    """(epoch, indices) of steps ``start, start + 1, ...`` forever.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch), so the batch of any step follows
+    from (seed, step) alone and a resumed run needs no data-loader state.
+    """
     per_epoch = steps_per_epoch(images, batch_size)
     size = min(batch_size, images)
-    epoch = 0
+    epoch, first = divmod(start, per_epoch)
     while True:
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(images, generator=generator)
-        for i in range(per_epoch):
+        for i in range(first, per_epoch):
             yield epoch, order[i * size : (i + 1) * size]
-        epoch += 1
+        epoch, first = epoch + 1, 0
 
 
 def make_optimizer(student: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -124,6 +160,29 @@ def make_optimizer(student: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.Adam(groups)
 
 
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically: a temp file beside ``path``, fsync, then one rename.
+
+    A reader (or a worker that died mid-write) sees the old checkpoint or the new one, never a
+    torn file. The temp name is unique, so two writers of one job cannot clobber each other's.
+    """
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with temp.open("wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's state on the CPU, read with ``weights_only``: tensors and plain types only,
+    never unpickled code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def train(
     teacher: nn.Module,
     student: nn.Module,
@@ -132,8 +191,15 @@ def train(
     *,
     on_step: Callable[[TrainProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    checkpointer: Checkpointer | None = None,
+    resume_from: Path | None = None,
 ) -> TrainStats:
-    """Distill ``teacher`` into ``student`` for ``cfg.steps`` steps on unlabeled ``pixels``."""
+    """Distill ``teacher`` into ``student`` for ``cfg.steps`` steps on unlabeled ``pixels``.
+
+    ``resume_from`` continues a run from its checkpoint: ``student`` must be built as the
+    interrupted run built it (same teacher, ``prepare`` and ``calibrate``), and ``cfg`` and
+    ``pixels`` must be the same; the steps still to take then give identical results.
+    """
     device = next(student.parameters()).device
     teacher.eval().requires_grad_(False)
     student.train()
@@ -148,12 +214,32 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    loss_value, start = float("nan"), 0
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from)
+        _check_resumable(saved, cfg, len(pixels))
+        _restore(saved, student, optimizer, schedule, augment_rng)
+        start, loss_value = saved["step"], saved["loss"]
+    last_saved = start
+
+    def checkpoint(step: int, *, stopping: bool = False) -> None:
+        """Save the state after ``step`` steps: every ``checkpointer.every``, last, or stopping."""
+        nonlocal last_saved
+        if checkpointer is None or step == last_saved:
+            return
+        if stopping or step % checkpointer.every == 0 or step == cfg.steps:
+            run = {"step": step, "config": asdict(cfg), "images": len(pixels), "loss": loss_value}
+            save_checkpoint(
+                checkpointer.path, run | _snapshot(student, optimizer, schedule, augment_rng)
+            )
+            last_saved = step
+
     started = time.perf_counter()
     images_seen = 0
-    loss_value = float("nan")
-    batches = batch_indices(len(pixels), cfg.batch_size, cfg.seed)
-    for step in range(cfg.steps):
+    batches = batch_indices(len(pixels), cfg.batch_size, cfg.seed, start)
+    for step in range(start, cfg.steps):
         if should_stop is not None and should_stop():
+            checkpoint(step, stopping=True)
             raise TrainingCanceled(f"stopped at step {step} of {cfg.steps}")
         epoch, indices = next(batches)
         batch = pixels[indices]
@@ -173,6 +259,7 @@ def train(
 
         images_seen += len(indices)
         loss_value = loss.item()
+        checkpoint(step + 1)
         elapsed = time.perf_counter() - started
         if on_step is not None:
             on_step(
@@ -182,17 +269,69 @@ def train(
                     epoch=epoch + 1,
                     epochs=epochs,
                     loss=loss_value,
-                    eta_seconds=elapsed / (step + 1) * (cfg.steps - step - 1),
+                    eta_seconds=elapsed / (step + 1 - start) * (cfg.steps - step - 1),
                     images_per_second=images_seen / elapsed,
                 )
             )
 
     seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     return TrainStats(
         steps=cfg.steps,
         seconds=seconds,
         images_per_second=images_seen / seconds if seconds > 0 else 0.0,
         final_loss=loss_value,
         peak_memory_bytes=peak,
+        resumed_from_step=start,
     )
+
+
+def _snapshot(
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    augment_rng: torch.Generator,
+) -> dict[str, Any]:
+    """Everything the remaining steps depend on besides (config, data, step): state dicts and
+    RNG states, all tensors and plain types so that ``weights_only`` loads them."""
+    device = next(student.parameters()).device
+    return {
+        "version": CHECKPOINT_VERSION,
+        "student": student.state_dict(),  # quantizer ranges and calibration's biases included
+        "optimizer": optimizer.state_dict(),  # Adam moments, step counts, rates
+        "schedule": schedule.state_dict(),
+        "augment_rng": augment_rng.get_state(),
+        "torch_rng": torch.get_rng_state(),  # dropout, if the student has any
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _restore(
+    saved: dict[str, Any],
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    augment_rng: torch.Generator,
+) -> None:
+    """Load a ``_snapshot`` back (in place: the optimizer keeps its Parameters)."""
+    device = next(student.parameters()).device
+    student.load_state_dict(saved["student"])
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    augment_rng.set_state(saved["augment_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    if device.type == "cuda" and saved["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, images: int) -> None:
+    """Refuse, before anything is loaded, a checkpoint of another run or release."""
+    if saved.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint version {saved.get('version')!r}, not {CHECKPOINT_VERSION}")
+    changed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k) != v)
+    if changed:
+        raise ValueError(f"checkpoint of another config: {', '.join(changed)} differ")
+    if saved["images"] != images:
+        raise ValueError(f"checkpoint of another data set: {saved['images']} images, not {images}")
+    if not 0 <= saved["step"] <= cfg.steps:
+        raise ValueError(f"checkpoint at step {saved['step']}, outside 0..{cfg.steps}")

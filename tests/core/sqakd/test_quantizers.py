@@ -12,10 +12,13 @@ from torch import Tensor
 from core.sqakd.quantizers import (
     CLIP_FRACTIONS,
     QUANTIZERS,
+    DoReFaQuantizer,
     EWGSQuantizer,
     IntGrid,
     LSQQuantizer,
+    PACTQuantizer,
     Quantizer,
+    STEQuantizer,
     create_quantizer,
 )
 
@@ -63,7 +66,13 @@ def assert_on_grid(q: Quantizer, out: Tensor) -> None:
     assert worst < 1e-3, f"output is {worst:.3f} of a step off the grid {grid}"
     assert rounded.min() >= grid.qmin and rounded.max() <= grid.qmax
     assert ((rounded - grid.qmin) % grid.stride == 0).all(), "codes off the grid's stride"
-    assert (grid.qmax - grid.qmin) // grid.stride + 1 == 2**q.bits
+    assert (grid.qmax - grid.qmin) // grid.stride + 1 == grid_levels(q)
+
+
+def grid_levels(q: Quantizer) -> int:
+    """2**bits; DoReFa's signed 8-bit weight grid is -127..127 (its -255..255 misses int8)."""
+    dorefa_weight = isinstance(q, DoReFaQuantizer) and q.for_weights and q.signed
+    return 2**q.bits - 1 if dorefa_weight and q.bits == 8 else 2**q.bits
 
 
 def distinct_levels(q: Quantizer, out: Tensor) -> list[int]:
@@ -238,14 +247,170 @@ def test_ewgs_with_zero_delta_is_straight_through() -> None:
     assert x.grad.tolist() == pytest.approx([1.0, -3.0, 2.0, 0.5, 0.0])
 
 
+# --- PACT backward --------------------------------------------------------------------------
+
+
+def test_pact_gradient_reaches_alpha_only_where_x_reaches_alpha() -> None:
+    q = PACTQuantizer(2, weight=False)
+    q.signed = False  # q in 0..3
+    q.set_range(torch.tensor([3.0]))  # alpha 3, step 1
+    assert q.alpha.item() == 3.0
+    x = torch.tensor([-1.0, 0.0, 0.4, 1.6, 2.9, 3.0, 4.5], requires_grad=True)
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    out = q(x)
+    assert out.detach().tolist() == [0.0, 0.0, 0.0, 2.0, 3.0, 3.0, 3.0]
+    (out * upstream).sum().backward()
+    # straight through inside [0, alpha), zero outside; d y / d alpha = 1 where x >= alpha
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0]
+    assert q.alpha.grad.tolist() == [6.0 + 7.0]
+
+
+def test_pact_signed_gradient_reaches_alpha_at_both_bounds() -> None:
+    q = PACTQuantizer(2, weight=False)  # signed: q in -2..1, levels -2a, -a, 0, a
+    q.set_range(torch.tensor([1.0]))
+    x = torch.tensor([-3.0, -2.0, -0.6, 0.4, 1.0, 1.5], requires_grad=True)
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    out = q(x)
+    assert out.detach().tolist() == [-2.0, -2.0, -1.0, 0.0, 1.0, 1.0]
+    (out * upstream).sum().backward()
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0, 0.0]
+    # the lower bound is -2 * alpha: d y / d alpha = -2 below it, 1 at alpha and above
+    assert q.alpha.grad.tolist() == [-2.0 * 1.0 + 5.0 + 6.0]
+
+
+def test_pact_signed_1_bit_is_symmetric() -> None:
+    q = PACTQuantizer(1, weight=False)
+    q.set_range(torch.tensor([1.5]))  # {-1.5, +1.5}
+    x = torch.tensor([-2.0, -0.3, 0.2, 1.5, 3.0], requires_grad=True)
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    out = q(x)
+    assert out.detach().tolist() == [-1.5, -1.5, 1.5, 1.5, 1.5]
+    (out * upstream).sum().backward()
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 0.0, 0.0]
+    assert q.alpha.grad.tolist() == [-1.0 + 4.0 + 5.0]  # -1 below -alpha, 1 from alpha up
+
+
+def test_pact_weights_are_dorefa_weights() -> None:
+    w = torch.randn(CHANNELS, 3, 3, 3)
+    pact = PACTQuantizer(3, weight=True, channels=CHANNELS)
+    dorefa = DoReFaQuantizer(3, weight=True, channels=CHANNELS)
+    for q in (pact, dorefa):
+        q.calibrate(w, signed=True)
+    assert list(pact.parameters()) == []
+    assert torch.equal(pact(w), dorefa(w))
+
+
+# --- STE backward --------------------------------------------------------------------------
+
+
+def test_ste_is_identity_inside_the_range_and_zero_outside() -> None:
+    q = STEQuantizer(3, weight=True)
+    q.set_range(torch.tensor([1.5]))  # signed: step 0.5, q in -4..3, range [-2, 1.5]
+    x = torch.tensor(LSQ_X + [1.5, -2.0], requires_grad=True)
+    upstream = torch.tensor([1.0, 2.0, -1.0, 0.5, 1.0, 3.0, 4.0, 5.0])
+    out = q(x)
+    assert out.detach().tolist() == [0.5, -0.5, 1.0, 1.5, -2.0, 0.0, 1.5, -2.0]
+    (out * upstream).sum().backward()
+    # inside [-2, 1.5): the upstream gradient unchanged; outside (5.0, -3.0, the top 1.5): zero
+    assert x.grad.tolist() == [1.0, 2.0, -1.0, 0.0, 0.0, 3.0, 0.0, 5.0]
+    assert list(q.parameters()) == []
+
+
+def test_ste_unsigned_per_channel() -> None:
+    q = STEQuantizer(2, weight=True, channels=2)
+    q.signed = False  # q in 0..3
+    q.set_range(torch.tensor([3.0, 0.75]))  # steps 1 and 0.25
+    x = torch.tensor([[-1.0, 0.3, 1.6, 2.2, 5.0], [-0.1, 0.1, 0.4, 0.7, 0.8]], requires_grad=True)
+    out = q(x)
+    assert out.detach().tolist() == [[0.0, 0.0, 2.0, 2.0, 3.0], [0.0, 0.0, 0.5, 0.75, 0.75]]
+    out.sum().backward()
+    assert x.grad.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0, 0.0]]
+
+
+# --- DoReFa --------------------------------------------------------------------------------
+
+DOREFA_W = [[0.5, -0.25, 0.05, -1.0], [2.0, 0.1, -0.6, 0.3]]
+
+
+def dorefa_formula(w: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """DoReFa's weight quantizer as the paper writes it, times ``scale``, per row."""
+    n = 2**bits - 1
+    t = torch.tanh(w / scale)
+    t = t / t.abs().amax(dim=1, keepdim=True)
+    return scale * (2 * torch.round((t + 1) / 2 * n) / n - 1)
+
+
+def test_dorefa_weight_forward_is_the_hand_formula() -> None:
+    q = DoReFaQuantizer(2, weight=True, channels=2)
+    q.set_range(torch.tensor([1.0, 0.5]))
+    w = torch.tensor(DOREFA_W)
+    out = q(w)
+    # row 0: tanh(w) / tanh(1) = [0.607, -0.322, 0.066, -1] -> round((t + 1) * 3 / 2) = [2, 1, 2, 0]
+    # row 1: tanh(w / 0.5) / tanh(4) = [1, 0.198, -0.834, 0.537] -> [3, 2, 0, 2]
+    # levels 2q/3 - 1 times the scale
+    expected = torch.tensor([[1 / 3, -1 / 3, 1 / 3, -1.0], [0.5, 0.5 / 3, -0.5, 0.5 / 3]])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, dorefa_formula(w, torch.tensor([[1.0], [0.5]]), 2))
+    assert grid_codes(q, out).round().tolist() == [[1, -1, 1, -3], [3, 1, -3, 1]]  # odd integers
+
+
+def test_dorefa_weight_gradient_goes_straight_through_the_rounding() -> None:
+    q = DoReFaQuantizer(3, weight=True, channels=2)
+    scale = torch.tensor([1.0, 0.5])
+    q.set_range(scale)
+    w = torch.tensor(DOREFA_W, requires_grad=True)
+    upstream = torch.tensor([[1.0, -2.0, 0.5, 3.0], [-1.0, 2.0, 1.5, -0.5]])
+    (q(w) * upstream).sum().backward()
+    plain = torch.tensor(DOREFA_W, requires_grad=True)
+    t = torch.tanh(plain / scale.view(-1, 1))
+    ((t / t.abs().amax(dim=1, keepdim=True)) * scale.view(-1, 1) * upstream).sum().backward()
+    torch.testing.assert_close(w.grad, plain.grad)
+    assert list(q.parameters()) == []
+
+
+def test_dorefa_8_bit_weights_fall_back_to_a_symmetric_int8_grid() -> None:
+    q = DoReFaQuantizer(8, weight=True)
+    q.set_range(torch.tensor([2.0]))
+    w = torch.randn(64, 9)
+    out = q(w)
+    grid = q.grid()
+    assert (grid.qmin, grid.qmax, grid.stride) == (-127, 127, 1)
+    t = torch.tanh(w / 2.0)
+    t = t / t.abs().max()
+    torch.testing.assert_close(out, torch.round(t * 127) * (2.0 / 127))
+    assert out.abs().max().item() == pytest.approx(2.0)
+
+
+def test_dorefa_activations_are_ste_activations() -> None:
+    x = torch.randn(4, 3, 5, 5)
+    for signed in (True, False):
+        dorefa, ste = DoReFaQuantizer(3, weight=False), STEQuantizer(3, weight=False)
+        for q in (dorefa, ste):
+            q.calibrate(x, signed=signed)
+        assert torch.equal(dorefa(x), ste(x))
+
+
+# which quantizers learn their range: (weights, activations)
+LEARNS_RANGE = {
+    "lsq": (True, True),
+    "ewgs": (True, True),
+    "pact": (False, True),
+    "dorefa": (False, False),
+    "ste": (False, False),
+}
+
+
+@pytest.mark.parametrize("kind", ["weight-per-channel", "activation"])
 @pytest.mark.parametrize("method", METHODS)
-def test_range_parameters_receive_gradients(method: str) -> None:
-    q = create_quantizer(method, 4, weight=True, channels=CHANNELS)
-    x = sample("weight-per-channel")
+def test_range_parameters_receive_gradients(method: str, kind: str) -> None:
+    q = make(method, 4, kind)
+    x = sample(kind).requires_grad_()
     q.calibrate(x, signed=True)
     (q(x) * torch.randn_like(x)).sum().backward()
     grads = [p.grad for p in q.parameters()]
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert bool(grads) == LEARNS_RANGE[method][0 if KINDS[kind][0] else 1]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 # --- rescale_, fit_range / calibrate -------------------------------------------------------
@@ -375,7 +540,7 @@ def test_create_quantizer_builds_registered_class(method: str) -> None:
 
 
 def test_registry_holds_the_release_methods() -> None:
-    assert {"lsq", "ewgs"} <= set(QUANTIZERS)
+    assert set(QUANTIZERS) == {"lsq", "ewgs", "pact", "dorefa", "ste"}
 
 
 def test_create_quantizer_rejects_unknown_method() -> None:

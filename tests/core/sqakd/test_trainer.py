@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,13 +17,16 @@ from core.sqakd.distill import distillation_loss
 from core.sqakd.modules import QuantSpec, prepare, quant_layers
 from core.sqakd.quantizers import QUANTIZERS
 from core.sqakd.trainer import (
+    Checkpointer,
     TrainConfig,
     TrainingCanceled,
     TrainProgress,
     TrainStats,
     batch_indices,
     cosine_factor,
+    load_checkpoint,
     make_optimizer,
+    save_checkpoint,
     steps_per_epoch,
     train,
 )
@@ -109,6 +114,15 @@ def test_batch_indices_cover_each_epoch_without_repetition() -> None:
         assert all(len(i) == 4 for e, i in batches if e == epoch)
         orders.append(indices.tolist())
     assert orders[0] != orders[1] != orders[2]  # a fresh permutation each epoch
+
+
+@pytest.mark.parametrize("start", [0, 1, 4, 5, 11])
+def test_batch_indices_from_a_step_continue_the_same_sequence(start: int) -> None:
+    whole = take(20, 8, 3, 14)  # 2 steps per epoch: starts mid-epoch and on an epoch boundary
+    batches = batch_indices(20, 8, 3, start)
+    tail = [next(batches) for _ in range(14 - start)]
+    assert [e for e, _ in tail] == [e for e, _ in whole[start:]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(tail, whole[start:], strict=True))
 
 
 def test_batch_indices_drop_the_ragged_batch_and_handle_small_sets() -> None:
@@ -298,7 +312,7 @@ def test_train_reports_every_step(run: Run) -> None:
     assert run.stats.steps == STEPS
     assert run.stats.final_loss == progress[-1].loss
     assert run.stats.seconds > 0 and run.stats.images_per_second > 0
-    assert run.stats.peak_memory_bytes is None  # CPU
+    assert run.stats.peak_memory_bytes > 10 * 2**20  # CPU: the process peak RSS
 
 
 def test_train_raises_when_stopped() -> None:
@@ -342,3 +356,214 @@ def test_config_is_frozen() -> None:
     with pytest.raises(AttributeError):
         cfg.steps = 5  # type: ignore[misc]
     assert replace(cfg, steps=5).steps == 5
+
+
+# --- checkpoints and resume ----------------------------------------------------------------
+
+RESUME_IMAGES, RESUME_BATCH, RESUME_STEPS, EVERY = 40, 16, 7, 2  # 2 steps an epoch, 4 epochs
+
+
+class DropoutNet(nn.Module):
+    """A first conv without bias (calibration adds one) and dropout (torch's global RNG)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop = nn.Dropout(0.25)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(self.drop(h.mean(dim=(2, 3))))
+
+
+@dataclass
+class Job:
+    teacher: nn.Module
+    pixels: Tensor
+    method: str
+
+    def student(self) -> nn.Module:
+        """The student as a job builds it, and the global RNG as a job leaves it, every time."""
+        torch.manual_seed(7)
+        return make_student(self.teacher, self.method, self.pixels, bits=4)
+
+    def train(self, student: nn.Module, path: Path, **kwargs: Any) -> TrainStats:
+        cfg = config(steps=RESUME_STEPS, batch_size=RESUME_BATCH)  # augmenting
+        assert cfg.augment
+        return train(
+            self.teacher,
+            student,
+            self.pixels,
+            cfg,
+            checkpointer=Checkpointer(path, EVERY),
+            **kwargs,
+        )
+
+
+def make_job(method: str) -> Job:
+    teacher = DropoutNet().eval()
+    with torch.no_grad():
+        teacher.fc.weight.mul_(10)
+    return Job(teacher, uint8_images(RESUME_IMAGES), method)
+
+
+def assert_identical(a: Any, b: Any, where: str = "") -> None:
+    """Equal nested dicts/lists of tensors and plain values; tensors bit for bit."""
+    assert type(a) is type(b), where
+    if isinstance(a, Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+class Crash(Exception):
+    """The worker died: no chance to save."""
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("interruption", ["stopped", "crashed"])
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
+    tmp_path: Path, method: str, interruption: str
+) -> None:
+    job = make_job(method)
+    whole = job.student()
+    saved_steps: list[int | None] = []
+    whole_path = tmp_path / "whole.pt"
+
+    def record(p: TrainProgress) -> None:
+        saved_steps.append(load_checkpoint(whole_path)["step"] if whole_path.exists() else None)
+
+    job.train(whole, whole_path, on_step=record)
+    assert saved_steps == [None, 2, 2, 4, 4, 6, 7]  # every EVERY steps, and the last one
+
+    # The same run, interrupted during step 4 (epoch 2): by should_stop, which saves first, or
+    # by a crash after step 3, which leaves the checkpoint of step 2.
+    path = tmp_path / "resumed.pt"
+    first = job.student()
+    if interruption == "stopped":
+        calls: list[int] = []
+        with pytest.raises(TrainingCanceled, match="step 3 of 7"):
+            job.train(first, path, should_stop=lambda: len(calls) >= 3 or calls.append(1))
+        start = 3
+    else:
+
+        def crash(p: TrainProgress) -> None:
+            if p.step == 3:
+                raise Crash
+
+        with pytest.raises(Crash):
+            job.train(first, path, on_step=crash)
+        start = 2
+    assert load_checkpoint(path)["step"] == start
+
+    resumed = job.student()  # rebuilt as the first run built it: prepare + calibrate
+    torch.manual_seed(1234)  # another process: the global RNG (dropout) is anywhere
+    progress: list[TrainProgress] = []
+    stats = job.train(resumed, path, resume_from=path, on_step=progress.append)
+
+    assert [p.step for p in progress] == list(range(start + 1, RESUME_STEPS + 1))
+    assert [p.epoch for p in progress] == [s // 2 + 1 for s in range(start, RESUME_STEPS)]
+    assert stats.resumed_from_step == start and stats.steps == RESUME_STEPS
+    expected, got = whole.state_dict(), resumed.state_dict()
+    assert "conv1.bias" in got  # added by calibration, restored by the checkpoint
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    # The final checkpoints hold the same optimizer, schedule and RNG states, bit for bit.
+    assert_identical(load_checkpoint(whole_path), load_checkpoint(path))
+
+
+def test_global_rng_is_part_of_the_checkpoint(tmp_path: Path) -> None:
+    """Without restoring torch's RNG, dropout would draw other masks after a resume."""
+    job = make_job(METHODS[0])
+    path = tmp_path / "c.pt"
+    job.train(job.student(), path, on_step=lambda p: None)
+    saved = load_checkpoint(path)
+    torch.manual_seed(1234)
+    assert not torch.equal(torch.get_rng_state(), saved["torch_rng"])
+    with pytest.raises(Crash):
+        job.train(job.student(), tmp_path / "d.pt", on_step=lambda p: p.step < 3 or _raise())
+    student = job.student()
+    torch.manual_seed(1234)
+    job.train(student, tmp_path / "d.pt", resume_from=tmp_path / "d.pt")
+    assert torch.equal(torch.get_rng_state(), saved["torch_rng"])
+
+
+def _raise() -> None:
+    raise Crash
+
+
+def test_a_checkpoint_is_tensors_and_plain_types(tmp_path: Path) -> None:
+    job = make_job("lsq")
+    path = tmp_path / "checkpoint.pt"
+    job.train(job.student(), path)
+    saved = torch.load(path, weights_only=True)  # no unpickling of code
+    assert saved.keys() == {
+        "version",
+        "step",
+        "config",
+        "images",
+        "loss",
+        "student",
+        "optimizer",
+        "schedule",
+        "augment_rng",
+        "torch_rng",
+        "cuda_rng",
+    }
+    assert saved["step"] == RESUME_STEPS and saved["images"] == RESUME_IMAGES
+    assert saved["config"]["steps"] == RESUME_STEPS and saved["config"]["augment"] is True
+    assert "conv1.bias" in saved["student"]  # added by calibration
+    assert "fc.act_quantizer.step" in saved["student"]
+    assert saved["optimizer"]["state"]  # Adam moments
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+
+
+def test_resuming_from_the_final_checkpoint_takes_no_step(tmp_path: Path) -> None:
+    job = make_job("lsq")
+    path = tmp_path / "checkpoint.pt"
+    whole = job.student()
+    stats = job.train(whole, path)
+    again = job.student()
+    progress: list[TrainProgress] = []
+    resumed = job.train(again, path, resume_from=path, on_step=progress.append)
+    assert progress == [] and resumed.resumed_from_step == RESUME_STEPS
+    assert resumed.final_loss == stats.final_loss
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in whole.state_dict().items())
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path) -> None:
+    job = make_job("lsq")
+    path = tmp_path / "checkpoint.pt"
+    job.train(job.student(), path)
+    student = job.student()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match="lr, steps differ"):
+        train(job.teacher, student, job.pixels, config(steps=9, lr=0.5), resume_from=path)
+    with pytest.raises(ValueError, match="40 images, not 39"):
+        cfg = config(steps=RESUME_STEPS, batch_size=RESUME_BATCH)
+        train(job.teacher, student, job.pixels[:39], cfg, resume_from=path)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())  # untouched
+
+
+def test_save_checkpoint_is_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1})
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises for a lambda
+        save_checkpoint(path, {"step": 2, "bad": lambda: 0})
+    assert load_checkpoint(path) == {"step": 1}  # the old checkpoint, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_checkpointer_needs_a_positive_interval(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Checkpointer(tmp_path / "c.pt", every=0)
