@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.inputs.images import augment, normalize
@@ -44,6 +45,10 @@ class TrainConfig:
     augment: bool = True
     amp: bool = False  # bf16 autocast on CUDA; measured slower than fp32 at 32 px (BENCHMARKS.md)
     seed: int = 0
+    # Benchmarks only: the label-based QAT baseline is distill_weight=0, label_weight=1.
+    # SQAKD itself is distill_weight=1, label_weight=0 (no labels).
+    distill_weight: float = 1.0
+    label_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -193,13 +198,19 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     checkpointer: Checkpointer | None = None,
     resume_from: Path | None = None,
+    labels: Tensor | None = None,
 ) -> TrainStats:
     """Distill ``teacher`` into ``student`` for ``cfg.steps`` steps on unlabeled ``pixels``.
+
+    ``labels`` (one class index per image) are read only when ``cfg.label_weight`` is set: the
+    cross-entropy baseline that benchmarks compare SQAKD with.
 
     ``resume_from`` continues a run from its checkpoint: ``student`` must be built as the
     interrupted run built it (same teacher, ``prepare`` and ``calibrate``), and ``cfg`` and
     ``pixels`` must be the same; the steps still to take then give identical results.
     """
+    if cfg.label_weight and (labels is None or len(labels) != len(pixels)):
+        raise ValueError("label_weight needs one label per image")
     device = next(student.parameters()).device
     teacher.eval().requires_grad_(False)
     student.train()
@@ -251,7 +262,12 @@ def train(
             with torch.inference_mode():
                 teacher_logits = teacher(inputs)
             student_logits = student(inputs)
-        loss = distillation_loss(student_logits, teacher_logits.clone(), cfg.temperature)
+        loss = cfg.distill_weight * distillation_loss(
+            student_logits, teacher_logits.clone(), cfg.temperature
+        )
+        if cfg.label_weight:
+            targets = labels[indices].to(device)  # type: ignore[index]
+            loss = loss + cfg.label_weight * F.cross_entropy(student_logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -567,3 +567,31 @@ def test_save_checkpoint_is_atomic(tmp_path: Path) -> None:
 def test_checkpointer_needs_a_positive_interval(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Checkpointer(tmp_path / "c.pt", every=0)
+
+
+# --- the label-based baseline (benchmarks only) --------------------------------------------
+
+
+def test_label_baseline_learns_the_labels_not_the_teacher() -> None:
+    """distill_weight=0, label_weight=1 is plain QAT with cross-entropy: the student learns
+    labels the teacher disagrees with, which SQAKD (no labels) never sees."""
+    torch.manual_seed(0)
+    teacher, pixels = make_teacher(), uint8_images(32)
+    with torch.no_grad():
+        labels = (teacher(normalize(pixels, MEAN, STD)).argmax(1) + 1) % 10  # never the teacher's
+    student = make_student(teacher, "lsq", pixels, bits=8)
+    baseline = config(
+        steps=60, augment=False, distill_weight=0.0, label_weight=1.0, lr_unit="absolute", lr=0.01
+    )
+    train(teacher, student, pixels, baseline, labels=labels)
+    with torch.no_grad():
+        student.eval()
+        predicted = student(normalize(pixels, MEAN, STD)).argmax(1)
+    assert (predicted == labels).float().mean() > 0.5
+
+
+def test_label_weight_without_labels_is_refused() -> None:
+    teacher, pixels = make_teacher(), uint8_images(8)
+    student = make_student(teacher, "lsq", pixels)
+    with pytest.raises(ValueError, match="one label per image"):
+        train(teacher, student, pixels, config(steps=1, label_weight=1.0))
