@@ -63,6 +63,23 @@ class JobConfig(_Strict):
     first_last_bits: int | None = Field(
         8, ge=1, le=8, description="Bits of the first conv and last linear; null: the job's bits."
     )
+    layer_bits: dict[str, int] = Field(
+        default_factory=dict,
+        max_length=100,
+        description="Bits (weights and activations) of the layers whose name matches a pattern, "
+        "e.g. {\"layer1.*\": 8}: fnmatch patterns over the names in quant_config.json; applied "
+        "after first_last_bits, later patterns win. A pattern that matches no layer is an error.",
+    )
+    ewgs_delta: Literal["hessian"] | float = Field(
+        "hessian",
+        description="method ewgs only: the gradient-scaling strength delta of every quantizer. "
+        "hessian: estimated per quantizer from the Hessian trace (Hutchinson) as the EWGS paper "
+        "does, at the start of training and every ewgs_delta_every epochs; a number: fixed "
+        "(0 makes EWGS a plain straight-through estimator).",
+    )
+    ewgs_delta_every: int = Field(
+        1, ge=1, le=1000, description="method ewgs only: epochs between Hessian estimates."
+    )
     epochs: int | None = Field(None, ge=1, le=1000, description="Default 1 unless steps is set.")
     steps: int | None = Field(None, ge=1, le=1_000_000, description="Overrides epochs.")
     batch_size: int = Field(64, ge=1, le=4096)
@@ -94,10 +111,35 @@ class JobConfig(_Strict):
     export: ExportConfig = ExportConfig()
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
+    @field_validator("layer_bits")
+    @classmethod
+    def _valid_layer_bits(cls, layer_bits: dict[str, int]) -> dict[str, int]:
+        for pattern, bits in layer_bits.items():
+            if not 1 <= len(pattern) <= 200:
+                raise ValueError("layer_bits patterns must be 1..200 characters")
+            if not 1 <= bits <= 8:
+                raise ValueError(f"layer_bits[{pattern!r}] = {bits}: bits must lie in 1..8")
+        return layer_bits
+
+    @field_validator("ewgs_delta")
+    @classmethod
+    def _valid_delta(cls, delta: str | float) -> str | float:
+        if isinstance(delta, float) and not 0 <= delta <= 10:
+            raise ValueError("a fixed ewgs_delta must lie in 0..10")
+        return delta
+
     @model_validator(mode="after")
-    def _epochs_or_steps(self) -> JobConfig:
+    def _consistent(self) -> JobConfig:
         if self.epochs is not None and self.steps is not None:
             raise ValueError("give epochs or steps, not both")
+        fields = type(self).model_fields
+        ewgs_only = [
+            name
+            for name in ("ewgs_delta", "ewgs_delta_every")
+            if getattr(self, name) != fields[name].default
+        ]
+        if ewgs_only and self.method != "ewgs":
+            raise ValueError(f"{', '.join(sorted(ewgs_only))} apply to method 'ewgs' only")
         return self
 
     @property

@@ -22,23 +22,16 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from core.config import JobConfig
+from core.engine import calibrated_student, train_config
 from core.export.onnx_qdq import export_qdq_onnx, onnx_parity
 from core.inputs.images import ImageSet, load_image_archive, normalize
 from core.inputs.onnx_model import load_onnx_model
-from core.sqakd.calibrate import calibrate
 from core.sqakd.metrics import compare, model_sizes, predict
-from core.sqakd.modules import QuantSpec, describe_layers, prepare
-from core.sqakd.trainer import (
-    Checkpointer,
-    TrainConfig,
-    TrainingCanceled,
-    steps_per_epoch,
-    train,
-)
+from core.sqakd.modules import describe_layers
+from core.sqakd.trainer import Checkpointer, TrainingCanceled, train
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_IMAGES = 256  # ranges from one batch: enough for a stable MSE fit, still quick
 PARITY_IMAGES = 512
 CHECKPOINT = "checkpoint.pt"  # in the work dir; not an artifact
 
@@ -95,37 +88,12 @@ def run_quantization(
     teacher_logits = predict(teacher, eval_set.pixels, prep.mean, prep.std)
 
     reporter.stage("calibrating")
-    spec = QuantSpec(
-        method=config.method,
-        weight_bits=config.weight_bits,
-        activation_bits=config.activation_bits,
-        per_channel=config.per_channel,
-        first_last_bits=config.first_last_bits,
-    )
-    student = prepare(teacher, spec)
-    calibration = train_set.pixels[:CALIBRATION_IMAGES].to(device)
-    calibrate(student, teacher, normalize(calibration, prep.mean, prep.std))
+    student, spec = calibrated_student(teacher, train_set.pixels, config)
     calibrated = compare(
         teacher_logits, predict(student, eval_set.pixels, prep.mean, prep.std), labels
     )
 
     reporter.stage("training")
-    total_steps = config.steps or config.epoch_budget * steps_per_epoch(
-        len(train_set), config.batch_size
-    )
-    train_config = TrainConfig(
-        steps=total_steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        quantizer_lr=config.quantizer_lr,
-        lr_unit=config.lr_unit,
-        weight_decay=config.weight_decay,
-        temperature=config.temperature,
-        mean=prep.mean,
-        std=prep.std,
-        augment=prep.augment,
-        seed=config.seed,
-    )
     checkpoint = workdir / CHECKPOINT
     resume_from = checkpoint if checkpoint.exists() else None
     if resume_from is not None:
@@ -135,7 +103,7 @@ def run_quantization(
             teacher,
             student,
             train_set.pixels,
-            train_config,
+            train_config(config, len(train_set)),
             on_step=lambda p: reporter.progress(asdict(p)),
             should_stop=reporter.should_stop,
             checkpointer=Checkpointer(checkpoint, config.checkpoint_every),

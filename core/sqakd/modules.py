@@ -132,10 +132,18 @@ def layer_bits(names: list[str], spec: QuantSpec) -> dict[str, tuple[int, int]]:
         for edge in {names[0], names[-1]}:
             bits[edge] = (spec.first_last_bits, spec.first_last_bits)
     for pattern, value in spec.layer_bits.items():
-        for name in names:
-            if fnmatch.fnmatchcase(name, pattern):
-                bits[name] = (value, value)
+        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:  # a typo would otherwise quantize the layer at the job's bits, silently
+            raise UnknownLayerError(pattern, names)
+        for name in matched:
+            bits[name] = (value, value)
     return bits
+
+
+class UnknownLayerError(ValueError):
+    def __init__(self, pattern: str, names: list[str]) -> None:
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        super().__init__(f"layer_bits pattern {pattern!r} matches no layer; layers: {shown}")
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -40,6 +40,10 @@ class TrainConfig:
     lr_unit: str = "step"  # "step": rates in units of each layer's weight step; or "absolute"
     weight_decay: float = 0.0
     temperature: float = 4.0
+    # EWGS quantizers only: "hessian" estimates each quantizer's delta (Hutchinson) at the start
+    # and every ``ewgs_delta_every`` epochs; a number fixes it.
+    ewgs_delta: str | float = "hessian"
+    ewgs_delta_every: int = 1
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     augment: bool = True

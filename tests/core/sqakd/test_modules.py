@@ -15,6 +15,7 @@ from core.sqakd.modules import (
     QuantLinear,
     QuantModule,
     QuantSpec,
+    UnknownLayerError,
     convert,
     describe_layers,
     layer_bits,
@@ -176,7 +177,7 @@ def test_without_first_last_bits_every_layer_gets_the_job_bits() -> None:
 
 
 def test_layer_bits_patterns_override_defaults_and_edges() -> None:
-    patterns = {"block.*": 2, "fc?": 6, "dw": 5, "nothing.matches": 1}
+    patterns = {"block.*": 2, "fc?": 6, "dw": 5}
     student = prepare(MixedNet(), spec(first_last_bits=8, layer_bits=patterns))
     assert bits_by_layer(student) == {
         "conv1": (8, 8),
@@ -199,6 +200,11 @@ def test_layer_bits_function() -> None:
     }
     assert layer_bits(["only"], spec(first_last_bits=6)) == {"only": (6, 6)}
     assert layer_bits([], spec()) == {}
+
+
+def test_a_layer_bits_pattern_that_matches_nothing_is_an_error() -> None:
+    with pytest.raises(UnknownLayerError, match=r"'block\.\*' matches no layer; layers: a, b"):
+        layer_bits(["a", "b"], spec(layer_bits={"block.*": 2}))
 
 
 def test_quant_spec_round_trips_through_json() -> None:

@@ -1,0 +1,96 @@
+"""SQAKD from Python, without the service: a float teacher in, a calibrated, distilled student out.
+
+    from core.config import JobConfig
+    from core.engine import quantize
+
+    result = quantize(teacher, pixels, JobConfig(weight_bits=4, activation_bits=4))
+    result.student  # fake-quantized nn.Module; result.stats: steps, images/s, peak memory
+
+``pixels`` are unlabeled images, decoded once: a uint8 tensor ``[N, 3, H, W]``. The job
+pipeline (``core.pipeline``) is these same two steps, ``calibrated_student`` then
+``train_student``, with file import, evaluation and export around them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from core.config import JobConfig
+from core.errors import InputError
+from core.inputs.images import normalize
+from core.sqakd.calibrate import calibrate
+from core.sqakd.modules import QuantSpec, UnknownLayerError, prepare
+from core.sqakd.trainer import TrainConfig, TrainStats, steps_per_epoch, train
+
+CALIBRATION_IMAGES = 256  # ranges from one batch: enough for a stable fit, still quick
+
+
+@dataclass
+class Quantized:
+    student: nn.Module
+    spec: QuantSpec
+    stats: TrainStats
+
+
+def quant_spec(config: JobConfig) -> QuantSpec:
+    return QuantSpec(
+        method=config.method,
+        weight_bits=config.weight_bits,
+        activation_bits=config.activation_bits,
+        per_channel=config.per_channel,
+        first_last_bits=config.first_last_bits,
+        layer_bits=dict(config.layer_bits),
+    )
+
+
+def train_config(config: JobConfig, images: int) -> TrainConfig:
+    """The trainer's settings for ``config`` on ``images`` training images."""
+    steps = config.steps or config.epoch_budget * steps_per_epoch(images, config.batch_size)
+    prep = config.preprocessing
+    return TrainConfig(
+        steps=steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        quantizer_lr=config.quantizer_lr,
+        lr_unit=config.lr_unit,
+        weight_decay=config.weight_decay,
+        temperature=config.temperature,
+        ewgs_delta=config.ewgs_delta,
+        ewgs_delta_every=config.ewgs_delta_every,
+        mean=prep.mean,
+        std=prep.std,
+        augment=prep.augment,
+        seed=config.seed,
+    )
+
+
+def calibrated_student(
+    teacher: nn.Module, pixels: Tensor, config: JobConfig
+) -> tuple[nn.Module, QuantSpec]:
+    """The quantized copy of ``teacher``, its ranges fitted on the first images of ``pixels``.
+
+    Deterministic for the same inputs: a resumed job rebuilds the same student.
+    """
+    spec = quant_spec(config)
+    try:
+        student = prepare(teacher, spec)
+    except UnknownLayerError as exc:
+        raise InputError("unknown_layer", str(exc)) from exc
+    device = next(teacher.parameters()).device
+    calibration = pixels[:CALIBRATION_IMAGES].to(device)
+    prep = config.preprocessing
+    calibrate(student, teacher, normalize(calibration, prep.mean, prep.std))
+    return student, spec
+
+
+def quantize(teacher: nn.Module, pixels: Tensor, config: JobConfig | None = None) -> Quantized:
+    """Calibrate and distill a student of ``teacher`` on unlabeled uint8 ``pixels``."""
+    config = config or JobConfig()
+    torch.manual_seed(config.seed)
+    teacher = teacher.to(memory_format=torch.channels_last)
+    student, spec = calibrated_student(teacher, pixels, config)
+    stats = train(teacher, student, pixels, train_config(config, len(pixels)))
+    return Quantized(student=student.eval(), spec=spec, stats=stats)
