@@ -18,7 +18,7 @@ import resource
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,12 @@ from torch import Tensor, nn
 
 from core.inputs.images import augment, normalize
 from core.sqakd.distill import distillation_loss
+from core.sqakd.hessian import (
+    HUTCHINSON_BATCHES,
+    estimate_ewgs_deltas,
+    ewgs_quantizers,
+    set_ewgs_deltas,
+)
 from core.sqakd.modules import quant_layers
 
 
@@ -74,6 +80,7 @@ class TrainStats:
     final_loss: float
     peak_memory_bytes: int  # CUDA: peak allocated in training; CPU: the process's peak RSS
     resumed_from_step: int = 0
+    ewgs_deltas: dict[str, float] = field(default_factory=dict)  # EWGS: delta per quantizer
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,44 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    def training_loss(student_logits: Tensor, teacher_logits: Tensor, indices: Tensor) -> Tensor:
+        loss = cfg.distill_weight * distillation_loss(
+            student_logits, teacher_logits, cfg.temperature
+        )
+        if cfg.label_weight:
+            targets = labels[indices].to(device)  # type: ignore[index]
+            loss = loss + cfg.label_weight * F.cross_entropy(student_logits.float(), targets)
+        return loss
+
+    def batch(indices: Tensor, augmented: bool) -> tuple[Tensor, Tensor]:
+        """(student input, teacher logits) of the images at ``indices``."""
+        images = pixels[indices]
+        if augmented:
+            images = augment(images, augment_rng)
+        inputs = normalize(images.to(device, non_blocking=True), cfg.mean, cfg.std)
+        with autocast, torch.inference_mode():
+            teacher_logits = teacher(inputs)
+        return inputs, teacher_logits.clone()  # a normal tensor, usable by autograd
+
+    ewgs = ewgs_quantizers(student)
+    ewgs_deltas: dict[str, float] = {}
+    if ewgs and cfg.ewgs_delta != "hessian":
+        set_ewgs_deltas(student, float(cfg.ewgs_delta))
+    hessian_every = cfg.ewgs_delta_every * steps_per_epoch(len(pixels), cfg.batch_size)
+
+    def estimate_deltas(step: int) -> dict[str, float]:
+        """EWGS deltas from the Hessian on the next batches of the data order (no augmentation,
+        own generator: the run's RNG streams stay untouched, so resuming stays exact)."""
+        upcoming = batch_indices(len(pixels), cfg.batch_size, cfg.seed, step)
+        chosen = [next(upcoming)[1] for _ in range(HUTCHINSON_BATCHES)]
+        samples = ((*batch(indices, False), indices) for indices in chosen)
+        return estimate_ewgs_deltas(
+            student,
+            ((inputs, (logits, indices)) for inputs, logits, indices in samples),
+            lambda output, target: training_loss(output, *target),
+            torch.Generator().manual_seed(cfg.seed * 1_000_003 + step),
+        )
+
     loss_value, start = float("nan"), 0
     if resume_from is not None:
         saved = load_checkpoint(resume_from)
@@ -257,21 +302,12 @@ def train(
             checkpoint(step, stopping=True)
             raise TrainingCanceled(f"stopped at step {step} of {cfg.steps}")
         epoch, indices = next(batches)
-        batch = pixels[indices]
-        if cfg.augment:
-            batch = augment(batch, augment_rng)
-        inputs = normalize(batch.to(device, non_blocking=True), cfg.mean, cfg.std)
-
+        if ewgs and cfg.ewgs_delta == "hessian" and step % hessian_every == 0:
+            ewgs_deltas = estimate_deltas(step)
+        inputs, teacher_logits = batch(indices, cfg.augment)
         with autocast:
-            with torch.inference_mode():
-                teacher_logits = teacher(inputs)
             student_logits = student(inputs)
-        loss = cfg.distill_weight * distillation_loss(
-            student_logits, teacher_logits.clone(), cfg.temperature
-        )
-        if cfg.label_weight:
-            targets = labels[indices].to(device)  # type: ignore[index]
-            loss = loss + cfg.label_weight * F.cross_entropy(student_logits.float(), targets)
+        loss = training_loss(student_logits, teacher_logits, indices)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -303,6 +339,7 @@ def train(
         final_loss=loss_value,
         peak_memory_bytes=peak,
         resumed_from_step=start,
+        ewgs_deltas=ewgs_deltas or {name: q.delta.item() for name, q in ewgs.items()},
     )
 
 

@@ -227,12 +227,13 @@ def test_ewgs_backward_scales_gradient_by_rounding_residual(weight: bool) -> Non
     out = q(x)
     assert out.detach().tolist() == pytest.approx([-1.0, -0.5, 0.0, 0.5, 0.5, -1.0], abs=1e-6)
     (out * upstream).sum().backward()
-    # g * (1 + delta * sign(g) * (n - round(n))); zero where clamped
+    # g * (1 + delta * sign(g) * (x_n - x_q)), zero where clamped, in the paper's units:
+    # x_n = n / 3 normalised to [0, 1], x_q = round(n) / 3 its level
     expected = [
-        1.0 * (1 + 0.5 * 0.4),
-        -2.0 * (1 - 0.5 * 0.3),
-        0.5 * (1 + 0.5 * 0.2),
-        -1.0 * (1 - 0.5 * -0.2),
+        1.0 * (1 + 0.5 * 0.4 / 3),
+        -2.0 * (1 - 0.5 * 0.3 / 3),
+        0.5 * (1 + 0.5 * 0.2 / 3),
+        -1.0 * (1 - 0.5 * -0.2 / 3),
         0.0,
         0.0,
     ]
