@@ -7,8 +7,8 @@ at the quantizer's output ``x_q`` (in its normalised units, the [0, 1] interval 
     delta = (Tr(H) / N) / (3 * std(g))
 
 with ``H`` and ``g`` the Hessian and gradient of the training loss with respect to ``x_q``
-(``N`` elements), averaged over a few batches and clipped at 0 (and, here, at ``max_delta``). ``Tr(H)`` comes from
-Hutchinson's estimator ``E[v^T H v]`` over random +-1 probes ``v``.
+(``N`` elements), averaged over a few batches and clipped at 0 (and, here, at ``max_delta``).
+``Tr(H)`` comes from Hutchinson's estimator ``E[v^T H v]`` over random +-1 probes ``v``.
 
 One Hessian-vector product serves every quantizer at once: each quantizer's output gets its
 own probe, and ``grad(sum_i g_i . v_i)`` at output ``i`` is ``H_ii v_i`` plus cross terms
