@@ -67,7 +67,7 @@ class JobConfig(_Strict):
         default_factory=dict,
         max_length=100,
         description="Bits (weights and activations) of the layers whose name matches a pattern, "
-        "e.g. {\"layer1.*\": 8}: fnmatch patterns over the names in quant_config.json; applied "
+        'e.g. {"layer1.*": 8}: fnmatch patterns over the names in quant_config.json; applied '
         "after first_last_bits, later patterns win. A pattern that matches no layer is an error.",
     )
     ewgs_delta: Literal["hessian"] | float = Field(

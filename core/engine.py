@@ -7,8 +7,8 @@
     result.student  # fake-quantized nn.Module; result.stats: steps, images/s, peak memory
 
 ``pixels`` are unlabeled images, decoded once: a uint8 tensor ``[N, 3, H, W]``. The job
-pipeline (``core.pipeline``) is these same two steps, ``calibrated_student`` then
-``train_student``, with file import, evaluation and export around them.
+pipeline (``core.pipeline``) is these same two steps, ``calibrated_student`` then ``train``
+with ``train_config``, with file import, evaluation and export around them.
 """
 
 from __future__ import annotations

@@ -69,8 +69,10 @@ def _sum(values: Tensor, shape: torch.Size, weights: Tensor | None = None) -> Te
     """``(values * weights)`` summed down to ``shape`` (a parameter's broadcast shape)."""
     if weights is None:
         return values.sum_to_size(shape)
-    if shape.numel() == 1 and values.stride() == weights.stride() and values.is_contiguous(
-        memory_format=_memory_format(values)
+    if (
+        shape.numel() == 1
+        and values.stride() == weights.stride()
+        and values.is_contiguous(memory_format=_memory_format(values))
     ):  # one pass, no temporary: the dot product of the two buffers as laid out
         flat = (values.numel(),), (1,)
         return torch.dot(values.as_strided(*flat), weights.as_strided(*flat)).reshape(shape)
@@ -78,9 +80,11 @@ def _sum(values: Tensor, shape: torch.Size, weights: Tensor | None = None) -> Te
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
-    return torch.channels_last if t.dim() == 4 and t.is_contiguous(
-        memory_format=torch.channels_last
-    ) else torch.contiguous_format
+    return (
+        torch.channels_last
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
 
 
 def _inside(g: Tensor, v: Tensor, lo: Tensor | float, hi: Tensor | float, clip: bool) -> Tensor:
@@ -126,33 +130,37 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
+        # With c = clamp(x / s, lo, hi) and gx the input gradient (EWGS's term included):
+        #   d L / d s = sum(g * round(c)) - sum(gx * c)   (with clip: sum(g * c) - sum(gx * c))
+        #   d L / d z = s * (sum(gx) - sum(g))
+        # Grouped so that each is two dot products of buffers the input gradient needs anyway.
         x, scale, zero_point, delta = ctx.saved_tensors
         qmin, qmax, clip = ctx.grid
         s, z = _scalar(scale), _scalar(zero_point)
         lo, hi = qmin - z, qmax - z
+        shape, (needs_scale, needs_zero) = scale.shape, ctx.needs_input_grad[1:3]
+        create_graph = torch.is_grad_enabled()  # Hessian estimates differentiate gx in g
         with torch.no_grad():
-            c = x.div(s)
-            gx = _inside(g, c, lo, hi, clip)
-            c.clamp_(lo, hi)
-            residual = c - c.round() if delta is not None or not clip else None  # 0 outside
-        if torch.is_grad_enabled():  # create_graph (Hessian estimates): differentiable in g
-            gx = g * (gx != 0) if delta is None else g * (gx != 0) + delta * g.abs() * residual
+            codes = x.div(s)
+            gx = _inside(g, codes, lo, hi, clip)  # straight through inside the range
+            if delta is None and not (needs_scale or needs_zero or create_graph):
+                return gx, None, None, None, None, None, None
+            codes.clamp_(lo, hi)
+            rounded = None if clip else codes.round()
+            g_scale = _sum(g, shape, codes if clip else rounded) if needs_scale else None
+            if delta is not None:
+                residual = torch.sub(codes, rounded, out=rounded)  # 0 outside the range
+                if create_graph:
+                    mask = gx != 0
+                else:
+                    gx.add_(g.abs().mul_(residual), alpha=_scalar(delta))
+        if create_graph:
+            gx = g * mask + delta * g.abs() * residual if delta is not None else g * (gx != 0)
             return gx, None, None, None, None, None, None
         with torch.no_grad():
-            range_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-            shape = scale.shape
-            # d y / d s: round(c) - c inside (0 there when clip), c outside
-            g_scale = _sum(g, shape, c) - _sum(gx, shape, c) if range_grads else None
-            if g_scale is not None and residual is not None and not clip:
-                g_scale = g_scale - _sum(g, shape, residual)
-            g_zero = (_sum(gx, shape) - _sum(g, shape)) * scale if ctx.needs_input_grad[2] else None
-            if delta is not None:
-                scaled = g.abs().mul_(residual)  # |g| * residual
-                if g_scale is not None:
-                    g_scale = g_scale - delta * _sum(scaled, shape, c)
-                if g_zero is not None:
-                    g_zero = g_zero + delta * scale * _sum(scaled, shape)
-                gx.add_(scaled.mul_(delta))
+            if g_scale is not None:
+                g_scale = g_scale - _sum(gx, shape, codes)
+            g_zero = (_sum(gx, shape) - _sum(g, shape)) * scale if needs_zero else None
         return gx, g_scale, g_zero, None, None, None, None
 
 
@@ -354,11 +362,12 @@ class EWGSQuantizer(Quantizer):
     The rounding's backward scales each gradient by ``1 + delta * sign(g) * (x_n - x_q)``, with
     ``x_n`` the input normalised to [0, 1] and ``x_q`` its rounding to the levels (the paper's
     units). ``delta`` is a buffer: ``core.sqakd.hessian.estimate_ewgs_deltas`` sets it from the
-    Hessian trace as the EWGS paper does; until then it is 1e-3, as the EWGS code initialises it.
+    Hessian trace as the EWGS paper does; until then it is 0 (straight through), the default of
+    the paper's SQAKD code.
     """
 
     def __init__(
-        self, bits: int, *, weight: bool, channels: int | None = None, delta: float = 1e-3
+        self, bits: int, *, weight: bool, channels: int | None = None, delta: float = 0.0
     ) -> None:
         super().__init__(bits, weight=weight, channels=channels)
         self.lower = nn.Parameter(torch.zeros(channels or 1))
