@@ -70,9 +70,11 @@ def train_config(config: JobConfig, images: int) -> TrainConfig:
 def calibrated_student(
     teacher: nn.Module, pixels: Tensor, config: JobConfig
 ) -> tuple[nn.Module, QuantSpec]:
-    """The quantized copy of ``teacher``, its ranges fitted on the first images of ``pixels``.
+    """The quantized copy of ``teacher``, its ranges fitted on a seeded sample of ``pixels``.
 
-    Deterministic for the same inputs: a resumed job rebuilds the same student.
+    A sample, not the first images: uploads arrive in archive order, often one class folder
+    after another, and ranges fitted on one class misjudge the others. Deterministic for the
+    same inputs: a resumed job rebuilds the same student.
     """
     spec = quant_spec(config)
     try:
@@ -80,7 +82,8 @@ def calibrated_student(
     except UnknownLayerError as exc:
         raise InputError("unknown_layer", str(exc)) from exc
     device = next(teacher.parameters()).device
-    calibration = pixels[:CALIBRATION_IMAGES].to(device)
+    sample = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(config.seed))
+    calibration = pixels[sample[:CALIBRATION_IMAGES]].to(device)
     prep = config.preprocessing
     calibrate(student, teacher, normalize(calibration, prep.mean, prep.std))
     return student, spec

@@ -236,21 +236,28 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def training_loss(student_logits: Tensor, teacher_logits: Tensor, indices: Tensor) -> Tensor:
-        loss = cfg.distill_weight * distillation_loss(
-            student_logits, teacher_logits, cfg.temperature
-        )
+    def training_loss(
+        student_logits: Tensor, teacher_logits: Tensor | None, indices: Tensor
+    ) -> Tensor:
+        loss = student_logits.new_zeros(())
+        if teacher_logits is not None:
+            loss = cfg.distill_weight * distillation_loss(
+                student_logits, teacher_logits, cfg.temperature
+            )
         if cfg.label_weight:
             targets = labels[indices].to(device)  # type: ignore[index]
             loss = loss + cfg.label_weight * F.cross_entropy(student_logits.float(), targets)
         return loss
 
-    def batch(indices: Tensor, augmented: bool) -> tuple[Tensor, Tensor]:
-        """(student input, teacher logits) of the images at ``indices``."""
+    def batch(indices: Tensor, augmented: bool) -> tuple[Tensor, Tensor | None]:
+        """(student input, teacher logits) of the images at ``indices``; no teacher logits
+        for the label-only baseline."""
         images = pixels[indices]
         if augmented:
             images = augment(images, augment_rng)
         inputs = normalize(images.to(device, non_blocking=True), cfg.mean, cfg.std)
+        if not cfg.distill_weight:
+            return inputs, None
         with autocast, torch.inference_mode():
             teacher_logits = teacher(inputs)
         return inputs, teacher_logits.clone()  # a normal tensor, usable by autograd
