@@ -20,8 +20,11 @@ Each quantizer can describe its integer grid (``grid()``) so exporters need no p
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,13 +100,46 @@ def _inside(g: Tensor, v: Tensor, lo: Tensor | float, hi: Tensor | float, clip: 
     return g * ((v >= lo) & ((v < hi) if clip else (v <= hi)))
 
 
+class _Scratch(threading.local):
+    """Activation-sized temporaries of ``_FakeQuantize.backward``, kept between calls (CPU).
+
+    The backward's temporaries never leave it, so each call can reuse the memory of the last
+    one with the same layout. A fresh tensor of this size costs its page faults on every call
+    (the C allocator hands large blocks back to the OS), about as much as its arithmetic:
+    reusing them made the EWGS backward about 1.7x faster here. Bounded to ``SCRATCH_BYTES``,
+    most recently used layouts first; tensors smaller than ``SCRATCH_MIN_NUMEL`` (weights) are
+    allocated as usual. One pool per thread, so concurrent trainings never share buffers.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: OrderedDict[tuple[Any, ...], list[Tensor]] = OrderedDict()
+
+    def take(self, like: Tensor, count: int) -> list[Tensor]:
+        """``count`` uninitialised tensors with the size, strides and dtype of ``like``."""
+        if like.device.type != "cpu" or like.numel() < SCRATCH_MIN_NUMEL:
+            return [torch.empty_like(like) for _ in range(count)]
+        key = (like.shape, like.stride(), like.dtype)
+        buffers = self.buffers.pop(key, [])
+        buffers += [torch.empty_like(like) for _ in range(count - len(buffers))]
+        self.buffers[key] = buffers
+        while sum(t.nbytes for group in self.buffers.values() for t in group) > SCRATCH_BYTES:
+            self.buffers.popitem(last=False)
+        return buffers[:count]
+
+
+SCRATCH_BYTES = 256 * 2**20
+SCRATCH_MIN_NUMEL = 2**18
+_scratch = _Scratch()
+
+
 class _FakeQuantize(torch.autograd.Function):
     """``y = s * clamp(round(x / s), qmin - z, qmax - z)``: the grid ``(q - z) * s``, q in
     ``qmin..qmax``, exactly as ONNX QuantizeLinear/DequantizeLinear compute it, as one op.
 
-    Forward and backward are written out by hand so that a quantizer costs one temporary
-    forward and four backward (composed from autograd ops it cost about thirty, and on a CPU
-    every fresh activation-sized tensor pays its page faults). The backward covers every
+    Forward and backward are written out by hand so that a quantizer costs one new tensor
+    forward and one backward, plus three reused temporaries (``_Scratch``); composed from
+    autograd ops the same formula made about thirty new tensors, and on a CPU every fresh
+    activation-sized tensor pays its page faults. The backward covers every
     method here: the input's gradient is straight through inside the range and zero outside,
     scaled by EWGS's ``1 + delta * sign(g) * (v - round(v))`` when ``delta`` is given (code
     units); the scale's and zero point's gradients are those of the formula with
@@ -141,19 +177,25 @@ class _FakeQuantize(torch.autograd.Function):
         shape, (needs_scale, needs_zero) = scale.shape, ctx.needs_input_grad[1:3]
         create_graph = torch.is_grad_enabled()  # Hessian estimates differentiate gx in g
         with torch.no_grad():
-            codes = x.div(s)
+            # Temporaries: reused memory, except where autograd keeps them (create_graph)
+            codes, rounded, scaled = (
+                [torch.empty_like(x) for _ in range(3)] if create_graph else _scratch.take(x, 3)
+            )
+            torch.div(x, s, out=codes)
             gx = _inside(g, codes, lo, hi, clip)  # straight through inside the range
             if delta is None and not (needs_scale or needs_zero or create_graph):
                 return gx, None, None, None, None, None, None
             codes.clamp_(lo, hi)
-            rounded = None if clip else codes.round()
+            if not clip:
+                torch.round(codes, out=rounded)
             g_scale = _sum(g, shape, codes if clip else rounded) if needs_scale else None
             if delta is not None:
                 residual = torch.sub(codes, rounded, out=rounded)  # 0 outside the range
                 if create_graph:
                     mask = gx != 0
                 else:
-                    gx.add_(g.abs().mul_(residual), alpha=_scalar(delta))
+                    scaled = torch.abs(g, out=scaled).mul_(residual)  # |g| * residual
+                    gx.add_(scaled, alpha=_scalar(delta))
         if create_graph:
             gx = g * mask + delta * g.abs() * residual if delta is not None else g * (gx != 0)
             return gx, None, None, None, None, None, None

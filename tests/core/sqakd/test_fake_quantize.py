@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from core.sqakd.quantizers import fake_quantize
+from core.sqakd.quantizers import SCRATCH_MIN_NUMEL, fake_quantize
 
 
 class _ScaledRound(torch.autograd.Function):
@@ -117,3 +117,28 @@ def test_fake_quantize_is_twice_differentiable_in_its_input_gradient() -> None:
     residual = codes.clamp(-8, 7) - codes.clamp(-8, 7).round()
     expected = inside * (1 + delta * g.detach().sign() * residual)
     torch.testing.assert_close(d_gx_d_g, expected.float())
+
+
+def test_reused_temporaries_give_the_same_gradients_call_after_call() -> None:
+    """Activation-sized inputs take the backward's temporaries from a pool (``_Scratch``):
+    consecutive backwards, of this shape and of others in between, must not see each other's
+    values."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4, 16, 64, 64), (4, 32, 64, 64), (4, 16, 64, 64)]
+    assert all(torch.Size(shape).numel() >= SCRATCH_MIN_NUMEL for shape in shapes)
+    scale, zero_point, delta = torch.tensor(0.1), torch.tensor(2.0), 0.3
+    for shape in shapes * 2:
+        x = torch.randn(shape, generator=generator).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(shape, generator=generator)
+        got = run(
+            lambda x_, s, z: fake_quantize(x_, s, z, 0, 15, delta=torch.tensor(delta)),
+            x,
+            scale,
+            zero_point,
+            g,
+        )
+        want = run(
+            lambda x_, s, z: reference(x_, s, z, 0, 15, delta, False), x, scale, zero_point, g
+        )
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
