@@ -96,6 +96,17 @@ class JobConfig(_Strict):
         "default suits every bit-width; absolute: plain rates (the paper: 1e-3 and 1e-5).",
     )
     weight_decay: float = Field(0.0, ge=0, le=1.0)
+    amp: bool = Field(
+        False,
+        description="CUDA only: bf16 autocast for the convolutions (quantizers stay float32). "
+        "Off by default: at 32 px on an H100 it trained slower than float32 (BENCHMARKS.md).",
+    )
+    compile_model: bool = Field(
+        False,
+        description="Run the student's training forward and backward through torch.compile: "
+        "fused kernels after a compilation of tens of seconds; needs a C++ compiler on CPU "
+        "workers, Triton on CUDA.",
+    )
     checkpoint_every: int = Field(
         200,
         ge=1,

@@ -60,6 +60,8 @@ def train_config(config: JobConfig, images: int) -> TrainConfig:
         temperature=config.temperature,
         ewgs_delta=config.ewgs_delta,
         ewgs_delta_every=config.ewgs_delta_every,
+        amp=config.amp,
+        compile_model=config.compile_model,
         mean=prep.mean,
         std=prep.std,
         augment=prep.augment,

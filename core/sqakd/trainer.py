@@ -54,6 +54,7 @@ class TrainConfig:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     augment: bool = True
     amp: bool = False  # bf16 autocast on CUDA; measured slower than fp32 at 32 px (BENCHMARKS.md)
+    compile_model: bool = False  # the student's training forward through torch.compile
     seed: int = 0
     # Benchmarks only: the label-based QAT baseline is distill_weight=0, label_weight=1.
     # SQAKD itself is distill_weight=1, label_weight=0 (no labels).
@@ -262,6 +263,11 @@ def train(
             teacher_logits = teacher(inputs)
         return inputs, teacher_logits.clone()  # a normal tensor, usable by autograd
 
+    # Compiled, the student's forward and backward run as fused kernels (a C++ compiler on
+    # CPU, Triton on CUDA); the first steps pay the compilation. Parameters stay shared, so
+    # checkpoints and the Hessian estimate use ``student`` itself.
+    forward = torch.compile(student) if cfg.compile_model else student
+
     ewgs = ewgs_quantizers(student)
     ewgs_deltas: dict[str, float] = {}
     if ewgs and cfg.ewgs_delta != "hessian":
@@ -313,7 +319,7 @@ def train(
             ewgs_deltas = estimate_deltas(step)
         inputs, teacher_logits = batch(indices, cfg.augment)
         with autocast:
-            student_logits = student(inputs)
+            student_logits = forward(inputs)
         loss = training_loss(student_logits, teacher_logits, indices)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -61,6 +61,8 @@ def test_train_config_carries_every_training_choice() -> None:
         temperature=2.0,
         ewgs_delta=0.125,
         ewgs_delta_every=2,
+        amp=True,
+        compile_model=True,
         seed=7,
     )
     train = train_config(job, images=95)
@@ -68,6 +70,7 @@ def test_train_config_carries_every_training_choice() -> None:
     assert (train.lr, train.quantizer_lr, train.lr_unit) == (0.5, 0.25, "absolute")
     assert (train.weight_decay, train.temperature, train.seed) == (1e-4, 2.0, 7)
     assert (train.ewgs_delta, train.ewgs_delta_every) == (0.125, 2)
+    assert train.amp and train.compile_model
     assert (train.mean, train.std, train.augment) == ((0.5,) * 3, (0.25,) * 3, False)
     assert train_config(config(steps=11), images=95).steps == 11
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch._dynamo
 from torch import Tensor, nn
 
 from core.inputs.images import normalize
@@ -595,3 +596,19 @@ def test_label_weight_without_labels_is_refused() -> None:
     student = make_student(teacher, "lsq", pixels)
     with pytest.raises(ValueError, match="one label per image"):
         train(teacher, student, pixels, config(steps=1, label_weight=1.0))
+
+
+def test_a_compiled_student_trains_like_the_eager_one() -> None:
+    """``compile_model`` changes kernels, not maths: the same steps give close students."""
+    teacher, pixels = make_teacher(), uint8_images(32)
+    students = []
+    torch._dynamo.utils.counters.clear()
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        student = make_student(teacher, "lsq", pixels, bits=4)
+        train(teacher, student, pixels, config(steps=3, batch_size=16, compile_model=compiled))
+        students.append(student.state_dict())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    eager, compiled_state = students
+    for key in eager:
+        torch.testing.assert_close(compiled_state[key], eager[key], rtol=1e-3, atol=1e-4)
