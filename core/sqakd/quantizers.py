@@ -195,7 +195,11 @@ class _FakeQuantize(torch.autograd.Function):
                     mask = gx != 0
                 else:
                     scaled = torch.abs(g, out=scaled).mul_(residual)  # |g| * residual
-                    gx.add_(scaled, alpha=_scalar(delta))
+                    strength = _scalar(delta)
+                    if isinstance(strength, float):
+                        gx.add_(scaled, alpha=strength)
+                    else:  # a CUDA tensor: no device sync for a Python number
+                        gx.add_(scaled.mul_(strength))
         if create_graph:
             gx = g * mask + delta * g.abs() * residual if delta is not None else g * (gx != 0)
             return gx, None, None, None, None, None, None
