@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from core.sqakd import quantizers
 from core.sqakd.quantizers import SCRATCH_MIN_NUMEL, fake_quantize
 
 
@@ -61,9 +62,16 @@ RULES = {  # delta, clip: what the methods use (PACT/STE clip without EWGS's del
 }
 
 
+@pytest.mark.parametrize("operands", ["numbers", "tensors"])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("case", CASES)
-def test_fake_quantize_matches_the_autograd_formula(case: str, rule: str) -> None:
+def test_fake_quantize_matches_the_autograd_formula(
+    case: str, rule: str, operands: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``operands="tensors"`` runs the CUDA code path on the CPU: one-element scales, zero
+    points and deltas stay tensors (on CUDA, a Python number would cost a device sync)."""
+    if operands == "tensors":
+        monkeypatch.setattr(quantizers, "_scalar", lambda t: t)
     shape, param_shape, qmin, qmax, channels_last = CASES[case]
     delta, clip = RULES[rule]
     generator = torch.Generator().manual_seed(0)
