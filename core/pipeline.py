@@ -23,6 +23,7 @@ from torch import Tensor
 
 from core.config import JobConfig
 from core.engine import calibrated_student, train_config
+from core.export.int_checkpoint import save_int_checkpoint
 from core.export.onnx_qdq import export_qdq_onnx, onnx_parity
 from core.inputs.images import ImageSet, load_image_archive, normalize
 from core.inputs.onnx_model import load_onnx_model
@@ -135,6 +136,9 @@ def run_quantization(
         {k: v.detach().contiguous() for k, v in student.state_dict().items()},
         artifacts["student.safetensors"],
     )
+    int_checkpoint = artifacts["model_int.safetensors"] = workdir / "model_int.safetensors"
+    save_int_checkpoint(student, spec, int_checkpoint)
+    metrics["int_checkpoint_bytes"] = int_checkpoint.stat().st_size
     quant_config = {
         "job_config": config.model_dump(mode="json"),
         "quant_spec": spec.to_dict(),

@@ -26,7 +26,10 @@ import onnxruntime as ort
 import psycopg
 import pytest
 import redis
+import torch
 
+from core.export.int_checkpoint import load_int_student
+from core.inputs.onnx_model import load_onnx_model
 from core.pipeline import STAGES
 from tests.factories import INPUT_SIZE, post_job
 from tests.fixtures_paths import unavailable
@@ -47,7 +50,13 @@ JOB_TIMEOUT_S = 180
 FINISHED = ("succeeded", "failed", "canceled")
 PROGRESS_KEYS = {"step", "total_steps", "epoch", "loss", "eta_seconds"}
 METRIC_KEYS = {"agreement", "kl", "teacher_top1", "student_top1", "fp32_bytes", "packed_bytes"}
-ARTIFACTS = {"student.safetensors", "quant_config.json", "model_qdq.onnx", "metrics.json"}
+ARTIFACTS = {
+    "student.safetensors",
+    "model_int.safetensors",
+    "quant_config.json",
+    "model_qdq.onnx",
+    "metrics.json",
+}
 
 
 @dataclass
@@ -151,7 +160,7 @@ def wait_for_job(
 
 
 def test_quantize_end_to_end(
-    api: httpx.Client, service: Service, onnx_model: Path, image_archive: Path
+    api: httpx.Client, service: Service, onnx_model: Path, image_archive: Path, tmp_path: Path
 ) -> None:
     submitted = post_job(api, model=onnx_model, data=image_archive)
     assert submitted.status_code == 202, submitted.text
@@ -200,6 +209,14 @@ def test_quantize_end_to_end(
     batch = np.random.default_rng(0).standard_normal((4, 3, *INPUT_SIZE), dtype=np.float32)
     (logits,) = session.run(None, {model_input.name: batch})
     assert logits.shape == (4, 2) and np.isfinite(logits).all()
+    # The integer checkpoint, rebuilt on the uploaded model, computes what the ONNX file does.
+    int_path = tmp_path / "model_int.safetensors"
+    int_path.write_bytes(downloads["model_int.safetensors"])
+    rebuilt = load_int_student(int_path, load_onnx_model(onnx_model).module)
+    with torch.no_grad():
+        torch_logits = rebuilt(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(torch_logits, logits, atol=1e-3)
+    assert job["metrics"]["int_checkpoint_bytes"] == len(downloads["model_int.safetensors"])
     assert "agreement" in io.BytesIO(downloads["metrics.json"]).read().decode()
 
     # The job is listed, and nothing of the upload is left in staging.

@@ -58,8 +58,10 @@ def round_ste(x: Tensor) -> Tensor:
 
 
 def scale_grad(x: Tensor, factor: float) -> Tensor:
-    """Identity forward; multiplies the gradient by ``factor`` (LSQ's step-size gradient scale)."""
-    return x * factor + (x - x * factor).detach()
+    """Identity forward, bit for bit; multiplies the gradient by ``factor`` (LSQ's step-size
+    gradient scale). Exact, so that the step the forward uses is the step ``grid()`` exports."""
+    scaled = x * factor
+    return x.detach() + (scaled - scaled.detach())
 
 
 def _scalar(t: Tensor) -> Tensor | float:
