@@ -40,7 +40,12 @@ from core.inputs.images import normalize
 from core.inputs.onnx_model import load_onnx_model
 from core.sqakd.calibrate import calibrate
 from core.sqakd.distill import distillation_loss
-from core.sqakd.hessian import HUTCHINSON_BATCHES, estimate_ewgs_deltas, ewgs_quantizers
+from core.sqakd.hessian import (
+    HUTCHINSON_BATCHES,
+    HUTCHINSON_IMAGES,
+    estimate_ewgs_deltas,
+    ewgs_quantizers,
+)
 from core.sqakd.modules import QuantSpec, prepare, quantizers
 from core.sqakd.trainer import TrainConfig, train
 
@@ -100,14 +105,14 @@ def ours(teacher: nn.Module, pixels: Tensor) -> Impl:
     the estimated deltas (``ewgs_delta`` fixed at their mean would cost the same); the estimate
     itself, once per epoch in a job, is timed apart (``Impl.hessian_seconds``)."""
     student = prepare(teacher.eval(), QuantSpec(method="ewgs", weight_bits=4, activation_bits=4))
-    inputs = normalize(pixels[: BATCH * HUTCHINSON_BATCHES], MEAN, STD)
-    calibrate(student, teacher, inputs[:BATCH])
+    calibrate(student, teacher, normalize(pixels[:BATCH], MEAN, STD))
+    inputs = normalize(pixels[: HUTCHINSON_IMAGES * HUTCHINSON_BATCHES], MEAN, STD)
     with torch.inference_mode():
-        targets = [teacher(batch).clone() for batch in inputs.split(BATCH)]
+        targets = [teacher(batch).clone() for batch in inputs.split(HUTCHINSON_IMAGES)]
     started = time.perf_counter()
     deltas = estimate_ewgs_deltas(
         student,
-        zip(inputs.split(BATCH), targets, strict=True),
+        zip(inputs.split(HUTCHINSON_IMAGES), targets, strict=True),
         lambda out, target: distillation_loss(out, target, 4.0),
         torch.Generator().manual_seed(0),
     )
@@ -368,11 +373,12 @@ at {model_only:.2f}x its model step alone (which gets its batches for free): the
 {100 * (1 - ratio(speeds, OURS_BN, OURS_OFF)):.0f}% of our step (*quantizers off* bounds what
 faster quantizers could still buy).
 
-The Hessian estimate of the EWGS deltas ({HUTCHINSON_BATCHES} batches of {BATCH}, one forward,
-backward and double backward each) took {hessian:.1f} s, {hessian / step_seconds:.1f} of our
-steps. A job runs it once per epoch (`ewgs_delta_every`, default 1): on CIFAR-10's
-{CIFAR_TRAIN_IMAGES:,} images at batch {BATCH} ({epoch_steps} steps) that is {100 * share:.1f}% of
-the epoch, so over a whole epoch our images/s is {ours * (1 - share):.2f}x the paper's (which
+The Hessian estimate of the EWGS deltas ({HUTCHINSON_BATCHES} batches of {HUTCHINSON_IMAGES}
+images, one forward, backward and double backward each) took {hessian:.1f} s, \
+{hessian / step_seconds:.1f} of our steps. A job runs it once per epoch (`ewgs_delta_every`,
+default 1): on CIFAR-10's {CIFAR_TRAIN_IMAGES:,} images at batch {BATCH} ({epoch_steps} steps)
+that is {100 * share:.1f}% of the epoch, so over a whole epoch our images/s is \
+{ours * (1 - share):.2f}x the paper's (which
 never runs its update).
 
 Median ms per step by phase, from hooks in the same steps:

@@ -34,6 +34,9 @@ from core.sqakd.modules import quant_layers
 from core.sqakd.quantizers import EWGSQuantizer
 
 HUTCHINSON_BATCHES = 3  # as the EWGS code: a few batches, averaged
+# Images of a batch that the estimate uses: Tr(H) / N and std(g) are means over elements, which
+# a part of a large batch estimates as well; the double backward costs ~5 training steps.
+HUTCHINSON_IMAGES = 64
 
 
 def ewgs_quantizers(student: nn.Module) -> dict[str, EWGSQuantizer]:

@@ -30,6 +30,7 @@ from core.inputs.images import augment, normalize
 from core.sqakd.distill import distillation_loss
 from core.sqakd.hessian import (
     HUTCHINSON_BATCHES,
+    HUTCHINSON_IMAGES,
     estimate_ewgs_deltas,
     ewgs_quantizers,
     set_ewgs_deltas,
@@ -275,10 +276,11 @@ def train(
     hessian_every = cfg.ewgs_delta_every * steps_per_epoch(len(pixels), cfg.batch_size)
 
     def estimate_deltas(step: int) -> dict[str, float]:
-        """EWGS deltas from the Hessian on the next batches of the data order (no augmentation,
-        own generator: the run's RNG streams stay untouched, so resuming stays exact)."""
+        """EWGS deltas from the Hessian on (the first images of) the next batches of the data
+        order (no augmentation, own generator: the run's RNG streams stay untouched, so
+        resuming stays exact)."""
         upcoming = batch_indices(len(pixels), cfg.batch_size, cfg.seed, step)
-        chosen = [next(upcoming)[1] for _ in range(HUTCHINSON_BATCHES)]
+        chosen = [next(upcoming)[1][:HUTCHINSON_IMAGES] for _ in range(HUTCHINSON_BATCHES)]
         samples = ((*batch(indices, False), indices) for indices in chosen)
         return estimate_ewgs_deltas(
             student,
