@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}
 CLIP_FRACTIONS = torch.logspace(-1.7, 0, 24).tolist()  # 0.02 .. 1 of the largest magnitude
+MIN_STEP = 1e-8  # a learnt step or range is kept at least this large
 
 
 def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
@@ -196,12 +197,12 @@ class _FakeQuantize(torch.autograd.Function):
                 if create_graph:
                     mask = gx != 0
                 else:
-                    scaled = torch.abs(g, out=scaled).mul_(residual)  # |g| * residual
+                    magnitude = torch.abs(g, out=scaled)
                     strength = _scalar(delta)
-                    if isinstance(strength, float):
-                        gx.add_(scaled, alpha=strength)
+                    if isinstance(strength, float):  # gx += delta * |g| * residual
+                        gx.addcmul_(magnitude, residual, value=strength)
                     else:  # a CUDA tensor: no device sync for a Python number
-                        gx.add_(scaled.mul_(strength))
+                        gx.addcmul_(magnitude.mul_(strength), residual)
         if create_graph:
             gx = g * mask + delta * g.abs() * residual if delta is not None else g * (gx != 0)
             return gx, None, None, None, None, None, None
@@ -359,7 +360,9 @@ class LSQQuantizer(Quantizer):
         qmin, qmax, offset = self.int_range()
         # LSQ's N: elements sharing one step (a weight tensor or channel; one sample's features)
         per_scale = x.numel() if self.for_weights and not self.channels else x[0].numel()
+        # |step|: an update past zero must not mirror the grid (as grid() reads it)
         step = scale_grad(self.step, 1.0 / math.sqrt(per_scale * max(qmax, 1)))
+        step = step.abs().clamp_min(MIN_STEP)
         step = step.view(self.param_shape(x)) if self.channels else step.squeeze()
         if offset:  # 1 bit signed, {-s/2, +s/2}: off the integer grid of fake_quantize
             q = round_ste((x / step - offset).clamp(qmin, qmax))
@@ -381,7 +384,7 @@ class LSQQuantizer(Quantizer):
 
     def grid(self) -> IntGrid:
         qmin, qmax, offset = self.int_range()
-        step = self.step.detach().abs()
+        step = self.step.detach().abs().clamp_min(MIN_STEP)
         if offset:  # odd-integer grid: (k + 1/2) * s == (2k + 1) * s/2
             return IntGrid(step / 2, torch.zeros_like(step), 2 * qmin + 1, 2 * qmax + 1, stride=2)
         return IntGrid(step, torch.zeros_like(step), qmin, qmax)
@@ -433,13 +436,13 @@ class EWGSQuantizer(Quantizer):
         steps = self.levels - 1
         if self.symmetric_binary:  # 1 bit signed: {-u, +u}, a grid with no zero level
             lower = -upper
-            width = (upper - lower).clamp_min(1e-8)
+            width = (upper - lower).clamp_min(MIN_STEP)
             normalised = ((x - lower) / width).clamp(0, 1) * steps
             rounded = _EWGSRound.apply(normalised, self.delta / steps)
             return rounded / steps * width + lower
         # The zero point is the lower bound snapped to a whole number of steps below zero, so
         # that zero is a level: only then does the grid export exactly to int8.
-        step = (upper - lower).clamp_min(1e-8) / steps
+        step = (upper - lower).clamp_min(MIN_STEP) / steps
         zero_point = round_ste(-lower / step)
         # delta / steps: the residual in code units is steps times the paper's x_n - x_q
         return fake_quantize(x, step, zero_point, 0, steps, delta=self.delta / steps)
@@ -464,7 +467,7 @@ class EWGSQuantizer(Quantizer):
         upper = self.upper.detach().clone()  # a snapshot: training goes on changing upper
         if self.symmetric_binary:
             return IntGrid(upper, torch.zeros_like(upper), -1, 1, stride=2)
-        step = (upper - self.lower.detach()).clamp_min(1e-8) / (self.levels - 1)
+        step = (upper - self.lower.detach()).clamp_min(MIN_STEP) / (self.levels - 1)
         zero_point = (-self.lower.detach() / step).round()
         return IntGrid(step, zero_point, 0, self.levels - 1)
 
@@ -654,4 +657,4 @@ class PACTQuantizer(DoReFaQuantizer):
     def range_value(self) -> Tensor:
         if self.for_weights:
             return self.clip
-        return self.alpha.abs().clamp_min(1e-8)  # an update past zero must not flip the grid
+        return self.alpha.abs().clamp_min(MIN_STEP)  # an update past zero must not flip the grid

@@ -554,3 +554,14 @@ def test_create_quantizer_rejects_unknown_method() -> None:
 def test_create_quantizer_rejects_bits_outside_1_to_8(method: str, bits: int) -> None:
     with pytest.raises(ValueError, match="bits"):
         create_quantizer(method, bits, weight=False)
+
+
+def test_lsq_step_pushed_past_zero_keeps_its_grid() -> None:
+    """An update can take a channel's step below zero: the grid is |step|'s, not its mirror."""
+    q = LSQQuantizer(2, weight=True, channels=2)  # signed: q in -2..1
+    with torch.no_grad():
+        q.step.copy_(torch.tensor([0.5, -0.25]))
+    w = torch.tensor([[-1.2, 0.4, 0.9], [-0.6, 0.1, 0.3]])
+    out = q(w)
+    assert out.tolist() == [[-1.0, 0.5, 0.5], [-0.5, 0.0, 0.25]]
+    assert_on_grid(q, out)
