@@ -12,7 +12,7 @@ when the command runs again: an interrupted benchmark resumes where it stopped, 
 budget or default never mixes with old results. The BENCHMARKS.md section is rewritten after
 every run, marked partial until all runs are there.
 
-    python -m bench.quality        # about 80 minutes on 2 quiet CPU cores; writes BENCHMARKS.md
+    python -m bench.quality        # about 40 minutes on 2 quiet CPU cores; writes BENCHMARKS.md
     python -m bench.quality --train-images 2000 --test-images 1000 --epochs 1 \
         --rows lsq:4 --no-write    # a trial: a few minutes, BENCHMARKS.md untouched
 """
