@@ -42,6 +42,7 @@ from core.engine import calibrated_student, train_config
 from core.inputs.images import ImageSet, load_image_archive
 from core.inputs.onnx_model import load_onnx_model
 from core.sqakd.metrics import compare, predict
+from core.sqakd.teacher import inference_teacher
 from core.sqakd.trainer import (
     TrainProgress,
     TrainStats,
@@ -119,9 +120,8 @@ def input_size() -> tuple[int, int]:
 
 
 def load_teacher() -> nn.Module:
-    """The ONNX teacher as a job imports it, channels_last as ``core.engine.quantize`` puts it."""
-    module = load_onnx_model(TEACHER_ONNX, input_size=input_size()).module
-    return module.to(memory_format=torch.channels_last)
+    """The ONNX teacher as a job imports it."""
+    return load_onnx_model(TEACHER_ONNX, input_size=input_size()).module
 
 
 def job_config(method: Method, bits: int, epochs: int) -> JobConfig:
@@ -255,7 +255,7 @@ class Bench:
                 cfg = replace(cfg, distill_weight=0.0, label_weight=1.0)
                 labels = self.train_set.labels
             stats = train(
-                self.teacher,
+                inference_teacher(self.teacher),  # as a job runs it
                 student,
                 self.train_set.pixels,
                 cfg,

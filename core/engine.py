@@ -23,6 +23,7 @@ from core.errors import InputError
 from core.inputs.images import normalize
 from core.sqakd.calibrate import calibrate
 from core.sqakd.modules import QuantSpec, UnknownLayerError, prepare
+from core.sqakd.teacher import inference_teacher
 from core.sqakd.trainer import TrainConfig, TrainStats, steps_per_epoch, train
 
 CALIBRATION_IMAGES = 256  # ranges from one batch: enough for a stable fit, still quick
@@ -80,7 +81,7 @@ def calibrated_student(
     """
     spec = quant_spec(config)
     try:
-        student = prepare(teacher, spec)
+        student = prepare(teacher, spec).to(memory_format=torch.channels_last)  # as batches are
     except UnknownLayerError as exc:
         raise InputError("unknown_layer", str(exc)) from exc
     device = next(teacher.parameters()).device
@@ -92,10 +93,10 @@ def calibrated_student(
 
 
 def quantize(teacher: nn.Module, pixels: Tensor, config: JobConfig | None = None) -> Quantized:
-    """Calibrate and distill a student of ``teacher`` on unlabeled uint8 ``pixels``."""
+    """Calibrate and distill a student of ``teacher`` on unlabeled uint8 ``pixels``;
+    ``teacher`` itself is not changed."""
     config = config or JobConfig()
     torch.manual_seed(config.seed)
-    teacher = teacher.to(memory_format=torch.channels_last)
     student, spec = calibrated_student(teacher, pixels, config)
-    stats = train(teacher, student, pixels, train_config(config, len(pixels)))
+    stats = train(inference_teacher(teacher), student, pixels, train_config(config, len(pixels)))
     return Quantized(student=student.eval(), spec=spec, stats=stats)

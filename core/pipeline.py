@@ -29,6 +29,7 @@ from core.inputs.images import ImageSet, load_image_archive, normalize
 from core.inputs.onnx_model import load_onnx_model
 from core.sqakd.metrics import compare, model_sizes, predict
 from core.sqakd.modules import describe_layers
+from core.sqakd.teacher import inference_teacher
 from core.sqakd.trainer import Checkpointer, TrainingCanceled, train
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ def run_quantization(
     else:
         train_set, eval_set = data.split(config.eval_fraction, config.seed)
     labels = _usable_labels(eval_set, imported.num_outputs)
-    teacher = imported.module.to(device).to(memory_format=torch.channels_last)
-    teacher_logits = predict(teacher, eval_set.pixels, prep.mean, prep.std)
+    teacher = imported.module.to(device)
+    frozen_teacher = inference_teacher(teacher)  # forward passes only: BatchNorm folded
+    teacher_logits = predict(frozen_teacher, eval_set.pixels, prep.mean, prep.std)
 
     reporter.stage("calibrating")
     student, spec = calibrated_student(teacher, train_set.pixels, config)
@@ -101,7 +103,7 @@ def run_quantization(
         log.info("resuming training from %s", resume_from)
     try:
         stats = train(
-            teacher,
+            frozen_teacher,
             student,
             train_set.pixels,
             train_config(config, len(train_set)),
