@@ -1,22 +1,28 @@
-"""CUDA check of the SQAKD engine: bf16 autocast vs float32, channels_last, a job end to end.
+"""CUDA check of the SQAKD engine: the quantizers on CUDA against the CPU, training speed in
+float32 and bf16 autocast, eager and ``torch.compile``, a job end to end, and TensorRT's presence.
 
 Run on a machine with an NVIDIA GPU (not part of the test suite, which runs on CPU):
 
     python bench/cuda_check.py --out cuda_check.json
 
-It trains a quantized torchvision ResNet-18 (random weights; speed does not depend on them) for a
-few steps in each precision, then runs ``core.pipeline.run_quantization`` on a small generated
-image archive, and reports images/s, peak GPU memory, and whether TensorRT is importable.
+Training rows: a torchvision ResNet-18 (LSQ W4A4) and the paper's CIFAR ResNet-20 (EWGS W4A4,
+BatchNorm), random weights (speed does not depend on them), batch 256 at 32x32, channels_last,
+the teacher from ``inference_teacher``; EWGS's delta is fixed so that rows time steps alone.
+Then ``core.pipeline.run_quantization`` on a small generated image archive.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import io
+import itertools
 import json
+import shutil
 import tempfile
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,33 +31,91 @@ import torch
 import torchvision
 from PIL import Image
 
+from bench.speed_vs_paper import ResNet20
 from core.sqakd.calibrate import calibrate
 from core.sqakd.modules import QuantSpec, prepare
+from core.sqakd.quantizers import QUANTIZERS, create_quantizer
+from core.sqakd.teacher import inference_teacher
 from core.sqakd.trainer import TrainConfig, train
 
+BATCH = 256
+PAPER_MODEL = "CIFAR ResNet-20 (BN)"
+MODELS = {  # name: (model, method)
+    "torchvision ResNet-18": (lambda: torchvision.models.resnet18(num_classes=10), "lsq"),
+    PAPER_MODEL: (ResNet20, "ewgs"),
+}
 
-def teacher_model(device: torch.device) -> torch.nn.Module:
-    model = torchvision.models.resnet18(num_classes=10)
+
+def teacher_model(name: str, device: torch.device) -> torch.nn.Module:
+    model = MODELS[name][0]()
     model.train()
     with torch.no_grad():  # BatchNorm statistics from data, so logits are not degenerate
         for _ in range(4):
             model(torch.randn(64, 3, 32, 32))
-    return model.eval().to(device).to(memory_format=torch.channels_last)
+    return model.eval().to(device)
 
 
-def training_speed(teacher: torch.nn.Module, amp: bool, steps: int, batch: int) -> dict[str, Any]:
-    device = next(teacher.parameters()).device
-    pixels = torch.randint(0, 256, (batch * 4, 3, 32, 32), dtype=torch.uint8, device=device)
-    student = prepare(teacher, QuantSpec(method="lsq", weight_bits=4, activation_bits=4))
+def quantizer_parity(device: torch.device) -> list[dict[str, Any]]:
+    """Each method's activation and weight quantizer, forward and all gradients, on CUDA (tensor
+    operands) against the CPU (float operands) on the same inputs."""
+    rows = []
+    for method in sorted(QUANTIZERS):
+        for weight in (False, True):
+            x = torch.randn(64, 16, 8, 8) * 2
+            cpu = create_quantizer(method, 4, weight=weight, channels=64 if weight else None)
+            cpu.calibrate(x, signed=weight)
+            if method == "ewgs":
+                cpu.delta.fill_(0.2)  # the EWGS term on: its default 0 is a straight-through
+            gpu = create_quantizer(method, 4, weight=weight, channels=64 if weight else None)
+            gpu.load_state_dict(cpu.state_dict())
+            gpu.signed = cpu.signed
+            gpu.to(device)
+            outputs, grads = [], []
+            for quantizer, inputs in ((cpu, x.clone()), (gpu, x.to(device))):
+                inputs.requires_grad_(True)
+                out = quantizer(inputs)
+                out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out.device))
+                outputs.append(out.detach().cpu())
+                grads.append([inputs.grad.cpu()] + [p.grad.cpu() for p in quantizer.parameters()])
+            rows.append(
+                {
+                    "method": method,
+                    "tensor": "weights" if weight else "activations",
+                    "max_output_diff": (outputs[0] - outputs[1]).abs().max().item(),
+                    "max_grad_diff": max(
+                        (a - b).abs().max().item() for a, b in zip(*grads, strict=True)
+                    ),
+                }
+            )
+    return rows
+
+
+def training_speed(
+    name: str, amp: bool, compiled: bool, steps: int, device: torch.device
+) -> dict[str, Any]:
+    teacher = teacher_model(name, device)
+    method = MODELS[name][1]
+    pixels = torch.randint(0, 256, (BATCH * 4, 3, 32, 32), dtype=torch.uint8, device=device)
+    spec = QuantSpec(method=method, weight_bits=4, activation_bits=4)
+    student = prepare(teacher, spec).to(memory_format=torch.channels_last)
     calibrate(student, teacher, pixels[:256].float() / 255)
-    config = TrainConfig(steps=steps, batch_size=batch, amp=amp, augment=True)
-    train(teacher, student, pixels, TrainConfig(steps=3, batch_size=batch, amp=amp))  # warm-up
-    torch.cuda.synchronize()
-    stats = train(teacher, student, pixels, config)
+    frozen = inference_teacher(teacher)
+    config = TrainConfig(
+        steps=steps, batch_size=BATCH, amp=amp, compile_model=compiled, ewgs_delta=0.2
+    )
+    started = time.perf_counter()
+    train(frozen, student, pixels, replace(config, steps=3))  # warm-up (and compilation)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warmup = time.perf_counter() - started
+    stats = train(frozen, student, pixels, config)
     return {
+        "model": f"{name}, {method} W4A4",
         "precision": "bf16 autocast" if amp else "float32",
-        "batch": batch,
+        "compiled": compiled,
+        "batch": BATCH,
         "steps": steps,
+        "warmup_seconds": round(warmup, 1),
         "images_per_second": round(stats.images_per_second, 1),
         "peak_memory_mib": round((stats.peak_memory_bytes or 0) / 2**20, 1),
     }
@@ -128,35 +192,52 @@ def job_end_to_end(teacher: torch.nn.Module, workdir: Path) -> dict[str, Any]:
     }
 
 
-def tensorrt_version() -> str | None:
+def tensorrt_presence() -> dict[str, Any]:
+    """TensorRT's Python API, ``trtexec`` and ``libnvinfer``: whatever of them the machine has."""
     try:
         import tensorrt  # type: ignore[import-not-found]
+
+        version: str | None = str(tensorrt.__version__)
     except ImportError:
-        return None
-    return str(tensorrt.__version__)
+        version = None
+    return {
+        "python_api": version,
+        "trtexec": shutil.which("trtexec"),
+        "libnvinfer": ctypes.util.find_library("nvinfer"),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("cuda_check.json"))
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = parser.parse_args()
-    device = torch.device("cuda")
-    teacher = teacher_model(device)
+    device = torch.device(args.device)
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__,
-        "tensorrt": tensorrt_version(),
-        "training": [
-            training_speed(teacher, amp, args.steps, batch)
-            for batch in (256,)
-            for amp in (False, True)
-        ],
+        "tensorrt": tensorrt_presence(),
+        "quantizers": quantizer_parity(device),
+        "training": [],
     }
+    print(json.dumps(report, indent=2), flush=True)
+    # torch.compile rows on the paper's model only: each costs its compilation (a minute or so)
+    rows = list(itertools.product(MODELS, (False, True), (False,)))
+    rows += [] if args.no_compile else [(PAPER_MODEL, amp, True) for amp in (False, True)]
+    for name, amp, compiled in rows:
+        try:
+            row = training_speed(name, amp, compiled, args.steps, device)
+        except Exception as exc:  # a failed row is a finding; the others still run
+            row = {"model": name, "precision": amp, "compiled": compiled, "error": repr(exc)[:300]}
+        report["training"].append(row)
+        print(json.dumps(row), flush=True)
+        args.out.write_text(json.dumps(report, indent=2))  # what ran so far, if time runs out
     with tempfile.TemporaryDirectory() as tmp:
-        report["job"] = job_end_to_end(teacher, Path(tmp))
+        report["job"] = job_end_to_end(teacher_model("torchvision ResNet-18", device), Path(tmp))
     args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report["job"], indent=2))
 
 
 if __name__ == "__main__":

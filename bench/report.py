@@ -48,24 +48,52 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 def cuda_section(report: dict[str, Any]) -> str:
     speed = table(
-        ["precision", "batch", "steps", "images/s", "peak GPU memory (MiB)"],
+        ["model", "precision", "torch.compile", "images/s", "peak GPU memory (MiB)", "warm-up s"],
         [
-            [r["precision"], r["batch"], r["steps"], r["images_per_second"], r["peak_memory_mib"]]
+            [r["model"], r["precision"], "yes" if r["compiled"] else "no"]
+            + (
+                [r["images_per_second"], r["peak_memory_mib"], r["warmup_seconds"]]
+                if "error" not in r
+                else [f"failed: {r['error']}", "-", "-"]
+            )
             for r in report["training"]
+        ],
+    )
+    quantizers = table(
+        ["method", "tensor", "max output difference", "max gradient difference"],
+        [
+            [q["method"], q["tensor"], f"{q['max_output_diff']:.3g}", f"{q['max_grad_diff']:.3g}"]
+            for q in report["quantizers"]
         ],
     )
     job = report["job"]
     parity = job["onnx_parity"]
+    trt = report["tensorrt"]
+    found = {k: v for k, v in trt.items() if v}
     return (
-        f"SQAKD training step of a quantized torchvision ResNet-18 (LSQ W4A4, 32x32 inputs, "
-        f"channels_last, teacher under inference_mode) on {report['device']}, "
-        f"torch {report['torch']}:\n\n{speed}\n\n"
+        f"On {report['device']}, torch {report['torch']}.\n\n"
+        f"Quantizers on CUDA (tensor operands) against the CPU (float operands), 4 bits, "
+        f"forward and every gradient on the same inputs:\n\n{quantizers}\n\n"
+        f"SQAKD training steps, W4A4, batch {report['training'][0].get('batch', 256)} at 32x32, "
+        f"channels_last, teacher from `inference_teacher` under inference_mode, random "
+        f"weights; EWGS's delta fixed (the Hessian estimate is timed on the CPU in "
+        f"*speed-vs-paper*); warm-up: 3 steps, compilation included:\n\n{speed}\n\n"
         f"A whole job through `core.pipeline.run_quantization` on CUDA (2,048 generated "
         f"images, 2 epochs, batch 128): {job['seconds']} s, stages {', '.join(job['stages'])}; "
         f"training {job['train_images_per_second']} images/s; artifacts "
         f"{', '.join(job['artifacts'])}; ONNX Runtime vs PyTorch top-1 agreement "
         f"{parity['top1_agreement']:.3f}, max logit difference {parity['max_abs_diff']:.3g}.\n\n"
-        f"TensorRT: {report['tensorrt'] or 'not installed on that machine (no engine built)'}."
+        + (f"{report['note']}\n\n" if report.get("note") else "")
+        + "TensorRT: "
+        + (
+            ", ".join(f"{k} {v}" for k, v in found.items())
+            if found
+            else "none on that machine (no Python API, no `trtexec`, no `libnvinfer`), and it "
+            "cannot be installed there: it reaches no package index, and the PyPI package "
+            "`tensorrt-cu13-libs` is a source stub that downloads the libraries from "
+            "pypi.nvidia.com at install time. No engine was built."
+        )
+        + "\n"
     )
 
 

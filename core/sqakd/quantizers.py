@@ -67,7 +67,10 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
 
 def _scalar(t: Tensor) -> Tensor | float:
     """A one-element CPU tensor as a Python number: CPU kernels with scalar operands run ~3x
-    faster than with broadcast tensors. CUDA tensors stay tensors (no device sync)."""
+    faster than with broadcast tensors. CUDA tensors stay tensors (no device sync), and so does
+    everything under torch.compile (``.item()`` would break its graph at every quantizer)."""
+    if torch.compiler.is_compiling():
+        return t
     return t.item() if t.numel() == 1 and t.device.type == "cpu" else t
 
 
@@ -117,10 +120,16 @@ class _Scratch(threading.local):
     def __init__(self) -> None:
         self.buffers: OrderedDict[tuple[Any, ...], list[Tensor]] = OrderedDict()
 
-    def take(self, like: Tensor, count: int) -> list[Tensor]:
-        """``count`` uninitialised tensors with the size, strides and dtype of ``like``."""
-        if like.device.type != "cpu" or like.numel() < SCRATCH_MIN_NUMEL:
-            return [torch.empty_like(like) for _ in range(count)]
+    def take(self, like: Tensor, count: int) -> list[Tensor | None]:
+        """``count`` uninitialised tensors with the size, strides and dtype of ``like``, or
+        ``None`` (allocate as usual: ``_out``) on CUDA, for small tensors, and under
+        torch.compile (which plans memory itself and cannot trace the pool or ``out=``)."""
+        if (
+            like.device.type != "cpu"
+            or like.numel() < SCRATCH_MIN_NUMEL
+            or torch.compiler.is_compiling()
+        ):
+            return [None] * count
         key = (like.shape, like.stride(), like.dtype)
         buffers = self.buffers.pop(key, [])
         buffers += [torch.empty_like(like) for _ in range(count - len(buffers))]
@@ -128,6 +137,11 @@ class _Scratch(threading.local):
         while sum(t.nbytes for group in self.buffers.values() for t in group) > SCRATCH_BYTES:
             self.buffers.popitem(last=False)
         return buffers[:count]
+
+
+def _out(buffer: Tensor | None) -> dict[str, Tensor]:
+    """``out=buffer`` for an op, or nothing: a new tensor."""
+    return {} if buffer is None else {"out": buffer}
 
 
 SCRATCH_BYTES = 256 * 2**20
@@ -181,23 +195,21 @@ class _FakeQuantize(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()  # Hessian estimates differentiate gx in g
         with torch.no_grad():
             # Temporaries: reused memory, except where autograd keeps them (create_graph)
-            codes, rounded, scaled = (
-                [torch.empty_like(x) for _ in range(3)] if create_graph else _scratch.take(x, 3)
-            )
-            torch.div(x, s, out=codes)
+            codes, rounded, scaled = [None] * 3 if create_graph else _scratch.take(x, 3)
+            codes = torch.div(x, s, **_out(codes))
             gx = _inside(g, codes, lo, hi, clip)  # straight through inside the range
             if delta is None and not (needs_scale or needs_zero or create_graph):
                 return gx, None, None, None, None, None, None
             codes.clamp_(lo, hi)
             if not clip:
-                torch.round(codes, out=rounded)
+                rounded = torch.round(codes, **_out(rounded))
             g_scale = _sum(g, shape, codes if clip else rounded) if needs_scale else None
             if delta is not None:
-                residual = torch.sub(codes, rounded, out=rounded)  # 0 outside the range
+                residual = torch.sub(codes, rounded, **_out(rounded))  # 0 outside the range
                 if create_graph:
                     mask = gx != 0
                 else:
-                    magnitude = torch.abs(g, out=scaled)
+                    magnitude = torch.abs(g, **_out(scaled))
                     strength = _scalar(delta)
                     if isinstance(strength, float):  # gx += delta * |g| * residual
                         gx.addcmul_(magnitude, residual, value=strength)
