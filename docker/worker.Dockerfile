@@ -21,8 +21,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     SQAKD_DATA_DIR=/data \
     TRAIN_QUEUE=train
 
+# gcc and the Python headers: torch.compile (the compile_model job option) builds its Triton
+# launchers (CUDA) and C++ kernels (CPU) with them at run time.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc g++ \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv "$VIRTUAL_ENV"
 
