@@ -24,7 +24,7 @@ from torch import Tensor
 from core.config import JobConfig
 from core.engine import calibrated_student, train_config
 from core.export.int_checkpoint import save_int_checkpoint
-from core.export.onnx_qdq import export_qdq_onnx, onnx_parity
+from core.export.onnx_qdq import export_qdq_onnx, onnx_parity, tensorrt_report
 from core.inputs.images import ImageSet, load_image_archive, normalize
 from core.inputs.onnx_model import load_onnx_model
 from core.sqakd.metrics import compare, model_sizes, predict
@@ -153,6 +153,7 @@ def run_quantization(
         export_qdq_onnx(student, (3, *input_size), onnx_path)
         eval_inputs = normalize(eval_set.pixels[:PARITY_IMAGES], prep.mean, prep.std)
         metrics["onnx_parity"] = onnx_parity(student, onnx_path, eval_inputs.split(64))
+        metrics["tensorrt_rules"] = tensorrt_report(student, onnx_path)
     artifacts["metrics.json"].write_text(json.dumps(metrics, indent=2))
     return JobResult(metrics=metrics, artifacts=artifacts)
 

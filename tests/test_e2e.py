@@ -22,12 +22,14 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnx
 import onnxruntime as ort
 import psycopg
 import pytest
 import redis
 import torch
 
+from core.export import tensorrt_rules
 from core.export.int_checkpoint import load_int_student
 from core.inputs.onnx_model import load_onnx_model
 from core.pipeline import STAGES
@@ -217,6 +219,11 @@ def test_quantize_end_to_end(
         torch_logits = rebuilt(torch.from_numpy(batch)).numpy()
     np.testing.assert_allclose(torch_logits, logits, atol=1e-3)
     assert job["metrics"]["int_checkpoint_bytes"] == len(downloads["model_int.safetensors"])
+    # The worker ran the TensorRT-rules checker on the file; its count matches a fresh check.
+    violations = tensorrt_rules.check(onnx.load_from_string(downloads["model_qdq.onnx"]))
+    trt = job["metrics"]["tensorrt_rules"]
+    assert trt["follows_rules"] == (trt["violation_count"] == 0)
+    assert trt["violation_count"] >= len(violations)  # the worker also checks the bit grids
     assert "agreement" in io.BytesIO(downloads["metrics.json"]).read().decode()
 
     # The job is listed, and nothing of the upload is left in staging.

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -39,6 +40,7 @@ from onnx import numpy_helper
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from core.export import tensorrt_rules
 from core.sqakd.modules import QuantModule, quant_layers
 from core.sqakd.quantizers import IntGrid
 
@@ -49,6 +51,7 @@ from core.sqakd.quantizers import IntGrid
 # rewrite is off by default; all other ORT optimizations (int8 kernels included) stay on.
 FILE_SEMANTICS = ("WeightBiasQuantization",)
 MIN_OPSET = 13  # per-channel (axis) QuantizeLinear/DequantizeLinear
+MAX_REPORTED = 20  # violations listed in a job's metrics; the count says how many in all
 _INT8 = (-128, 127)
 _UINT8 = (0, 255)
 
@@ -159,6 +162,32 @@ def export_qdq_onnx(
     _fold_constant_quantize(onnx_model.graph)
     onnx.checker.check_model(onnx_model, full_check=True)
     onnx.save(onnx_model, str(path))
+
+
+def tensorrt_report(student: nn.Module, path: Path) -> dict[str, Any]:
+    """``core.export.tensorrt_rules.check`` of the exported file, with each layer's bits:
+    {"follows_rules": bool, "violation_count": n, "violations": the first ``MAX_REPORTED``}."""
+    model = onnx.load(str(path))
+    violations = tensorrt_rules.check(model, layer_bits_by_node(student, model))
+    return {
+        "follows_rules": not violations,
+        "violation_count": len(violations),
+        "violations": [v.as_dict() for v in violations[:MAX_REPORTED]],
+    }
+
+
+def layer_bits_by_node(student: nn.Module, model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """(weight bits, activation bits) of each exported quantized layer, by ONNX node name.
+
+    The exporter names a node after its module path, and ``_qdq_layer`` puts each quantized
+    layer at ``<name>.1``: ``/layer1/layer1.0/conv1/layer1.0.conv1.1/Conv`` is ``layer1.0.conv1``.
+    """
+    bits = {
+        f"{name}.1": (layer.weight_quantizer.bits, layer.act_quantizer.bits)
+        for name, layer in quant_layers(student)
+    }
+    scopes = {node.name: node.name.split("/")[-2:][0] for node in model.graph.node}
+    return {node: bits[scope] for node, scope in scopes.items() if scope in bits}
 
 
 def _fold_constant_quantize(graph: onnx.GraphProto) -> None:

@@ -20,7 +20,12 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from core.export.onnx_qdq import export_qdq_onnx, onnx_parity
+from core.export.onnx_qdq import (
+    export_qdq_onnx,
+    layer_bits_by_node,
+    onnx_parity,
+    tensorrt_report,
+)
 from core.inputs.onnx_model import load_onnx_model
 from core.sqakd.calibrate import calibrate
 from core.sqakd.modules import QuantSpec, prepare, quant_layers, quantizers
@@ -282,3 +287,19 @@ def test_rejects_old_opsets_and_float_models(tmp_path: Path) -> None:
         export_qdq_onnx(student, INPUT_SHAPE, tmp_path / "a.onnx", opset=11)
     with pytest.raises(ValueError, match="no quantized layers"):
         export_qdq_onnx(TinyCNN(), INPUT_SHAPE, tmp_path / "b.onnx")
+
+
+def test_tensorrt_report_finds_every_layer_and_names_the_gaps(tmp_path: Path) -> None:
+    """The checker runs on the export with each layer's bits. Today's export (method grids as
+    the papers define them) breaks two TensorRT rules: uint8 for unsigned activations and a
+    residual Add without Q/DQ; everything else (grids, clips, per-channel axis) holds."""
+    student = make_student(TinyCNN().eval(), "lsq-w4a4", layer_bits={"conv3": 2})
+    path = tmp_path / "model_qdq.onnx"
+    export_qdq_onnx(student, INPUT_SHAPE, path)
+    bits = layer_bits_by_node(student, onnx.load(str(path)))
+    assert sorted(bits.values()) == [(2, 2), (4, 4), (8, 8), (8, 8)]
+    assert all(name.endswith(("/Conv", "/Gemm")) for name in bits)
+    report = tensorrt_report(student, path)
+    assert not report["follows_rules"]
+    assert {v["rule"] for v in report["violations"]} == {"int8", "residual_add"}
+    assert report["violation_count"] == len(report["violations"])
