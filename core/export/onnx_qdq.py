@@ -16,9 +16,10 @@ Exactness (the ONNX model equals the student up to float summation order):
 - Every method (lsq, ewgs, pact, dorefa, ste), 2..8 bits, signed or unsigned: exact, because each
   quantizer keeps its levels on an integer grid with an integer zero point (EWGS snaps its lower
   bound to a whole number of steps; DoReFa's odd codes fit int8 up to 7 bits and use -127..127
-  at 8). Weights are int8 (uint8 for an unsigned 8-bit weight grid); activations are uint8 on
-  unsigned grids, int8 on signed ones, preceded by a Clip to the b-bit range when the grid is
-  narrower than the 8-bit type.
+  at 8). Weights are int8 (uint8 for an unsigned 8-bit weight grid); activations are int8 with
+  zero point 0, their codes shifted by the grid's zero point, preceded by a Clip to the b-bit
+  range when the grid is narrower than int8; only 256-level grids that do not fit int8 that way
+  (unsigned 8 bits) keep uint8 or a zero point.
 - Not exact: 1-bit signed activations (levels +-s: a QuantizeLinear cannot skip the 0 between
   them; 1-bit weights are exact).
 """
@@ -91,13 +92,22 @@ def _weight_qparams(grid: IntGrid, per_channel: bool) -> _QParams:
 
 
 def _activation_qparams(grid: IntGrid) -> _QParams:
-    """uint8 for grids of non-negative integers, int8 otherwise; Clip when the grid is narrower."""
-    type_range = _UINT8 if grid.qmin >= 0 else _INT8
+    """int8 with zero point 0 (TensorRT's only INT8 form) wherever the grid's codes, shifted by
+    its zero point, fit in -128..127: every grid below 8 bits. 256-level grids that do not
+    (unsigned 8 bits) keep uint8 or their zero point. Clip when the grid is narrower than the
+    type: QuantizeLinear saturates at the type's range only."""
     scale = float(grid.scale.detach().float().reshape(-1)[0])
-    zero_point = int(grid.zero_point.detach().reshape(-1)[0].round().clamp(*type_range))
+    zero_point = int(grid.zero_point.detach().reshape(-1)[0].round())
+    low, high = grid.qmin - zero_point, grid.qmax - zero_point  # the real codes, zero at 0
+    if _INT8[0] <= low and high <= _INT8[1]:
+        type_range, zero_point = _INT8, 0
+    else:
+        type_range = _UINT8 if grid.qmin >= 0 else _INT8
+        zero_point = min(max(zero_point, type_range[0]), type_range[1])
+        low, high = grid.qmin - zero_point, grid.qmax - zero_point
     clip = None
-    if grid.qmin > type_range[0] or grid.qmax < type_range[1]:
-        clip = ((grid.qmin - zero_point) * scale, (grid.qmax - zero_point) * scale)
+    if (low, high) != (type_range[0] - zero_point, type_range[1] - zero_point):
+        clip = (low * scale, high * scale)
     return _QParams(scale, zero_point, type_range, clip)
 
 
