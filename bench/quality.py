@@ -12,9 +12,9 @@ when the command runs again: an interrupted benchmark resumes where it stopped, 
 budget or default never mixes with old results. The BENCHMARKS.md section is rewritten after
 every run, marked partial until all runs are there.
 
-    python -m bench.quality        # about 40 minutes on 2 quiet CPU cores; writes BENCHMARKS.md
+    python -m bench.quality    # 2 seeds: about 70 minutes on 2 quiet cores; writes BENCHMARKS.md
     python -m bench.quality --train-images 2000 --test-images 1000 --epochs 1 \
-        --rows lsq:4 --no-write    # a trial: a few minutes, BENCHMARKS.md untouched
+        --rows lsq:4 --seeds 0 --no-write    # a trial: a few minutes, BENCHMARKS.md untouched
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -60,10 +61,15 @@ from core.sqakd.trainer import (
 # other work shares the cores (steps then ran 2-3x slower). On shared cores, --threads 1 slows
 # down more gracefully.
 EPOCHS = 1
+# Seeds per row. Two W4A4 quantizers that differ only in their activations' range gradient
+# (PACT with its range nearly frozen, and DoReFa) scored 0.3-0.4 points apart with one seed, in
+# opposite directions for SQAKD and CE: single runs cannot rank W4A4 rows, whose gaps are
+# smaller than that. Each seed changes the calibration sample, data order and augmentation.
+SEEDS = (0, 1)
 BUDGET_NOTE = (
-    "14 runs of one epoch come to about 42 minutes on 2 quiet CPU cores by step times measured "
-    "beforehand (160 to 260 ms per step of 64 images, 6 to 7 s per evaluation); two epochs, "
-    "about 80 minutes, would leave no margin for a loaded machine"
+    "the 14 runs of one seed at one epoch took 34.5 minutes on 2 quiet CPU cores (160 to 260 ms "
+    "per step of 64 images, 6 to 7 s per evaluation), so two seeds fit 90 minutes; two epochs "
+    "would fit one seed only, and single runs cannot rank the W4A4 rows (see SEEDS)"
 )
 ROWS: list[tuple[Method, int]] = [  # (method, weight and activation bits)
     ("ewgs", 2),
@@ -124,14 +130,15 @@ def load_teacher() -> nn.Module:
     return load_onnx_model(TEACHER_ONNX, input_size=input_size()).module
 
 
-def job_config(method: Method, bits: int, epochs: int) -> JobConfig:
-    """JobConfig defaults but for method, bits, epochs and the teacher's preprocessing."""
+def job_config(method: Method, bits: int, epochs: int, seed: int = 0) -> JobConfig:
+    """JobConfig defaults but for method, bits, epochs, seed and the teacher's preprocessing."""
     return JobConfig.model_validate(
         {
             "method": method,
             "weight_bits": bits,
             "activation_bits": bits,
             "epochs": epochs,
+            "seed": seed,
             "preprocessing": teacher_preprocessing(),
         }
     )
@@ -168,6 +175,7 @@ class Budget:
     epochs: int
     train_images: int
     test_images: int
+    seeds: tuple[int, ...] = SEEDS  # job seeds: calibration sample, data order, augmentation
 
     def settings(self, mode: str, config: JobConfig | None = None) -> dict[str, Any]:
         """A run's key: mode, data, and (trained or calibrated runs) the whole job config."""
@@ -177,8 +185,16 @@ class Budget:
         return key
 
     def command(self) -> str:
-        defaults = {"--train-images": 50_000, "--test-images": 10_000}
-        given = {"--train-images": self.train_images, "--test-images": self.test_images}
+        defaults = {
+            "--train-images": 50_000,
+            "--test-images": 10_000,
+            "--seeds": ",".join(map(str, SEEDS)),
+        }
+        given = {
+            "--train-images": self.train_images,
+            "--test-images": self.test_images,
+            "--seeds": ",".join(map(str, self.seeds)),
+        }
         extra = "".join(
             f" {flag} {value}" for flag, value in given.items() if value != defaults[flag]
         )
@@ -231,14 +247,14 @@ class Bench:
             self.record(key, scored | {"wall_seconds": time.perf_counter() - started}, name)
         return student, rng_state
 
-    def row(self, method: Method, bits: int) -> None:
+    def row(self, method: Method, bits: int, seed: int) -> None:
         """SQAKD and the baseline from copies of one calibrated student, each unless stored.
 
         Each run starts from the calibrated student and RNG state as a job's training does, so
         it is what a fresh job would train, without calibrating twice.
         """
-        config = job_config(method, bits, self.budget.epochs)
-        name = f"{method} W{bits}A{bits}"
+        config = job_config(method, bits, self.budget.epochs, seed)
+        name = f"{method} W{bits}A{bits} seed {seed}"
         calibrated: tuple[nn.Module, Tensor] | None = None
         for mode in MODES:
             key = self.budget.settings(mode, config)
@@ -318,40 +334,53 @@ def points(value: float) -> str:
 
 
 def section(results: Results, budget: Budget) -> tuple[str, bool]:
-    """The body from the stored runs of ``budget``, and whether all of them are there."""
+    """The body from the stored runs of ``budget``, and whether all of them are there. Each
+    row shows means over the seeds whose SQAKD and CE runs both finished."""
     teacher = results.get(budget.settings("teacher"))
     teacher_top1 = teacher["top1"] if teacher else None
     rows, finished, wall = [], 0, teacher["eval_seconds"] if teacher else 0.0
     beats_ce: dict[str, bool] = {}
     near_teacher: dict[str, bool] = {}
     for method, bits in ROWS:
-        config = job_config(method, bits, budget.epochs)
-        calibrated = results.get(budget.settings("calibrated", config))
-        sqakd, ce = (results.get(budget.settings(mode, config)) for mode in MODES)
         name = f"{method} W{bits}A{bits}"
-        finished += sum(run is not None for run in (sqakd, ce))
-        wall += sum(run["wall_seconds"] for run in (calibrated, sqakd, ce) if run is not None)
-        if sqakd and ce:
-            beats_ce[name] = sqakd["top1"] >= ce["top1"]
-        if sqakd and teacher_top1 is not None and bits == 4:
-            near_teacher[name] = 100 * (teacher_top1 - sqakd["top1"]) <= W4_GOAL_POINTS
+        runs = []  # (calibrated, sqakd, ce) per seed
+        for seed in budget.seeds:
+            config = job_config(method, bits, budget.epochs, seed)
+            run = tuple(results.get(budget.settings(m, config)) for m in ("calibrated", *MODES))
+            finished += sum(r is not None for r in run[1:])
+            wall += sum(r["wall_seconds"] for r in run if r is not None)
+            runs.append(run)
+        pairs = [run for run in runs if run[1] and run[2]]
+        calibrated = [run[0]["top1"] for run in runs if run[0]]
+        sqakd = statistics.mean(run[1]["top1"] for run in pairs) if pairs else None
+        ce = statistics.mean(run[2]["top1"] for run in pairs) if pairs else None
+        if sqakd is not None and ce is not None:
+            beats_ce[name] = sqakd >= ce
+            if teacher_top1 is not None and bits == 4:
+                near_teacher[name] = 100 * (teacher_top1 - sqakd) <= W4_GOAL_POINTS
         rows.append(
             [
                 method,
                 f"W{bits}A{bits}",
-                *(f"{100 * run['top1']:.2f}" if run else "-" for run in (calibrated, sqakd, ce)),
-                points(sqakd["top1"] - ce["top1"]) if sqakd and ce else "-",
-                points(teacher_top1 - sqakd["top1"]) if sqakd and teacher_top1 else "-",
+                f"{100 * statistics.mean(calibrated):.2f}" if calibrated else "-",
+                *(f"{100 * v:.2f}" if v is not None else "-" for v in (sqakd, ce)),
+                points(sqakd - ce) if sqakd is not None and ce is not None else "-",
+                " / ".join(points(run[1]["top1"] - run[2]["top1"]) for run in pairs) or "-",
+                points(teacher_top1 - sqakd) if sqakd is not None and teacher_top1 else "-",
                 " / ".join(
-                    f"{run['train_seconds'] / 60:.1f}" if run else "-" for run in (sqakd, ce)
-                ),
+                    f"{statistics.mean(run[i]['train_seconds'] for run in pairs) / 60:.1f}"
+                    for i in (1, 2)
+                )
+                if pairs
+                else "-",
             ]
         )
-    total = len(ROWS) * len(MODES)
+    total = len(ROWS) * len(MODES) * len(budget.seeds)
     complete = finished == total and teacher is not None
     steps = train_config(job_config(*ROWS[0], budget.epochs), budget.train_images).steps
     defaults = JobConfig()
     why = f"Why this budget: {BUDGET_NOTE}. " if budget == Budget(EPOCHS, 50_000, 10_000) else ""
+    seeds = ", ".join(map(str, budget.seeds))
     head = (
         f"**Partial: {finished} of {total} runs finished; rerun the command to resume.**\n\n"
         if not complete
@@ -363,8 +392,10 @@ def section(results: Results, budget: Budget) -> tuple[str, bool]:
         f"{teacher_text} on these {budget.test_images:,} test images), each pair from the same "
         "calibrated student: SQAKD as a job trains it (KL to the teacher at T="
         f"{defaults.temperature:g}, no labels) and the QAT baseline (cross-entropy on the labels "
-        "only), everything else identical. Top-1 in percent on the test images; differences in "
-        "points; train minutes SQAKD / CE.\n\n"
+        "only), everything else identical, for each job seed "
+        f"({seeds}: the calibration sample, data order and augmentation). Top-1 in percent on "
+        "the test images, the mean over the seeds; differences in points, also per seed; train "
+        "minutes SQAKD / CE, per run.\n\n"
         + table(
             [
                 "method",
@@ -373,6 +404,7 @@ def section(results: Results, budget: Budget) -> tuple[str, bool]:
                 "SQAKD top-1",
                 "CE top-1",
                 "SQAKD - CE",
+                "per seed",
                 "teacher - SQAKD",
                 "train min",
             ],
@@ -387,8 +419,8 @@ def section(results: Results, budget: Budget) -> tuple[str, bool]:
         f"{defaults.batch_size}, {steps:,} steps per run; every other setting the JobConfig "
         f"default (lr {defaults.lr:g} and quantizer lr {defaults.quantizer_lr:g} in units of the "
         f"weight step, cosine schedule, crop and flip, per-channel weights, first and last layer "
-        f"at {defaults.first_last_bits} bits, EWGS delta {defaults.ewgs_delta}, seed "
-        f"{defaults.seed}). {why}Wall time: {wall / 60:.1f} minutes (teacher evaluation, "
+        f"at {defaults.first_last_bits} bits, EWGS delta {defaults.ewgs_delta}). {why}"
+        f"Wall time: {wall / 60:.1f} minutes (teacher evaluation, "
         "calibration and its evaluation per row, training and evaluation per run; decoding and "
         "loading excluded)."
     )
@@ -429,6 +461,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-images", type=int, default=50_000)
     parser.add_argument("--test-images", type=int, default=10_000)
     parser.add_argument("--rows", type=parse_rows, default=ROWS, help="e.g. ewgs:2,lsq:4")
+    parser.add_argument(
+        "--seeds",
+        type=lambda text: tuple(int(seed) for seed in text.split(",")),
+        default=SEEDS,
+        help=f"job seeds, e.g. 0,1 (default {','.join(map(str, SEEDS))})",
+    )
     parser.add_argument("--results", type=Path, default=CACHE_DIR / "quality.json")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="decoded images")
     parser.add_argument(
@@ -441,7 +479,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    budget = Budget(args.epochs, args.train_images, args.test_images)
+    budget = Budget(args.epochs, args.train_images, args.test_images, args.seeds)
     results = Results(args.results)
 
     def write() -> None:
@@ -468,8 +506,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         results.put(teacher_key, {"top1": top1, "eval_seconds": time.perf_counter() - started})
     print(f"teacher top-1 {results.get(teacher_key)['top1']:.4f}", flush=True)  # type: ignore[index]
     bench = Bench(teacher, train_set, test_set, teacher_logits, budget, results, write)
-    for method, bits in args.rows:
-        bench.row(method, bits)
+    for seed in budget.seeds:
+        for method, bits in args.rows:
+            bench.row(method, bits, seed)
     write()
 
 

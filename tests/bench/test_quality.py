@@ -1,9 +1,9 @@
 """bench.quality end to end on a few hundred CIFAR-10 images: every run stored, then resumed.
 
-One row (LSQ W4A4), two training steps per run on 128 images, scored on 100 test images: the
-results file must hold the teacher, the calibrated student, SQAKD and the baseline, the
-BENCHMARKS.md section must show them as partial, and a second invocation must train nothing
-(unless the budget changed).
+One row (LSQ W4A4) and two seeds, two training steps per run on 128 images, scored on 100 test
+images: the results file must hold the teacher and, per seed, the calibrated student, SQAKD and
+the baseline; the BENCHMARKS.md section must show their means as partial, and a second
+invocation must train nothing (unless the budget changed).
 """
 
 from __future__ import annotations
@@ -30,19 +30,17 @@ def test_quality_benchmark_stores_every_run_and_resumes(
     results = tmp_path / "quality.json"
     args = [
         *("--epochs", "1", "--train-images", "128", "--test-images", "100"),
-        *("--rows", "lsq:4", "--results", str(results)),
+        *("--rows", "lsq:4", "--seeds", "0,1", "--results", str(results)),
         *("--cache-dir", str(tmp_path / "cache"), "--threads", "1"),
     ]
 
     bench.quality.main(args)
 
     runs = json.loads(results.read_text())["runs"]
-    assert sorted(run["settings"]["mode"] for run in runs) == [
-        "calibrated",
-        "ce",
-        "sqakd",
-        "teacher",
-    ]
+    modes = sorted(run["settings"]["mode"] for run in runs)
+    assert modes == ["calibrated"] * 2 + ["ce"] * 2 + ["sqakd"] * 2 + ["teacher"]
+    trained = [run for run in runs if run["settings"]["mode"] in ("sqakd", "ce")]
+    assert sorted(run["settings"]["config"]["seed"] for run in trained) == [0, 0, 1, 1]
     for run in runs:
         assert 0.0 <= run["top1"] <= 1.0
         assert run["settings"]["test_images"] == 100
@@ -53,7 +51,13 @@ def test_quality_benchmark_stores_every_run_and_resumes(
     by_mode = {run["settings"]["mode"]: run for run in runs}
     assert by_mode["sqakd"]["final_loss"] != by_mode["ce"]["final_loss"]  # KL vs cross-entropy
     section = benchmarks.read_text()
-    assert "**Partial: 2 of 14 runs finished" in section
+    assert "**Partial: 4 of 28 runs finished" in section
+    top1 = {
+        mode: [100 * run["top1"] for run in runs if run["settings"]["mode"] == mode]
+        for mode in ("sqakd", "ce")
+    }
+    mean_difference = (sum(top1["sqakd"]) - sum(top1["ce"])) / 2
+    assert f"| {mean_difference:+.2f} |" in section  # the row's SQAKD - CE: a mean over seeds
     assert "| lsq | W4A4 |" in section and "| ste | W4A4 | - |" in section
     assert "W4A4 within 1.5 points of the teacher: " in section
 
