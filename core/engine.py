@@ -44,6 +44,7 @@ def quant_spec(config: JobConfig) -> QuantSpec:
         per_channel=config.per_channel,
         first_last_bits=config.first_last_bits,
         layer_bits=dict(config.layer_bits),
+        int8_grids=config.export.tensorrt,
     )
 
 

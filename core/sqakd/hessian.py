@@ -123,10 +123,11 @@ def estimate_ewgs_deltas(
 
 def max_delta(quantizer: EWGSQuantizer) -> float:
     """The largest delta that never flips a gradient's sign: the residual ``x_n - x_q`` reaches
-    half a step, ``1 / (2 * (levels - 1))``, so ``1 + delta * sign(g) * residual`` stays in
-    [0, 2] up to ``delta = 2 * (levels - 1)``. (The EWGS paper clips at 0 only; on small or
-    freshly calibrated models the estimate can exceed this bound.)"""
-    return 2.0 * (quantizer.levels - 1)
+    half a step, ``1 / (2 * steps)`` (``steps = 2**bits - 1`` but for int8 unsigned grids), so
+    ``1 + delta * sign(g) * residual`` stays in [0, 2] up to ``delta = 2 * steps``. (The EWGS
+    paper clips at 0 only; on small or freshly calibrated models the estimate can exceed this
+    bound.)"""
+    return 2.0 * quantizer.steps
 
 
 def _width(quantizer: EWGSQuantizer, output: Tensor) -> Tensor:

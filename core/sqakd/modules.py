@@ -30,6 +30,7 @@ class QuantSpec:
     per_channel: bool = True
     first_last_bits: int | None = 8
     layer_bits: dict[str, int] = field(default_factory=dict)  # name pattern -> bits (w and a)
+    int8_grids: bool = False  # TensorRT-compatible grids (``Quantizer.int8``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,14 +47,21 @@ class QuantModule:
 
     @classmethod
     def from_float(
-        cls, layer: nn.Module, method: str, weight_bits: int, act_bits: int, per_channel: bool
+        cls,
+        layer: nn.Module,
+        method: str,
+        weight_bits: int,
+        act_bits: int,
+        per_channel: bool,
+        int8: bool = False,
     ) -> QuantModule:
         quant = _rebind(layer, cls)
         out_channels = quant.weight.shape[0]
+        channels = out_channels if per_channel else None
         quant.weight_quantizer = create_quantizer(
-            method, weight_bits, weight=True, channels=out_channels if per_channel else None
+            method, weight_bits, weight=True, channels=channels, int8=int8
         )
-        quant.act_quantizer = create_quantizer(method, act_bits, weight=False)
+        quant.act_quantizer = create_quantizer(method, act_bits, weight=False, int8=int8)
         quant.weight_quantizer.to(quant.weight.device)  # quantizers live beside their layer
         quant.act_quantizer.to(quant.weight.device)
         return quant
@@ -163,7 +171,7 @@ def prepare(teacher: nn.Module, spec: QuantSpec) -> nn.Module:
         float_layer = student.get_submodule(name)
         quant_cls = QUANT_MODULES[type(float_layer)]
         quant_layer = quant_cls.from_float(
-            float_layer, spec.method, w_bits, a_bits, spec.per_channel
+            float_layer, spec.method, w_bits, a_bits, spec.per_channel, spec.int8_grids
         )
         _set_submodule(student, name, quant_layer)  # type: ignore[arg-type]
     for parameter in student.parameters():

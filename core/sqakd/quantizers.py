@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}
 CLIP_FRACTIONS = torch.logspace(-1.7, 0, 24).tolist()  # 0.02 .. 1 of the largest magnitude
+INT8_MAX = 127
 MIN_STEP = 1e-8  # a learnt step or range is kept at least this large
 
 
@@ -45,12 +46,15 @@ def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]
 
 
 def create_quantizer(
-    method: str, bits: int, *, weight: bool, channels: int | None = None
+    method: str, bits: int, *, weight: bool, channels: int | None = None, int8: bool = False
 ) -> Quantizer:
-    """A quantizer of ``method``; ``channels`` makes it per output channel (weights only)."""
+    """A quantizer of ``method``; ``channels`` makes it per output channel (weights only);
+    ``int8`` keeps its grid inside int8 with zero point 0 (``Quantizer.int8``)."""
     if method not in QUANTIZERS:
         raise ValueError(f"unknown quantization method {method!r}; known: {sorted(QUANTIZERS)}")
-    return QUANTIZERS[method](bits, weight=weight, channels=channels)
+    quantizer = QUANTIZERS[method](bits, weight=weight, channels=channels)
+    quantizer.int8 = int8
+    return quantizer
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -265,6 +269,11 @@ class Quantizer(nn.Module):
     """Fake-quantizes to ``2**bits`` levels. Signed or unsigned is set by ``calibrate``."""
 
     method: str = ""
+    # The TensorRT-compatible variant: every grid, shifted by its zero point, inside int8's
+    # -128..127, since TensorRT takes INT8 with zero point 0 only. Below 8 bits every grid
+    # already is; at 8 bits unsigned grids keep 0..127 (one bit of resolution less) and EWGS's
+    # zero point is pinned to 128 (signed) so that its 256 codes are int8's.
+    int8: bool = False
 
     def __init__(self, bits: int, *, weight: bool, channels: int | None = None) -> None:
         super().__init__()
@@ -279,6 +288,11 @@ class Quantizer(nn.Module):
     @property
     def levels(self) -> int:
         return 2**self.bits
+
+    @property
+    def unsigned_top(self) -> int:
+        """The largest code of an unsigned grid: ``2**bits - 1``, or 127 with ``int8``."""
+        return min(self.levels - 1, INT8_MAX) if self.int8 else self.levels - 1
 
     def param_shape(self, x: Tensor) -> tuple[int, ...]:
         """Shape of a per-channel parameter broadcast against ``x`` (channels on dim 0)."""
@@ -363,7 +377,7 @@ class LSQQuantizer(Quantizer):
     def int_range(self) -> tuple[int, int, float]:
         """(qmin, qmax, offset): levels are ``(k + offset) * step`` for k in qmin..qmax."""
         if not self.signed:
-            return 0, self.levels - 1, 0.0
+            return 0, self.unsigned_top, 0.0
         if self.bits == 1:
             return -1, 0, 0.5  # {-s/2, +s/2}: a 1-bit signed grid has no zero
         return -(self.levels // 2), self.levels // 2 - 1, 0.0
@@ -441,21 +455,33 @@ class EWGSQuantizer(Quantizer):
     def symmetric_binary(self) -> bool:
         return self.signed and self.bits == 1
 
+    @property
+    def steps(self) -> int:
+        """Steps between the lower and upper bound: ``2**bits - 1``, 127 for int8 unsigned."""
+        return self.levels - 1 if self.signed else self.unsigned_top
+
+    def zero_point(self, lower: Tensor, step: Tensor) -> Tensor:
+        """The lower bound snapped to a whole number of steps below zero, so that zero is a
+        level (only then does the grid export exactly to int8); with ``int8`` also kept where
+        the codes shifted by it fit -128..127 (pinned to 128 for 8-bit signed grids)."""
+        zero_point = round_ste(-lower / step)
+        if self.int8:
+            zero_point = zero_point.clamp(self.steps - INT8_MAX, INT8_MAX + 1)
+        return zero_point
+
     def quantize(self, x: Tensor) -> Tensor:
         shape = self.param_shape(x)
         lower = self.lower.view(shape) if self.channels else self.lower.squeeze()
         upper = self.upper.view(shape) if self.channels else self.upper.squeeze()
-        steps = self.levels - 1
+        steps = self.steps
         if self.symmetric_binary:  # 1 bit signed: {-u, +u}, a grid with no zero level
             lower = -upper
             width = (upper - lower).clamp_min(MIN_STEP)
             normalised = ((x - lower) / width).clamp(0, 1) * steps
             rounded = _EWGSRound.apply(normalised, self.delta / steps)
             return rounded / steps * width + lower
-        # The zero point is the lower bound snapped to a whole number of steps below zero, so
-        # that zero is a level: only then does the grid export exactly to int8.
         step = (upper - lower).clamp_min(MIN_STEP) / steps
-        zero_point = round_ste(-lower / step)
+        zero_point = self.zero_point(lower, step)
         # delta / steps: the residual in code units is steps times the paper's x_n - x_q
         return fake_quantize(x, step, zero_point, 0, steps, delta=self.delta / steps)
 
@@ -479,9 +505,8 @@ class EWGSQuantizer(Quantizer):
         upper = self.upper.detach().clone()  # a snapshot: training goes on changing upper
         if self.symmetric_binary:
             return IntGrid(upper, torch.zeros_like(upper), -1, 1, stride=2)
-        step = (upper - self.lower.detach()).clamp_min(MIN_STEP) / (self.levels - 1)
-        zero_point = (-self.lower.detach() / step).round()
-        return IntGrid(step, zero_point, 0, self.levels - 1)
+        step = (upper - self.lower.detach()).clamp_min(MIN_STEP) / self.steps
+        return IntGrid(step, self.zero_point(self.lower.detach(), step).detach(), 0, self.steps)
 
 
 # --- fixed and clipped ranges: ste, dorefa, pact ----------------------------------------------
@@ -503,14 +528,15 @@ def clip_range(x: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
     return torch.where(x >= upper, upper, torch.where(x < lower, lower, x))
 
 
-def uniform_codes(bits: int, signed: bool) -> tuple[int, int, int]:
+def uniform_codes(bits: int, signed: bool, unsigned_top: int) -> tuple[int, int, int]:
     """(qmin, qmax, stride) of the plain uniform grid, zero point 0 throughout.
 
-    Unsigned ``0..2**b - 1``; signed ``-2**(b-1)..2**(b-1) - 1`` (zero is a level, one level
-    more below it than above, as LSQ); signed 1 bit ``{-1, +1}``.
+    Unsigned ``0..unsigned_top`` (``2**b - 1``, or 127 for int8); signed
+    ``-2**(b-1)..2**(b-1) - 1`` (zero is a level, one level more below it than above, as LSQ);
+    signed 1 bit ``{-1, +1}``.
     """
     if not signed:
-        return 0, 2**bits - 1, 1
+        return 0, unsigned_top, 1
     if bits == 1:
         return -1, 1, 2
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, 1
@@ -532,7 +558,7 @@ class STEQuantizer(Quantizer):
 
     def codes(self) -> tuple[int, int, int]:
         """(qmin, qmax, stride) of the integer grid; levels are ``q * range / qmax``."""
-        return uniform_codes(self.bits, self.signed)
+        return uniform_codes(self.bits, self.signed, self.unsigned_top)
 
     def stored_range(self) -> Tensor:
         """The tensor that holds the top of the range (per channel); ``set_range`` writes it."""
@@ -603,10 +629,10 @@ class DoReFaQuantizer(STEQuantizer):
 
     def codes(self) -> tuple[int, int, int]:
         if not self.for_weights:
-            return uniform_codes(self.bits, self.signed)
+            return uniform_codes(self.bits, self.signed, self.unsigned_top)
         top = 2**self.bits - 1
         if not self.signed:
-            return 0, top, 1
+            return 0, self.unsigned_top, 1
         if self.bits == 8:
             return -127, 127, 1
         return -top, top, 2

@@ -46,7 +46,12 @@ def test_pack_puts_the_first_code_in_the_lowest_bits() -> None:
 
 
 def trained_student(
-    teacher: nn.Module, method: str, bits: int, *, per_channel: bool = True
+    teacher: nn.Module,
+    method: str,
+    bits: int,
+    *,
+    per_channel: bool = True,
+    int8_grids: bool = False,
 ) -> tuple[nn.Module, QuantSpec]:
     """Prepared, calibrated and trained two steps, so every range has moved off calibration."""
     spec = QuantSpec(
@@ -56,6 +61,7 @@ def trained_student(
         per_channel=per_channel,
         first_last_bits=None,
         layer_bits={"fc*": 8},
+        int8_grids=int8_grids,
     )
     pixels = uint8_images(32)
     student = prepare(teacher, spec)
@@ -64,12 +70,17 @@ def trained_student(
     return student.eval(), spec
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize(
+    ("bits", "int8"), [(1, False), (2, False), (3, False), (4, False), (8, False), (8, True)]
+)
 @pytest.mark.parametrize("method", METHODS)
-def test_loaded_student_gives_bit_identical_outputs(method: str, bits: int, tmp_path: Path) -> None:
+def test_loaded_student_gives_bit_identical_outputs(
+    method: str, bits: int, int8: bool, tmp_path: Path
+) -> None:
+    """Every method and width; at 8 bits also the TensorRT-compatible (int8) grids."""
     torch.manual_seed(0)
     teacher = MixedNet().eval()  # depthwise, grouped, linear layers, a PReLU
-    student, spec = trained_student(teacher, method, bits)
+    student, spec = trained_student(teacher, method, bits, int8_grids=int8)
     path = tmp_path / "model_int.safetensors"
     save_int_checkpoint(student, spec, path)
 

@@ -303,3 +303,24 @@ def test_tensorrt_report_finds_every_layer_and_names_the_gaps(tmp_path: Path) ->
     assert not report["follows_rules"]
     assert [v["rule"] for v in report["violations"]] == ["residual_add"]
     assert report["violation_count"] == len(report["violations"])
+
+
+@pytest.mark.parametrize("method", ["lsq", "ewgs", "pact", "dorefa", "ste"])
+def test_int8_grids_export_w8a8_as_int8_with_zero_point_0(method: str, tmp_path: Path) -> None:
+    """W8A8 with ``int8_grids``: every Q/DQ is int8 with zero point 0 (the papers' grids need
+    uint8 for the unsigned 8-bit inputs after ReLU), weights exact, parity as usual."""
+    reports = {}
+    for int8 in (False, True):
+        teacher = TinyCNN().eval()
+        torch.manual_seed(0)
+        spec = QuantSpec(method=method, weight_bits=8, activation_bits=8, int8_grids=int8)
+        student = prepare(teacher, spec)
+        calibrate(student, teacher, torch.randn(8, *INPUT_SHAPE))
+        student.eval()
+        path = tmp_path / f"int8-{int8}.onnx"
+        export_qdq_onnx(student, INPUT_SHAPE, path)
+        reports[int8] = {v["rule"] for v in tensorrt_report(student, path)["violations"]}
+        if int8:
+            assert_weights_exact(check_graph(path, student), student)
+            assert_lsq_parity(onnx_parity(student, path, batches()), student)
+    assert reports == {False: {"int8", "residual_add"}, True: {"residual_add"}}

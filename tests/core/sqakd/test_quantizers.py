@@ -565,3 +565,50 @@ def test_lsq_step_pushed_past_zero_keeps_its_grid() -> None:
     out = q(w)
     assert out.tolist() == [[-1.0, 0.5, 0.5], [-0.5, 0.0, 0.25]]
     assert_on_grid(q, out)
+
+
+def _int8_codes(quantizer: Quantizer, x: Tensor) -> Tensor:
+    """The quantizer's output on ``x`` as codes of its grid shifted by the zero point: what an
+    int8 QuantizeLinear with zero point 0 would have to store."""
+    grid = quantizer.grid()
+    shape = (-1,) + (1,) * (x.dim() - 1) if quantizer.channels else ()
+    with torch.no_grad():
+        codes = quantizer(x) / grid.scale.reshape(shape)
+    torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)  # on the grid
+    return codes.round()
+
+
+@pytest.mark.parametrize("method", sorted(QUANTIZERS))
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("signed", [False, True])
+def test_int8_grids_fit_int8_with_zero_point_0_at_8_bits(
+    method: str, weight: bool, signed: bool
+) -> None:
+    """The TensorRT-compatible variant: 8-bit grids whose codes, shifted by the zero point, lie
+    in -128..127; the papers' grids do not (unsigned 0..255, EWGS's free zero point)."""
+    x = torch.randn(16, 8, 4, 4) * 2
+    x = x if signed else x.abs()
+    channels = 16 if weight else None
+    spans = {}
+    for int8 in (False, True):
+        quantizer = create_quantizer(method, 8, weight=weight, channels=channels, int8=int8)
+        quantizer.calibrate(x, signed=signed)
+        grid = quantizer.grid()
+        shifted = torch.tensor([grid.qmin, grid.qmax]) - grid.zero_point.reshape(-1, 1)
+        spans[int8] = (int(shifted.min()), int(shifted.max()))
+        codes = _int8_codes(quantizer, x)
+        assert spans[int8][0] <= codes.min() and codes.max() <= spans[int8][1]
+    assert spans[True][0] >= -128 and spans[True][1] <= 127
+    if not signed:
+        assert spans[False][1] == 255  # what the variant exists for
+
+
+@pytest.mark.parametrize("method", sorted(QUANTIZERS))
+def test_int8_grids_change_nothing_below_8_bits(method: str) -> None:
+    x = torch.randn(16, 8, 4, 4).abs()
+    outputs = []
+    for int8 in (False, True):
+        quantizer = create_quantizer(method, 4, weight=False, int8=int8)
+        quantizer.calibrate(x, signed=False)
+        outputs.append(quantizer(x))
+    assert torch.equal(*outputs)
