@@ -205,18 +205,13 @@ def _fold_constant_quantize(graph: onnx.GraphProto) -> None:
 
     Uses QuantizeLinear's definition: saturate(round_half_even(x / scale) + zero_point).
     """
-    constants = {tensor.name: tensor for tensor in graph.initializer}
-    for node in graph.node:  # topological order; the exporter puts equal constants behind Identity
-        if node.op_type == "Constant" and node.attribute[0].name == "value":
-            constants[node.output[0]] = node.attribute[0].t
-        elif node.op_type == "Identity" and node.input[0] in constants:
-            constants[node.output[0]] = constants[node.input[0]]
+    constants = tensorrt_rules.constant_arrays(graph)
     kept = []
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or not all(name in constants for name in node.input):
             kept.append(node)
             continue
-        x, scale, zero_point = (numpy_helper.to_array(constants[name]) for name in node.input)
+        x, scale, zero_point = (constants[name] for name in node.input)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         if scale.ndim == 1:  # per channel: broadcast along ``axis``
             shape = [1] * x.ndim

@@ -49,25 +49,30 @@ class Violation:
         return {"rule": self.rule, "node": self.node, "message": self.message}
 
 
+def constant_arrays(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every tensor of ``graph`` known without running it: initializers, Constant nodes, and
+    Identity of those (the exporter shares equal constants that way), by name."""
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:  # topological order: an Identity comes after what it copies
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in constants:
+            constants[node.output[0]] = constants[node.input[0]]
+    return constants
+
+
 class _Graph:
     """Lookups over one graph: constants by name, the node producing each tensor."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        self.constants: dict[str, np.ndarray] = {
-            t.name: numpy_helper.to_array(t) for t in graph.initializer
-        }
+        self.constants = constant_arrays(graph)
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
             for name in node.output:
                 self.producer[name] = node
             for name in node.input:
                 self.consumers[name].append(node)
-        for node in graph.node:  # constants behind Identity (the exporter shares equal ones)
-            if node.op_type == "Identity" and node.input[0] in self.constants:
-                self.constants[node.output[0]] = self.constants[node.input[0]]
 
     def is_constant(self, name: str) -> bool:
         return name in self.constants
@@ -149,14 +154,10 @@ def _check_pairs(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None:
         same = (
             params is not None
             and other is not None
-            and np.array_equal(params[0], other[0])
-            and (
-                (params[1] is None and other[1] is None)
-                or (
-                    params[1] is not None
-                    and other[1] is not None
-                    and np.array_equal(params[1], other[1])
-                )
+            and all(
+                (a is None and b is None)
+                or (a is not None and b is not None and np.array_equal(a, b))
+                for a, b in zip(params, other, strict=True)
             )
         )
         if not same:
