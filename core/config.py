@@ -52,9 +52,10 @@ class ExportConfig(_Strict):
     onnx: bool = Field(True, description="Write model_qdq.onnx (QuantizeLinear/DequantizeLinear).")
     tensorrt: bool = Field(
         False,
-        description="Train TensorRT-compatible grids: every grid fits int8 with zero point 0 "
-        "(8-bit unsigned activations keep 0..127, EWGS's 8-bit zero point is pinned). Grids "
-        "below 8 bits are the same either way.",
+        description="Train a TensorRT-compatible student: every grid fits int8 with zero point "
+        "0 (8-bit unsigned activations keep 0..127, EWGS's 8-bit zero point is pinned; grids "
+        "below 8 bits are the same either way), and both inputs of every residual addition "
+        "are quantized at 8 bits, where TensorRT expects Q/DQ.",
     )
 
 

@@ -27,6 +27,7 @@ from core.sqakd.teacher import inference_teacher
 from core.sqakd.trainer import TrainConfig, TrainStats, steps_per_epoch, train
 
 CALIBRATION_IMAGES = 256  # ranges from one batch: enough for a stable fit, still quick
+RESIDUAL_BITS = 8  # residual additions' inputs for TensorRT: int8, its only integer type
 
 
 @dataclass
@@ -45,6 +46,7 @@ def quant_spec(config: JobConfig) -> QuantSpec:
         first_last_bits=config.first_last_bits,
         layer_bits=dict(config.layer_bits),
         int8_grids=config.export.tensorrt,
+        residual_bits=RESIDUAL_BITS if config.export.tensorrt else None,
     )
 
 

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from core.sqakd.modules import QuantModule, QuantSpec, prepare, quant_layers
+from core.sqakd.modules import QuantModule, QuantSpec, prepare, quant_layers, residual_adds
 from core.sqakd.quantizers import IntGrid
 
 FORMAT = "sqakd-int/1"
@@ -120,7 +120,15 @@ def save_int_checkpoint(student: nn.Module, spec: QuantSpec, path: Path) -> None
     for key, value in student.state_dict().items():
         if key not in skipped:
             tensors[key] = value.detach().cpu().contiguous()
-    manifest = {"format": FORMAT, "quant_spec": spec.to_dict(), "layers": layers}
+    manifest = {
+        "format": FORMAT,
+        "quant_spec": spec.to_dict(),
+        "layers": layers,
+        "residual_adds": {  # each input quantizer's ranges are in the tensors, signed here
+            name: [quantizer.signed for quantizer in add.input_quantizers]
+            for name, add in residual_adds(student)
+        },
+    }
     save_file(tensors, str(path), metadata={"manifest": json.dumps(manifest)})
 
 
@@ -165,5 +173,10 @@ def load_int_student(path: Path, teacher: nn.Module) -> nn.Module:
                 for k, v in layer.weight_quantizer.state_dict().items()
             }
         )
+    for name, add in residual_adds(student):
+        for quantizer, signed in zip(
+            add.input_quantizers, manifest["residual_adds"][name], strict=True
+        ):
+            quantizer.signed = signed
     student.load_state_dict(state | stored, strict=True)
     return student.eval()

@@ -2,9 +2,10 @@
 
 How: on a deep copy of the student, every quantized layer is swapped for an export-only stand-in
 (``_qdq_layer``) built from the quantizers' integer grids (``Quantizer.grid()``), so this file
-needs no per-method code. Its forward uses ``torch.fake_quantize_per_*_affine``, which the
-exporter writes as QuantizeLinear -> DequantizeLinear; everything else (residual adds, pooling,
-BatchNorm, onnx2torch modules) is exported exactly as the float model would be. One pass over the
+needs no per-method code, and so is every quantized residual addition (``_QDQAdd``). Their
+forwards use ``torch.fake_quantize_per_*_affine``, which the exporter writes as QuantizeLinear ->
+DequantizeLinear; everything else (plain adds, pooling, BatchNorm, onnx2torch modules) is
+exported exactly as the float model would be. One pass over the
 ONNX graph then folds each weight's QuantizeLinear (whose input is a constant) into an integer
 initializer, so the file stores the integer weights followed by a DequantizeLinear.
 
@@ -19,7 +20,10 @@ Exactness (the ONNX model equals the student up to float summation order):
   at 8). Weights are int8 (uint8 for an unsigned 8-bit weight grid); activations are int8 with
   zero point 0, their codes shifted by the grid's zero point, preceded by a Clip to the b-bit
   range when the grid is narrower than int8; only 256-level grids that do not fit int8 that way
-  (unsigned 8 bits) keep uint8 or a zero point.
+  (unsigned 8 bits) keep uint8 or a zero point, unless trained on TensorRT-compatible grids
+  (``QuantSpec.int8_grids``). A student with ``QuantSpec.residual_bits`` quantizes both inputs
+  of its residual additions, and so does the file. A BatchNorm that alone reads a quantized
+  convolution is folded into it (``_fold_batchnorm``), as TensorRT wants.
 - Not exact: 1-bit signed activations (levels +-s: a QuantizeLinear cannot skip the 0 between
   them; 1-bit weights are exact).
 """
@@ -38,11 +42,11 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import numpy_helper
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from core.export import tensorrt_rules
-from core.sqakd.modules import QuantModule, quant_layers
+from core.sqakd.modules import QuantAdd, QuantConv2d, QuantModule, quant_layers, residual_adds
 from core.sqakd.quantizers import IntGrid
 
 # ONNX Runtime (>= 1.20) rewrites each float Conv/Gemm bias next to Q/DQ into int32 at scale
@@ -122,36 +126,133 @@ class _FakeQuant(nn.Module):
         return self.qparams.fake_quantize(x)
 
 
-def _qdq_layer(layer: QuantModule) -> nn.Module:
+def _qdq_layer(layer: QuantModule, batchnorm: nn.BatchNorm2d | None = None) -> nn.Module | None:
     """Export-only stand-in for a quantized layer: input fake-quant, then the float layer whose
     weight is parametrized by a fake-quant (works for any layer type, unlike a per-type forward).
 
     The weight holds the student's quantized weight, so the exported QuantizeLinear of it
-    reproduces the student's integers exactly and can be folded into an initializer.
+    reproduces the student's integers exactly and can be folded into an initializer. With the
+    ``batchnorm`` that reads the layer's output, that BatchNorm is folded in, or None is
+    returned where it cannot be (``_fold_batchnorm``).
     """
     w_quantizer, a_quantizer = layer.weight_quantizer, layer.act_quantizer
-    weight_qparams = _weight_qparams(w_quantizer.grid(), bool(w_quantizer.channels))
+    grid = w_quantizer.grid()
+    weight_qparams = _weight_qparams(grid, bool(w_quantizer.channels))
     with torch.no_grad():
         quantized = layer.quantized_weight()
     float_layer = layer.to_float()  # a deep copy's: free to overwrite
+    if batchnorm is not None:
+        folded = _fold_batchnorm(batchnorm, quantized, float_layer.bias, weight_qparams, grid)
+        if folded is None:
+            return None
+        quantized, bias, weight_qparams = folded
+        float_layer.bias = nn.Parameter(bias, requires_grad=False)
     float_layer.weight = nn.Parameter(quantized, requires_grad=False)
     parametrize.register_parametrization(float_layer, "weight", _FakeQuant(weight_qparams))
     return nn.Sequential(_FakeQuant(_activation_qparams(a_quantizer.grid())), float_layer)
+
+
+@torch.no_grad()
+def _fold_batchnorm(
+    batchnorm: nn.BatchNorm2d, weight: Tensor, bias: Tensor | None, qparams: _QParams, grid: IntGrid
+) -> tuple[Tensor, Tensor, _QParams] | None:
+    """Weight, bias and per-channel weight Q/DQ of the convolution followed by ``batchnorm``.
+
+    BatchNorm scales each output channel by ``gain``: the folded weight keeps its integer codes
+    with each channel's scale times ``|gain|`` (exact: TensorRT's per-channel scales). A
+    negative gain negates that channel's codes, which must stay on the grid's range (a b-bit
+    grid's -2**(b-1) has no positive twin); otherwise the BatchNorm stays unfolded.
+    """
+    channels = weight.shape[0]
+    gain = torch.rsqrt(batchnorm.running_var.float() + batchnorm.eps)
+    if batchnorm.weight is not None:
+        gain = gain * batchnorm.weight.float()
+    shift = -batchnorm.running_mean.float() * gain
+    if batchnorm.bias is not None:
+        shift = shift + batchnorm.bias.float()
+    view = (-1,) + (1,) * (weight.dim() - 1)
+    scale = torch.as_tensor(qparams.scale, dtype=torch.float32).expand(channels)
+    codes = torch.round(weight / scale.view(view))
+    zero_point = grid.zero_point.float().reshape(-1).expand(channels)
+    low, high = (grid.qmin - zero_point).view(view), (grid.qmax - zero_point).view(view)
+    negated = torch.where(gain.view(view) < 0, -codes, codes)
+    if bool(((negated < low) | (negated > high)).any()):
+        return None
+    folded_scale = (scale * gain.abs()).contiguous()
+    folded_bias = (bias.float() if bias is not None else torch.zeros(channels)) * gain + shift
+    folded = _QParams(folded_scale, torch.zeros(channels, dtype=torch.int32), qparams.type_range)
+    return weight * gain.view(view), folded_bias, folded
+
+
+class _QuantLeafTracer(fx.Tracer):
+    """Traces a student without entering its quantized layers and additions."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, QuantModule | QuantAdd) or super().is_leaf_module(
+            module, qualified_name
+        )
+
+
+def _conv_batchnorm_pairs(model: nn.Module) -> dict[str, str]:
+    """Quantized convolution -> the eval-mode BatchNorm2d that alone reads its output."""
+    try:
+        graph = (
+            model.graph if isinstance(model, fx.GraphModule) else _QuantLeafTracer().trace(model)
+        )
+    except Exception:  # noqa: BLE001 - untraceable: nothing folded, the checker says so
+        return {}
+    modules = dict(model.named_modules())
+    pairs = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), QuantConv2d):
+            continue
+        users = list(node.users)
+        if (
+            len(users) == 1
+            and users[0].op == "call_module"
+            and users[0].args[:1] == (node,)
+            and isinstance(modules.get(users[0].target), nn.BatchNorm2d)
+        ):
+            pairs[str(node.target)] = str(users[0].target)
+    return pairs
+
+
+class _QDQAdd(nn.Module):
+    """Export-only stand-in for a ``QuantAdd``: both inputs fake-quantized, then added."""
+
+    def __init__(self, add: QuantAdd) -> None:
+        super().__init__()
+        self.inputs = nn.ModuleList(
+            _FakeQuant(_activation_qparams(q.grid())) for q in add.input_quantizers
+        )  # type: ignore[operator]
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        quantize_a, quantize_b = self.inputs
+        return quantize_a(a) + quantize_b(b)
 
 
 def export_qdq_onnx(
     student: nn.Module, input_shape: tuple[int, int, int], path: Path, *, opset: int = 17
 ) -> None:
     """Writes an ONNX model with QuantizeLinear/DequantizeLinear around every quantized layer's
-    weight and input activation; dynamic batch dim; input named "input", output "logits"."""
+    weight and input activation and both inputs of every ``QuantAdd``; dynamic batch dim; input
+    named "input", output "logits"."""
     if opset < MIN_OPSET:
         raise ValueError(f"QDQ export needs opset >= {MIN_OPSET} (per-channel), got {opset}")
     model = copy.deepcopy(student).cpu().float().eval()
     layers = list(quant_layers(model))
     if not layers:
         raise ValueError("the model has no quantized layers; prepare() it first")
+    batchnorms = _conv_batchnorm_pairs(model)
     for name, layer in layers:
-        model.set_submodule(name, _qdq_layer(layer))
+        stand_in = None
+        if name in batchnorms:
+            stand_in = _qdq_layer(layer, model.get_submodule(batchnorms[name]))  # type: ignore[arg-type]
+            if stand_in is not None:
+                model.set_submodule(batchnorms[name], nn.Identity())  # folded into the stand-in
+        model.set_submodule(name, _qdq_layer(layer) if stand_in is None else stand_in)
+    for name, add in list(residual_adds(model)):
+        model.set_submodule(name, _QDQAdd(add))
     # The TorchScript exporter (deprecated, present in torch <= 2.14): torch.export, under the
     # dynamo exporter, has no fake-tensor kernel for fake_quantize (..._cachemask) in torch 2.14.
     # TorchScript also writes the opset asked for and is fast; its deprecation warnings are noise.

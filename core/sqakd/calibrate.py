@@ -8,7 +8,9 @@ Layer by layer, in the order the student runs them:
    of that layer (the residual after the best per-channel scale and shift), not by how close
    the quantized tensor is to the float one: what matters is the output;
 2. the layer's output is matched to the teacher's output of the same layer with one scale and
-   one shift per output channel (least squares), folded into the weight grid and the bias.
+   one shift per output channel (least squares), folded into the weight grid and the bias;
+3. each residual addition's input quantizers (``QuantAdd``, 8-bit) take the least-MSE range of
+   the inputs they receive.
 
 Step 2 does what re-estimating BatchNorm statistics does for a quantized network with
 BatchNorm; uploaded ONNX models usually have it folded into the convolutions, and without the
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from core.sqakd.modules import QuantModule, quant_layers
+from core.sqakd.modules import QuantAdd, QuantModule, quant_layers, residual_adds
 
 SEARCH_IMAGES = 64  # the range search runs the layer ~50 times: a sub-batch keeps it quick
 MAX_GAIN = 4.0  # a per-channel correction outside [1/4, 4] means the fit is noise
@@ -56,7 +58,14 @@ def calibrate(student: nn.Module, teacher: nn.Module, batch: Tensor) -> None:
         view = (1, -1) + (1,) * (output.dim() - 2)
         return output * gain.view(view) + shift.view(view)
 
-    hooks = []
+    def fit_residual_ranges(add: QuantAdd, args: tuple[Tensor, ...]) -> None:
+        for quantizer, x in zip(add.input_quantizers, args, strict=True):
+            quantizer.calibrate(x, signed=bool(x.min() < 0))  # type: ignore[operator]
+
+    hooks = [
+        add.register_forward_pre_hook(lambda m, args: fit_residual_ranges(m, args))
+        for _, add in residual_adds(student)
+    ]
     for name, layer in layers.items():
         hooks.append(
             layer.register_forward_pre_hook(lambda m, args, name=name: fit_ranges(name, m, args))

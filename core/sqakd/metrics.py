@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.inputs.images import normalize
-from core.sqakd.modules import quant_layers
+from core.sqakd.modules import quant_layers, quantizers
 
 
 @torch.inference_mode()
@@ -69,19 +69,14 @@ def model_sizes(student: nn.Module) -> dict[str, int]:
     stays float32.
     """
     layers = [layer for _, layer in quant_layers(student)]
-    quantizer_params = {
-        id(p)
-        for layer in layers
-        for q in (layer.weight_quantizer, layer.act_quantizer)
-        for p in q.parameters()
-    }
+    quantizer_params = {id(p) for q in quantizers(student) for p in q.parameters()}
     quantized_weights = {id(layer.weight) for layer in layers}
     float_params = [p for p in student.parameters() if id(p) not in quantizer_params]
     packed = sum(
         math.ceil(layer.weight.numel() * layer.weight_quantizer.bits / 8)
-        + 8 * (layer.weight_quantizer.channels or 1)
-        + 8  # weight and activation grids
+        + 8 * (layer.weight_quantizer.channels or 1)  # weight grids
         for layer in layers
     )
+    packed += 8 * sum(1 for q in quantizers(student) if not q.for_weights)  # activation grids
     packed += sum(p.numel() * 4 for p in float_params if id(p) not in quantized_weights)
     return {"fp32_bytes": sum(p.numel() * 4 for p in float_params), "packed_bytes": packed}

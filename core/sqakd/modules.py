@@ -2,20 +2,23 @@
 
 ``prepare`` deep-copies the teacher and replaces every ``nn.Conv2d`` / ``nn.Linear`` with a
 subclass that fake-quantizes its weight and its input activation. ``QuantConv2d.from_float`` and
-``to_float`` share the Parameters, so the swap is reversible and costs no copy.
+``to_float`` share the Parameters, so the swap is reversible and costs no copy. With
+``QuantSpec.residual_bits`` it also routes every residual addition through a ``QuantAdd``.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import operator
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+from torch import Tensor, fx, nn
 
 from core.sqakd.quantizers import Quantizer, create_quantizer
 
@@ -31,6 +34,8 @@ class QuantSpec:
     first_last_bits: int | None = 8
     layer_bits: dict[str, int] = field(default_factory=dict)  # name pattern -> bits (w and a)
     int8_grids: bool = False  # TensorRT-compatible grids (``Quantizer.int8``)
+    # Bits of both inputs of every residual addition (``QuantAdd``); None: plain additions.
+    residual_bits: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,16 +126,44 @@ QUANT_MODULES: dict[type[nn.Module], type[QuantModule]] = {
 }
 
 
+class QuantAdd(nn.Module):
+    """A residual addition whose two inputs are fake-quantized.
+
+    NVIDIA's QAT guidance puts Q/DQ on both inputs of a residual addition, so that TensorRT
+    fuses the addition into the convolution before it and runs the block in int8; the student
+    quantizes them too, so that the exported model computes exactly what the student does.
+    """
+
+    def __init__(self, method: str, bits: int, *, int8: bool) -> None:
+        super().__init__()
+        self.input_quantizers = nn.ModuleList(
+            create_quantizer(method, bits, weight=False, int8=int8) for _ in range(2)
+        )
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        quantize_a, quantize_b = self.input_quantizers
+        return quantize_a(a) + quantize_b(b)
+
+
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantConv2d | QuantLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, QuantConv2d | QuantLinear):
             yield name, module
 
 
+def residual_adds(model: nn.Module) -> Iterator[tuple[str, QuantAdd]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantAdd):
+            yield name, module
+
+
 def quantizers(model: nn.Module) -> Iterator[Quantizer]:
+    """Every quantizer: each layer's weight and input ones, then the residual additions'."""
     for _, layer in quant_layers(model):
         yield layer.weight_quantizer
         yield layer.act_quantizer
+    for _, add in residual_adds(model):
+        yield from add.input_quantizers  # type: ignore[misc]
 
 
 def layer_bits(names: list[str], spec: QuantSpec) -> dict[str, tuple[int, int]]:
@@ -167,6 +200,8 @@ def prepare(teacher: nn.Module, spec: QuantSpec) -> nn.Module:
     """
     student = copy.deepcopy(teacher)
     names = [name for name, m in student.named_modules() if type(m) in QUANT_MODULES]
+    if spec.residual_bits is not None:  # before the swap: fx traces through float layers only
+        student = quantize_residual_adds(student, spec.method, spec.residual_bits, spec.int8_grids)
     for name, (w_bits, a_bits) in layer_bits(names, spec).items():
         float_layer = student.get_submodule(name)
         quant_cls = QUANT_MODULES[type(float_layer)]
@@ -177,6 +212,70 @@ def prepare(teacher: nn.Module, spec: QuantSpec) -> nn.Module:
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     return student
+
+
+def quantize_residual_adds(model: nn.Module, method: str, bits: int, int8: bool) -> nn.Module:
+    """``model`` with every addition of two computed tensors done by a ``QuantAdd``.
+
+    Imported ONNX models are torch.fx graphs already, their additions modules, each replaced
+    under its own name; any other model is traced with torch.fx first (module names are kept)
+    and each ``a + b`` becomes ``<block>.residual_add``. A model fx cannot trace (Python
+    control flow on tensor values) keeps plain additions; the export's TensorRT report then
+    names them.
+    """
+    if not isinstance(model, fx.GraphModule):
+        try:
+            model = fx.symbolic_trace(model)
+        except Exception:  # noqa: BLE001 - fx raises many types on untraceable code
+            return model
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    for node in list(model.graph.nodes):
+        if not _is_residual_add(model, node):
+            continue
+        add = QuantAdd(method, bits, int8=int8).to(device)
+        if node.op == "call_module":
+            model.set_submodule(node.target, add)
+            continue
+        name = _free_name(model, node)
+        model.add_submodule(name, add)
+        with model.graph.inserting_after(node):
+            replacement = model.graph.call_module(name, tuple(node.args[:2]))
+        node.replace_all_uses_with(replacement)
+        model.graph.erase_node(node)
+    model.recompile()
+    return model
+
+
+def _is_residual_add(model: fx.GraphModule, node: fx.Node) -> bool:
+    """An addition of two tensors computed from the input (not a bias, not a constant)."""
+    if node.op == "call_module":
+        module = model.get_submodule(str(node.target))
+        is_add = isinstance(module, OnnxBinaryMathOperation) and (
+            module.math_op_function is torch.add and module.broadcast != 1
+        )
+    else:
+        is_add = node.op == "call_function" and node.target in (operator.add, torch.add)
+    operands = node.args[:2]
+    return (
+        is_add
+        and len(node.args) == 2
+        and not node.kwargs
+        and all(
+            isinstance(a, fx.Node) and a.op not in ("get_attr", "placeholder") for a in operands
+        )
+    )
+
+
+def _free_name(model: fx.GraphModule, node: fx.Node) -> str:
+    """``<innermost module>.residual_add`` (``_1``, ... when a block adds twice)."""
+    stack = list(node.meta.get("nn_module_stack") or {})
+    base = f"{stack[-1]}.residual_add" if stack else "residual_add"
+    names = {name for name, _ in model.named_modules()}
+    name, index = base, 0
+    while name in names:
+        index += 1
+        name = f"{base}_{index}"
+    return name
 
 
 def convert(student: nn.Module) -> nn.Module:

@@ -35,7 +35,7 @@ from core.sqakd.hessian import (
     ewgs_quantizers,
     set_ewgs_deltas,
 )
-from core.sqakd.modules import quant_layers
+from core.sqakd.modules import quant_layers, quantizers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +139,7 @@ def batch_indices(
 
 
 def make_optimizer(student: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam with, per quantized layer, one group for its weights and one per quantizer.
+    """Adam with one group per quantized layer's weights and one per quantizer.
 
     With ``lr_unit="step"`` each layer's weight learning rate is a multiple of its mean weight
     quantization step, so one update moves a weight by about ``lr`` of a step whatever the
@@ -158,17 +158,17 @@ def make_optimizer(student: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
         steps.append(step)
         weights = [p for p in (layer.weight, layer.bias) if p is not None]
         groups.append({"params": weights, "lr": cfg.lr * step, "weight_decay": cfg.weight_decay})
-        for quantizer in (layer.weight_quantizer, layer.act_quantizer):
-            unit = quantizer.range_lr_unit() if by_step else 1.0
-            groups.append(
-                {
-                    "params": list(quantizer.parameters()),
-                    "lr": cfg.quantizer_lr * unit,
-                    "weight_decay": 0.0,
-                }
-            )
-            grouped.update(id(p) for p in quantizer.parameters())
         grouped.update(id(p) for p in weights)
+    for quantizer in quantizers(student):  # the layers' and the residual additions'
+        unit = quantizer.range_lr_unit() if by_step else 1.0
+        groups.append(
+            {
+                "params": list(quantizer.parameters()),
+                "lr": cfg.quantizer_lr * unit,
+                "weight_decay": 0.0,
+            }
+        )
+        grouped.update(id(p) for p in quantizer.parameters())
     others = [p for p in student.parameters() if id(p) not in grouped]
     if others:  # e.g. PReLU slopes: the typical step of the model's layers
         typical_step = sum(steps) / len(steps) if steps else 1.0

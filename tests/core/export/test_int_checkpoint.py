@@ -52,6 +52,7 @@ def trained_student(
     *,
     per_channel: bool = True,
     int8_grids: bool = False,
+    residual_bits: int | None = None,
 ) -> tuple[nn.Module, QuantSpec]:
     """Prepared, calibrated and trained two steps, so every range has moved off calibration."""
     spec = QuantSpec(
@@ -62,6 +63,7 @@ def trained_student(
         first_last_bits=None,
         layer_bits={"fc*": 8},
         int8_grids=int8_grids,
+        residual_bits=residual_bits,
     )
     pixels = uint8_images(32)
     student = prepare(teacher, spec)
@@ -92,6 +94,23 @@ def test_loaded_student_gives_bit_identical_outputs(
             quant_layers(student), quant_layers(loaded), strict=True
         ):
             assert torch.equal(rebuilt.quantized_weight(), original.quantized_weight()), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quantized_residual_adds_round_trip(method: str, tmp_path: Path) -> None:
+    """A TensorRT-compatible student (``export.tensorrt``): its residual add's input quantizers,
+    ranges and signs, come back with the layers."""
+    torch.manual_seed(0)
+    teacher = TinyCNN().eval()
+    student, spec = trained_student(teacher, method, 4, int8_grids=True, residual_bits=8)
+    path = tmp_path / "model_int.safetensors"
+    save_int_checkpoint(student, spec, path)
+
+    loaded = load_int_student(path, teacher)
+    assert read_manifest(path)["residual_adds"] == {"residual_add": [False, True]}
+    inputs = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs), student(inputs))
 
 
 def test_codes_take_their_bit_width_in_the_file(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from core.export.onnx_qdq import (
 )
 from core.inputs.onnx_model import load_onnx_model
 from core.sqakd.calibrate import calibrate
-from core.sqakd.modules import QuantSpec, prepare, quant_layers, quantizers
+from core.sqakd.modules import QuantSpec, prepare, quant_layers, quantizers, residual_adds
 from core.sqakd.quantizers import EWGSQuantizer
 from tests.fixtures_paths import shared_path
 
@@ -139,8 +139,10 @@ def check_graph(path: Path, student: nn.Module) -> onnx.ModelProto:
         op: sum(node.op_type == op_type for node in graph.node)
         for op, op_type in (("Q", "QuantizeLinear"), ("DQ", "DequantizeLinear"))
     }
-    # one weight DQ per layer; layers that read the same tensor with equal scales share a Q/DQ
-    assert 0 < counts["Q"] <= len(layers)
+    # one weight DQ per layer; layers that read the same tensor with equal scales share a Q/DQ;
+    # a quantized residual add has one on each input
+    adds = 2 * len(list(residual_adds(student)))
+    assert 0 < counts["Q"] <= len(layers) + adds
     assert counts["DQ"] == len(layers) + counts["Q"]
     return model
 
@@ -307,13 +309,20 @@ def test_tensorrt_report_finds_every_layer_and_names_the_gaps(tmp_path: Path) ->
 
 @pytest.mark.parametrize("method", ["lsq", "ewgs", "pact", "dorefa", "ste"])
 def test_int8_grids_export_w8a8_as_int8_with_zero_point_0(method: str, tmp_path: Path) -> None:
-    """W8A8 with ``int8_grids``: every Q/DQ is int8 with zero point 0 (the papers' grids need
-    uint8 for the unsigned 8-bit inputs after ReLU), weights exact, parity as usual."""
+    """W8A8 with ``int8_grids`` and quantized residual adds (what ``export.tensorrt`` asks
+    for): every rule holds, every Q/DQ is int8 with zero point 0 (the papers' grids need uint8
+    for the unsigned 8-bit inputs after ReLU), weights exact, parity as usual."""
     reports = {}
     for int8 in (False, True):
         teacher = TinyCNN().eval()
         torch.manual_seed(0)
-        spec = QuantSpec(method=method, weight_bits=8, activation_bits=8, int8_grids=int8)
+        spec = QuantSpec(
+            method=method,
+            weight_bits=8,
+            activation_bits=8,
+            int8_grids=int8,
+            residual_bits=8 if int8 else None,
+        )
         student = prepare(teacher, spec)
         calibrate(student, teacher, torch.randn(8, *INPUT_SHAPE))
         student.eval()
@@ -323,4 +332,83 @@ def test_int8_grids_export_w8a8_as_int8_with_zero_point_0(method: str, tmp_path:
         if int8:
             assert_weights_exact(check_graph(path, student), student)
             assert_lsq_parity(onnx_parity(student, path, batches()), student)
-    assert reports == {False: {"int8", "residual_add"}, True: {"residual_add"}}
+    assert reports == {False: {"int8", "residual_add"}, True: set()}
+
+
+TENSORRT_SPEC = {"int8_grids": True, "residual_bits": 8}  # what ``export.tensorrt`` asks for
+
+
+def assert_residual_adds_read_qdq(path: Path, adds: int) -> None:
+    """Every Add of two computed tensors reads both through DQ(Q(x))."""
+    graph = onnx.load(str(path)).graph
+    producer = {name: node for node in graph.node for name in node.output}
+    residual = [n for n in graph.node if n.op_type == "Add" and all(i in producer for i in n.input)]
+    residual = [n for n in residual if all(producer[i].op_type != "Constant" for i in n.input)]
+    assert len(residual) == adds
+    for node in residual:
+        for name in node.input:
+            assert producer[name].op_type == "DequantizeLinear"
+            assert producer[producer[name].input[0]].op_type == "QuantizeLinear"
+
+
+@pytest.mark.parametrize("case", ["lsq-w8a8", "lsq-w4a4", "ewgs-w4a4", "pact-w4a4"])
+def test_resnet20_fixture_for_tensorrt_follows_every_rule(
+    case: str, resnet20: nn.Module, tmp_path: Path
+) -> None:
+    """The fixture's 9 residual adds get Q/DQ on both inputs; the checker finds nothing."""
+    student = make_student(resnet20, case, **TENSORRT_SPEC)
+    path = tmp_path / "model_qdq.onnx"
+    export_qdq_onnx(student, INPUT_SHAPE, path)
+    check_graph(path, student)
+    assert_residual_adds_read_qdq(path, adds=9)
+    report = tensorrt_report(student, path)
+    assert report["follows_rules"], report["violations"]
+    assert_lsq_parity(onnx_parity(student, path, batches()), student)
+
+
+def test_torchvision_resnet18_for_tensorrt_follows_every_rule(tmp_path: Path) -> None:
+    """Traced by fx: its functional ``out += identity`` adds become quantized ones."""
+    teacher = settle_batchnorm(torchvision.models.resnet18(num_classes=10))
+    student = make_student(teacher, "lsq-w4a4", **TENSORRT_SPEC)
+    path = tmp_path / "model_qdq.onnx"
+    export_qdq_onnx(student, INPUT_SHAPE, path)
+    assert_residual_adds_read_qdq(path, adds=8)
+    report = tensorrt_report(student, path)
+    assert report["follows_rules"], report["violations"]
+    assert_lsq_parity(onnx_parity(student, path, batches()), student)
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("negative_gain_on_lowest_code", [False, True])
+def test_batchnorm_is_folded_into_the_quantized_convolution(
+    negative_gain_on_lowest_code: bool, tmp_path: Path
+) -> None:
+    """Each channel's scale takes BatchNorm's gain; a negative gain negates the codes, which
+    the b-bit grid's lowest code (-8 at 4 bits) cannot survive: that BatchNorm stays."""
+    teacher = settle_batchnorm(ConvBN())
+    with torch.no_grad():
+        teacher.bn.weight.copy_(torch.tensor([-0.5, 1.5, 0.7, 1.2]))
+    student = make_student(teacher, "lsq-w4a4", first_last_bits=None)
+    with torch.no_grad():
+        weight = student.conv.weight
+        if negative_gain_on_lowest_code:  # channel 0 (negative gain) reaches code -8
+            weight[0, 0, 0, 0] = -100.0
+        else:  # channel 0's codes shrink to about -1..1
+            weight[0].mul_(0.1)
+    path = tmp_path / "model_qdq.onnx"
+    export_qdq_onnx(student, INPUT_SHAPE, path)
+    batchnorms = [n for n in onnx.load(str(path)).graph.node if n.op_type == "BatchNormalization"]
+    assert len(batchnorms) == int(negative_gain_on_lowest_code)
+    rules = {v["rule"] for v in tensorrt_report(student, path)["violations"]}
+    assert ("batchnorm" in rules) == negative_gain_on_lowest_code
+    assert_lsq_parity(onnx_parity(student, path, batches()), student)

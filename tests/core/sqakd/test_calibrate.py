@@ -131,3 +131,26 @@ def test_calibrated_outputs_lie_on_the_grids(teacher: nn.Module, method: str) ->
         codes = weight / grid.scale.view(view) + grid.zero_point.view(view)
         assert (codes - codes.round()).abs().max() < 1e-3, name
         assert codes.round().min() >= grid.qmin and codes.round().max() <= grid.qmax, name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_residual_add_inputs_get_ranges_and_signs_from_the_data(
+    teacher: nn.Module, method: str
+) -> None:
+    """TinyCNN adds a ReLU output (unsigned) and a convolution's output (signed); at 8 bits on
+    int8 grids both stay close (in MSE) to what they quantize."""
+    spec = QuantSpec(
+        method=method, weight_bits=8, activation_bits=8, int8_grids=True, residual_bits=8
+    )
+    student = prepare(teacher, spec)
+    add = student.get_submodule("residual_add")
+    seen: list[tuple[Tensor, ...]] = []
+    add.register_forward_pre_hook(lambda _m, args: seen.append(args))
+    calibrate(student, teacher, normalised_images(64))
+    relu_output, conv_output = seen[-1]
+    relu_quantizer, conv_quantizer = add.input_quantizers
+    assert (relu_quantizer.signed, conv_quantizer.signed) == (False, True)
+    with torch.no_grad():
+        for quantizer, x in ((relu_quantizer, relu_output), (conv_quantizer, conv_output)):
+            error = (quantizer(x) - x).pow(2).mean() / x.pow(2).mean()
+            assert error < 1e-3, (method, error)  # least-MSE ranges clip a few outliers

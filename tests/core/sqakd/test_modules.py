@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from core.sqakd.modules import (
     QUANT_MODULES,
+    QuantAdd,
     QuantConv2d,
     QuantLinear,
     QuantModule,
@@ -22,6 +23,7 @@ from core.sqakd.modules import (
     prepare,
     quant_layers,
     quantizers,
+    residual_adds,
 )
 from core.sqakd.quantizers import QUANTIZERS
 from tests.core.sqakd.nets import MIXED_LAYERS, MixedNet
@@ -287,3 +289,76 @@ def test_describe_layers(per_channel: bool) -> None:
         for name in MIXED_LAYERS
     ]
     json.dumps(describe_layers(student))
+
+
+# --- residual additions ----------------------------------------------------------------------
+
+
+class _Residual(nn.Module):
+    """Adds of every kind: two computed tensors (residual), a parameter, a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.offset = nn.Parameter(torch.zeros(1, 4, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv1(x))
+        h = h + self.conv2(h)  # residual
+        return (h + self.offset) + 1.0  # a bias and a constant: not residual
+
+
+class _Untraceable(_Residual):
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv1(x))
+        if h.mean() > 0:  # control flow on a value: fx cannot trace it
+            h = h + self.conv2(h)
+        return h
+
+
+def test_residual_adds_quantize_both_inputs_and_nothing_else() -> None:
+    teacher = _Residual().eval()
+    student = prepare(teacher, spec(residual_bits=8, int8_grids=True))
+    assert [name for name, _ in residual_adds(student)] == ["residual_add"]
+    assert sorted(bits_by_layer(student)) == ["conv1", "conv2"]  # the layers keep their names
+    add = student.get_submodule("residual_add")
+    assert [q.bits for q in add.input_quantizers] == [8, 8]
+    assert all(q.int8 for q in add.input_quantizers)
+    assert len(list(quantizers(student))) == 2 * 2 + 2
+    for quantizer in quantizers(student):
+        quantizer.enabled = False
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(student(x), teacher(x))  # the same function, quantizers off
+    assert not list(residual_adds(prepare(teacher, spec())))  # off unless asked for
+
+
+def test_residual_add_quantizes_what_it_adds() -> None:
+    add = QuantAdd("lsq", 2, int8=False)
+    for quantizer in add.input_quantizers:
+        quantizer.set_range(torch.tensor([1.0]))
+    a, b = torch.tensor([0.3, -0.9]), torch.tensor([0.1, 0.6])
+    expected = add.input_quantizers[0](a) + add.input_quantizers[1](b)
+    assert torch.equal(add(a, b), expected)
+    assert not torch.equal(add(a, b), a + b)
+
+
+@pytest.mark.parametrize(("arch", "adds"), [("resnet18", 8), ("mobilenet_v2", 10)])
+def test_residual_adds_of_torchvision_models(arch: str, adds: int) -> None:
+    import torchvision
+
+    teacher = getattr(torchvision.models, arch)(num_classes=10).eval()
+    student = prepare(teacher, spec(residual_bits=8))
+    plain = prepare(teacher, spec())
+    names = [name for name, _ in residual_adds(student)]
+    assert len(names) == adds
+    assert all(name.endswith(".residual_add") for name in names)  # in its block: layer1.0...
+    assert list(bits_by_layer(student).items()) == list(bits_by_layer(plain).items())
+    assert student(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_a_model_fx_cannot_trace_keeps_plain_adds() -> None:
+    student = prepare(_Untraceable().eval(), spec(residual_bits=8))
+    assert not list(residual_adds(student))
+    assert len(bits_by_layer(student)) == 2

@@ -204,6 +204,20 @@ def test_make_optimizer_absolute_unit(method: str) -> None:
     assert group_of(optimizer, student.block[1].weight)["lr"] == 1e-3
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_residual_add_quantizers_train_at_the_quantizer_rate(method: str) -> None:
+    teacher = TinyCNN()
+    spec = QuantSpec(method=method, weight_bits=4, activation_bits=4, residual_bits=8)
+    student = prepare(teacher, spec)
+    calibrate(student, teacher, normalised_images(16))
+    cfg = TrainConfig(steps=1, batch_size=1, lr=0.02, quantizer_lr=0.005)
+    optimizer = make_optimizer(student, cfg)
+    assert_each_parameter_in_one_group(student, optimizer)
+    for quantizer in student.get_submodule("residual_add").input_quantizers:
+        for p in quantizer.parameters():
+            assert group_of(optimizer, p)["lr"] == pytest.approx(0.005 * quantizer.range_lr_unit())
+
+
 @dataclass
 class Update:
     student: nn.Module
