@@ -34,7 +34,7 @@ from core.sqakd.trainer import Checkpointer, TrainingCanceled, train
 
 log = logging.getLogger(__name__)
 
-PARITY_IMAGES = 512
+PARITY_IMAGES = 10_000  # ONNX-vs-PyTorch parity on the evaluation images, up to this many
 CHECKPOINT = "checkpoint.pt"  # in the work dir; not an artifact
 
 STAGES = ("validating", "calibrating", "training", "evaluating", "exporting")

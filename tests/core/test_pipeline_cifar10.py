@@ -50,8 +50,18 @@ def cifar_job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobInput
     [
         ({"weight_bits": 8, "activation_bits": 8, "method": "lsq", "epochs": 1}, 0.97),
         ({"weight_bits": 2, "activation_bits": 2, "method": "lsq", "steps": 40}, 0.70),
+        (
+            {
+                "weight_bits": 4,
+                "activation_bits": 4,
+                "method": "ewgs",
+                "steps": 20,
+                "export": {"tensorrt": True},
+            },
+            0.93,
+        ),
     ],
-    ids=["W8A8-1-epoch", "W2A2-lsq-40-steps"],
+    ids=["W8A8-1-epoch", "W2A2-lsq-40-steps", "W4A4-ewgs-tensorrt-20-steps"],
 )
 def test_sqakd_students_agree_with_the_cifar10_teacher(
     cifar_job_inputs: tuple[JobInputs, dict[str, Any]],
@@ -80,4 +90,12 @@ def test_sqakd_students_agree_with_the_cifar10_teacher(
         assert metrics["agreement"] > calibrated + 0.01
     assert reporter.stages == ["validating", "calibrating", "training", "evaluating", "exporting"]
     assert len(reporter.progress_updates) == metrics["train"]["steps"]
-    assert metrics["onnx_parity"]["top1_agreement"] >= 0.99
+    # Issue 4, point 3: the exported model computes what the student does, on every
+    # evaluation image (at 2 bits a rare one-step rounding flip moves more logits)
+    parity = metrics["onnx_parity"]
+    print(f"ONNX Runtime vs PyTorch: {parity}")
+    assert parity["images"] == 1000
+    assert parity["top1_agreement"] >= (0.999 if job["weight_bits"] >= 4 else 0.99)
+    assert parity["max_abs_diff"] < 1.0  # the largest logit difference, recorded per job
+    if job.get("export", {}).get("tensorrt"):
+        assert metrics["tensorrt_rules"]["follows_rules"], metrics["tensorrt_rules"]
