@@ -23,7 +23,7 @@ from torch import Tensor
 
 from core.config import JobConfig
 from core.engine import calibrated_student, train_config
-from core.export.int_checkpoint import save_int_checkpoint
+from core.export.int_checkpoint import save_int_checkpoint, state_tensors
 from core.export.onnx_qdq import export_qdq_onnx, onnx_parity, tensorrt_report
 from core.inputs.images import ImageSet, load_image_archive, normalize
 from core.inputs.onnx_model import load_onnx_model
@@ -134,10 +134,7 @@ def run_quantization(
         "quant_config.json": workdir / "quant_config.json",
         "metrics.json": workdir / "metrics.json",
     }
-    save_file(
-        {k: v.detach().contiguous() for k, v in student.state_dict().items()},
-        artifacts["student.safetensors"],
-    )
+    save_file(state_tensors(student), artifacts["student.safetensors"])
     int_checkpoint = artifacts["model_int.safetensors"] = workdir / "model_int.safetensors"
     save_int_checkpoint(student, spec, int_checkpoint)
     metrics["int_checkpoint_bytes"] = int_checkpoint.stat().st_size

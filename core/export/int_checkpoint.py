@@ -91,6 +91,16 @@ def dequantize(indices: Tensor, grid: IntGrid, shape: torch.Size) -> Tensor:
     return (q - grid.zero_point.float().reshape(view)) * grid.scale.float().reshape(view)
 
 
+def state_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """``module.state_dict()`` as separate contiguous CPU tensors, as safetensors stores them:
+    it refuses tensors that share memory, and a shared input quantizer's parameters appear under
+    each reader's name (``share_input_quantizers``)."""
+    return {
+        key: value.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for key, value in module.state_dict().items()
+    }
+
+
 def save_int_checkpoint(student: nn.Module, spec: QuantSpec, path: Path) -> None:
     """Write ``student`` (prepared with ``spec``, trained) as ``model_int.safetensors``."""
     tensors: dict[str, Tensor] = {}
@@ -117,9 +127,7 @@ def save_int_checkpoint(student: nn.Module, spec: QuantSpec, path: Path) -> None
         skipped.update(
             f"{name}.weight_quantizer.{key}" for key in layer.weight_quantizer.state_dict()
         )
-    for key, value in student.state_dict().items():
-        if key not in skipped:
-            tensors[key] = value.detach().cpu().contiguous()
+    tensors |= {key: value for key, value in state_tensors(student).items() if key not in skipped}
     manifest = {
         "format": FORMAT,
         "quant_spec": spec.to_dict(),

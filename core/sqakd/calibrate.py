@@ -9,8 +9,11 @@ Layer by layer, in the order the student runs them:
    the quantized tensor is to the float one: what matters is the output;
 2. the layer's output is matched to the teacher's output of the same layer with one scale and
    one shift per output channel (least squares), folded into the weight grid and the bias;
-3. each residual addition's input quantizers (``QuantAdd``, 8-bit) take the least-MSE range of
+3. each residual addition's own input quantizers (``QuantAdd``) take the least-MSE range of
    the inputs they receive.
+
+An input quantizer shared by several readers (``share_input_quantizers``) is fitted by the
+first of them.
 
 Step 2 does what re-estimating BatchNorm statistics does for a quantized network with
 BatchNorm; uploaded ONNX models usually have it folded into the convolutions, and without the
@@ -33,6 +36,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, batch: Tensor) -> None:
     """Fit every quantizer of ``student`` (prepared from ``teacher``) on one input ``batch``."""
     layers = dict(quant_layers(student))
     reference = _layer_outputs(teacher, list(layers), batch)
+    fitted: set[int] = set()  # a shared input quantizer is fitted by its first reader only
 
     def fit_ranges(name: str, layer: QuantModule, args: tuple[Tensor, ...]) -> None:
         x, target = args[0][:SEARCH_IMAGES], reference[name][:SEARCH_IMAGES]
@@ -41,9 +45,11 @@ def calibrate(student: nn.Module, teacher: nn.Module, batch: Tensor) -> None:
             return _fit_residual(type(layer).forward(layer, x), target)  # no hooks re-entered
 
         layer.weight_quantizer.enabled = False
-        layer.act_quantizer.fit_range(
-            _max_abs(x), signed=bool(x.min() < 0), error=lambda: output_error().sum().view(1)
-        )
+        if id(layer.act_quantizer) not in fitted:
+            fitted.add(id(layer.act_quantizer))
+            layer.act_quantizer.fit_range(
+                _max_abs(x), signed=bool(x.min() < 0), error=lambda: output_error().sum().view(1)
+            )
         layer.weight_quantizer.enabled = True
         per_channel = layer.weight_quantizer.channels is not None
         layer.weight_quantizer.fit_range(
@@ -60,7 +66,9 @@ def calibrate(student: nn.Module, teacher: nn.Module, batch: Tensor) -> None:
 
     def fit_residual_ranges(add: QuantAdd, args: tuple[Tensor, ...]) -> None:
         for quantizer, x in zip(add.input_quantizers, args, strict=True):
-            quantizer.calibrate(x, signed=bool(x.min() < 0))  # type: ignore[operator]
+            if id(quantizer) not in fitted:
+                fitted.add(id(quantizer))
+                quantizer.calibrate(x, signed=bool(x.min() < 0))  # type: ignore[operator]
 
     hooks = [
         add.register_forward_pre_hook(lambda m, args: fit_residual_ranges(m, args))

@@ -45,8 +45,8 @@ def ewgs_quantizers(student: nn.Module) -> dict[str, EWGSQuantizer]:
     for name, layer in quant_layers(student):
         for kind in ("weight_quantizer", "act_quantizer"):
             quantizer = getattr(layer, kind)
-            if isinstance(quantizer, EWGSQuantizer):
-                found[f"{name}.{kind}"] = quantizer
+            if isinstance(quantizer, EWGSQuantizer) and quantizer not in found.values():
+                found[f"{name}.{kind}"] = quantizer  # a shared one under its first reader
     return found
 
 

@@ -3,7 +3,8 @@
 ``prepare`` deep-copies the teacher and replaces every ``nn.Conv2d`` / ``nn.Linear`` with a
 subclass that fake-quantizes its weight and its input activation. ``QuantConv2d.from_float`` and
 ``to_float`` share the Parameters, so the swap is reversible and costs no copy. With
-``QuantSpec.residual_bits`` it also routes every residual addition through a ``QuantAdd``.
+``QuantSpec.residual_bits`` it also routes every residual addition through a ``QuantAdd`` and
+gives each tensor one input quantizer, whoever reads it (``share_input_quantizers``).
 """
 
 from __future__ import annotations
@@ -158,12 +159,19 @@ def residual_adds(model: nn.Module) -> Iterator[tuple[str, QuantAdd]]:
 
 
 def quantizers(model: nn.Module) -> Iterator[Quantizer]:
-    """Every quantizer: each layer's weight and input ones, then the residual additions'."""
+    """Every quantizer once: each layer's weight and input ones, then the residual additions'
+    (an input quantizer shared by several readers, ``share_input_quantizers``, comes once)."""
+    seen: set[int] = set()
     for _, layer in quant_layers(model):
-        yield layer.weight_quantizer
-        yield layer.act_quantizer
+        for quantizer in (layer.weight_quantizer, layer.act_quantizer):
+            if id(quantizer) not in seen:
+                seen.add(id(quantizer))
+                yield quantizer
     for _, add in residual_adds(model):
-        yield from add.input_quantizers  # type: ignore[misc]
+        for quantizer in add.input_quantizers:
+            if id(quantizer) not in seen:
+                seen.add(id(quantizer))
+                yield quantizer  # type: ignore[misc]
 
 
 def layer_bits(names: list[str], spec: QuantSpec) -> dict[str, tuple[int, int]]:
@@ -209,9 +217,43 @@ def prepare(teacher: nn.Module, spec: QuantSpec) -> nn.Module:
             float_layer, spec.method, w_bits, a_bits, spec.per_channel, spec.int8_grids
         )
         _set_submodule(student, name, quant_layer)  # type: ignore[arg-type]
+    if spec.residual_bits is not None:
+        share_input_quantizers(student)
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     return student
+
+
+def share_input_quantizers(model: nn.Module) -> None:
+    """One input quantizer per tensor: the quantized layers (of equal activation bits) and the
+    residual additions that read one tensor take the quantizer of the first layer reading it.
+
+    The export then quantizes each tensor once, as TensorRT's and OpenVINO's int8 fusions need:
+    a block's input read by its first convolution, its shortcut convolution and its residual
+    addition is quantized by the producing op, and never needed in float. So the identity input
+    of a residual addition has that layer's bits; only an input no layer reads (a convolution's
+    output, for example) keeps the addition's own ``residual_bits`` quantizer. Needs the fx graph
+    (``quantize_residual_adds``); an untraced model keeps one quantizer per reader.
+    """
+    if not isinstance(model, fx.GraphModule):
+        return
+    for node in model.graph.nodes:
+        layers: list[QuantModule] = []
+        add_slots: list[tuple[QuantAdd, int]] = []
+        for user in node.users:
+            module = model.get_submodule(str(user.target)) if user.op == "call_module" else None
+            if isinstance(module, QuantModule) and user.args[:1] == (node,):
+                layers.append(module)
+            elif isinstance(module, QuantAdd):
+                add_slots += [(module, i) for i, arg in enumerate(user.args[:2]) if arg is node]
+        if not layers:
+            continue
+        shared = layers[0].act_quantizer
+        for layer in layers[1:]:
+            if layer.act_quantizer.bits == shared.bits:
+                layer.act_quantizer = shared
+        for add, slot in add_slots:
+            add.input_quantizers[slot] = shared
 
 
 def quantize_residual_adds(model: nn.Module, method: str, bits: int, int8: bool) -> nn.Module:

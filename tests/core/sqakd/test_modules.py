@@ -295,7 +295,8 @@ def test_describe_layers(per_channel: bool) -> None:
 
 
 class _Residual(nn.Module):
-    """Adds of every kind: two computed tensors (residual), a parameter, a constant."""
+    """Adds of every kind: two computed tensors (residual), a parameter, a constant; a tensor
+    (h) read by a layer and the residual addition."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -319,13 +320,16 @@ class _Untraceable(_Residual):
 
 def test_residual_adds_quantize_both_inputs_and_nothing_else() -> None:
     teacher = _Residual().eval()
-    student = prepare(teacher, spec(residual_bits=8, int8_grids=True))
+    student = prepare(teacher, spec(residual_bits=8, int8_grids=True, first_last_bits=None))
     assert [name for name, _ in residual_adds(student)] == ["residual_add"]
     assert sorted(bits_by_layer(student)) == ["conv1", "conv2"]  # the layers keep their names
     add = student.get_submodule("residual_add")
-    assert [q.bits for q in add.input_quantizers] == [8, 8]
+    # h is read by conv2 and the addition: one quantizer, conv2's (3 bits); conv2's output is
+    # read by the addition only, which quantizes it at residual_bits
+    assert add.input_quantizers[0] is student.conv2.act_quantizer
+    assert [q.bits for q in add.input_quantizers] == [3, 8]
     assert all(q.int8 for q in add.input_quantizers)
-    assert len(list(quantizers(student))) == 2 * 2 + 2
+    assert len(list(quantizers(student))) == 2 * 2 + 1
     for quantizer in quantizers(student):
         quantizer.enabled = False
     x = images()
@@ -362,3 +366,17 @@ def test_a_model_fx_cannot_trace_keeps_plain_adds() -> None:
     student = prepare(_Untraceable().eval(), spec(residual_bits=8))
     assert not list(residual_adds(student))
     assert len(bits_by_layer(student)) == 2
+
+
+def test_layers_reading_one_tensor_share_its_quantizer() -> None:
+    """resnet18's downsampling blocks: conv1 and the shortcut conv read the block's input, and
+    so does the residual addition of a block without a shortcut."""
+    import torchvision
+
+    student = prepare(torchvision.models.resnet18().eval(), spec(residual_bits=8))
+    layer2 = student.get_submodule("layer2.0")
+    assert layer2.conv1.act_quantizer is layer2.downsample.get_submodule("0").act_quantizer
+    block = student.get_submodule("layer1.1")
+    assert block.residual_add.input_quantizers[1] is block.conv1.act_quantizer
+    plain = prepare(torchvision.models.resnet18().eval(), spec())
+    assert plain.layer2[0].conv1.act_quantizer is not plain.layer2[0].downsample[0].act_quantizer
