@@ -50,6 +50,11 @@ class Preprocessing(_Strict):
 
 class ExportConfig(_Strict):
     onnx: bool = Field(True, description="Write model_qdq.onnx (QuantizeLinear/DequantizeLinear).")
+    speed: bool = Field(
+        True,
+        description="Time model_qdq.onnx against the uploaded float model under OpenVINO and "
+        "ONNX Runtime on the worker's CPU at batch 1 and 32 (metrics.inference; a few seconds).",
+    )
     tensorrt: bool = Field(
         False,
         description="Train a TensorRT-compatible student: every grid fits int8 with zero point "

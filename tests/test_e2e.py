@@ -225,6 +225,12 @@ def test_quantize_end_to_end(
     assert trt["follows_rules"] == (trt["violation_count"] == 0)
     assert trt["violation_count"] >= len(violations)  # the worker also checks the bit grids
     assert "agreement" in io.BytesIO(downloads["metrics.json"]).read().decode()
+    # The worker timed the file against the upload, and OpenVINO ran its layers as int8.
+    inference = job["metrics"]["inference"]
+    for runtime in ("openvino", "onnxruntime"):
+        timings = [*inference[runtime]["float_ms"].values(), *inference[runtime]["qdq_ms"].values()]
+        assert len(timings) == 4 and all(ms > 0 for ms in timings), inference
+    assert set(inference["openvino"]["qdq_layers"]) <= {"u8", "i8"}, inference
 
     # The job is listed, and nothing of the upload is left in staging.
     assert job_id in [item["id"] for item in api.get("/v1/jobs").json()["items"]]

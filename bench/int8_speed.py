@@ -1,0 +1,180 @@
+"""Does ``model_qdq.onnx`` really run as int8? OpenVINO latency on this CPU, against FP32 and
+against ONNX Runtime's own static PTQ int8 model of the same teacher.
+
+The CIFAR-10 ResNet-20 teacher in ``../shared/fixtures`` and, exported as a job exports them with
+``export.tensorrt`` (the TensorRT layout: int8 with zero point 0, Q/DQ on both inputs of each
+residual addition, one quantizer per tensor), LSQ students at W8A8 and W4A4 calibrated on 256
+training images (speed depends on the graph, not on how long it trained). The reference is
+``onnxruntime.quantization.quantize_static`` (QDQ format, per-channel int8 weights, its default
+uint8 activations, the same 256 images). Each model runs under OpenVINO (2 threads, latency
+hint) at batch 1 and 32; FP32 at OpenVINO's default precision, which on a CPU with bf16
+instructions (this one) runs float layers in bf16, and forced to f32. ONNX Runtime's times are
+reported beside them. Goals (issue 4): ours at least as fast as the ORT PTQ model, which here is
+at least 1.6x FP32 at batch 1 and 2.7x at batch 32.
+
+    python -m bench.int8_speed    # about 2 minutes on 2 quiet cores; writes BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import openvino as ov
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from bench.cifar import TEACHER_ONNX, teacher_preprocessing
+from bench.quality import CACHE_DIR, cifar_split, load_teacher
+from bench.report import machine, table, write_section
+from core.config import JobConfig
+from core.engine import calibrated_student
+from core.export.onnx_qdq import export_qdq_onnx, tensorrt_report
+from core.export.runtime_speed import onnxruntime_latency, openvino_latency, openvino_layers
+from core.inputs.images import normalize
+
+THREADS = 2
+BATCHES = (1, 32)
+CALIBRATION_IMAGES = 256
+GOALS = {1: 1.6, 32: 2.7}  # speed-up over FP32 that ORT's PTQ model reaches here (issue 4)
+INPUT_SHAPE = (3, 32, 32)
+SECTION = "int8-speed"
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, name: str, images: np.ndarray) -> None:
+        self.batches = iter([{name: images[i : i + 32]} for i in range(0, len(images), 32)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def ort_ptq_model(images: np.ndarray, workdir: Path) -> Path:
+    """ONNX Runtime's static PTQ of the teacher: QDQ, per-channel weights, its defaults else."""
+    prepared, quantized = workdir / "teacher-prepared.onnx", workdir / "ort-ptq-int8.onnx"
+    quant_pre_process(str(TEACHER_ONNX), str(prepared))
+    name = onnx.load(str(prepared)).graph.input[0].name
+    quantize_static(
+        str(prepared),
+        str(quantized),
+        _Batches(name, images),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+    )
+    return quantized
+
+
+def our_model(bits: int, pixels: torch.Tensor, workdir: Path) -> tuple[Path, int]:
+    """``model_qdq.onnx`` of a calibrated LSQ student (``export.tensorrt``), and its number of
+    TensorRT rule violations."""
+    config = JobConfig.model_validate(
+        {
+            "method": "lsq",
+            "weight_bits": bits,
+            "activation_bits": bits,
+            "export": {"tensorrt": True},
+            "preprocessing": teacher_preprocessing(),
+        }
+    )
+    torch.manual_seed(0)
+    student, _ = calibrated_student(load_teacher(), pixels, config)
+    path = workdir / f"model_qdq-w{bits}a{bits}.onnx"
+    export_qdq_onnx(student.eval(), INPUT_SHAPE, path)
+    return path, tensorrt_report(student, path)["violation_count"]
+
+
+def measure(name: str, path: Path, seconds: float, precision: str | None = None) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": name, "precision": precision or "default"}
+    for batch in BATCHES:
+        row[f"ov_{batch}"] = openvino_latency(
+            path, INPUT_SHAPE, batch, threads=THREADS, seconds=seconds, precision=precision
+        )
+        row[f"ort_{batch}"] = onnxruntime_latency(
+            path, INPUT_SHAPE, batch, threads=THREADS, seconds=seconds
+        )
+    row["layers"] = openvino_layers(path, INPUT_SHAPE, precision=precision)
+    print(row, flush=True)
+    return row
+
+
+def section(rows: list[dict[str, Any]], violations: dict[str, int], seconds: float) -> str:
+    fp32 = next(r for r in rows if r["model"] == "FP32" and r["precision"] == "default")
+    ptq = next(r for r in rows if r["model"].startswith("ORT PTQ"))
+    body = table(
+        ["model", "OpenVINO precision hint", "layers by precision (OpenVINO)"]
+        + [f"OpenVINO ms, batch {b}" for b in BATCHES]
+        + [f"speed-up vs FP32, batch {b}" for b in BATCHES]
+        + [f"ONNX Runtime ms, batch {b}" for b in BATCHES],
+        [
+            [r["model"], r["precision"], ", ".join(f"{k} {v}" for k, v in r["layers"].items())]
+            + [f"{r[f'ov_{b}']:.3f}" for b in BATCHES]
+            + [f"{fp32[f'ov_{b}'] / r[f'ov_{b}']:.2f}x" for b in BATCHES]
+            + [f"{r[f'ort_{b}']:.3f}" for b in BATCHES]
+            for r in rows
+        ],
+    )
+    verdicts = []
+    for r in rows:
+        if not r["model"].startswith("ours"):
+            continue
+        speedups = {b: fp32[f"ov_{b}"] / r[f"ov_{b}"] for b in BATCHES}
+        meets = all(speedups[b] >= GOALS[b] for b in BATCHES)
+        vs_ptq = ", ".join(f"batch {b}: {ptq[f'ov_{b}'] / r[f'ov_{b}']:.2f}x" for b in BATCHES)
+        verdicts.append(
+            f"- {r['model']}: {'**meets**' if meets else '**misses**'} the goal "
+            f"(speed-up {', '.join(f'{speedups[b]:.2f}x at batch {b}' for b in BATCHES)}; "
+            f"goal {GOALS[1]}x and {GOALS[32]}x); against ORT's PTQ model {vs_ptq}; "
+            f"TensorRT rule violations: {violations[r['model']]}."
+        )
+    return (
+        "The CIFAR-10 ResNet-20 teacher (FP32 ONNX), ONNX Runtime's static PTQ int8 model of "
+        "it (QDQ, per-channel int8 weights, uint8 activations, 256 calibration images) and "
+        "our `model_qdq.onnx` of LSQ students exported as jobs with `export.tensorrt` export "
+        f"them, under OpenVINO with {THREADS} threads (latency hint) and ONNX Runtime's CPU "
+        f"provider ({THREADS} intra-op threads): milliseconds per batch, the best of 5 windows "
+        f"of {seconds / 5:.1f} s. Speed-ups are against FP32 at OpenVINO's default precision "
+        "(bf16 for float layers on this CPU, which has avx512_bf16; the f32 row forces f32). "
+        "The layer column counts OpenVINO's compiled convolutions and fully connected layers "
+        "by the precision they run in: u8/i8 is an integer kernel.\n\n"
+        f"{body}\n\n" + "\n".join(verdicts) + "\n\nONNX Runtime's CPU int8 kernels are reported, "
+        "not optimised for (issue 4)."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=2.5, help="timing per model and batch")
+    parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    train = cifar_split("train", 1000, CACHE_DIR)
+    prep = teacher_preprocessing()
+    calibration = normalize(train.pixels[:CALIBRATION_IMAGES], prep["mean"], prep["std"])
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        models = {"ORT PTQ int8": ort_ptq_model(calibration.numpy(), workdir)}
+        violations = {}
+        for bits in (8, 4):
+            name = f"ours W{bits}A{bits}"
+            models[name], violations[name] = our_model(bits, train.pixels, workdir)
+        rows = [
+            measure("FP32", TEACHER_ONNX, args.seconds),
+            measure("FP32", TEACHER_ONNX, args.seconds, precision="f32"),
+        ]
+        rows += [measure(name, path, args.seconds) for name, path in models.items()]
+    if not args.no_write:
+        write_section(
+            SECTION,
+            section(rows, violations, args.seconds),
+            command="python -m bench.int8_speed",
+            machine_text=f"{machine()}, OpenVINO {ov.__version__.split('-')[0]}",
+        )
+
+
+if __name__ == "__main__":
+    main()
