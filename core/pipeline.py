@@ -24,7 +24,12 @@ from torch import Tensor
 from core.config import JobConfig
 from core.engine import calibrated_student, train_config
 from core.export.int_checkpoint import save_int_checkpoint, state_tensors
-from core.export.onnx_qdq import export_qdq_onnx, onnx_parity, tensorrt_report
+from core.export.onnx_qdq import (
+    export_qdq_onnx,
+    onnx_parity,
+    tensorrt_report,
+    write_cpu_variant,
+)
 from core.export.runtime_speed import int8_speed
 from core.inputs.images import ImageSet, load_image_archive, normalize
 from core.inputs.onnx_model import load_onnx_model
@@ -152,22 +157,21 @@ def run_quantization(
         eval_inputs = normalize(eval_set.pixels[:PARITY_IMAGES], prep.mean, prep.std)
         metrics["onnx_parity"] = onnx_parity(student, onnx_path, eval_inputs.split(64))
         metrics["tensorrt_rules"] = tensorrt_report(student, onnx_path)
+        cpu_path = artifacts["model_qdq_cpu.onnx"] = workdir / "model_qdq_cpu.onnx"
+        write_cpu_variant(onnx_path, cpu_path)
         if config.export.speed:
-            metrics["inference"] = _inference_speed(inputs.model_path, onnx_path, (3, *input_size))
+            models = {"float": inputs.model_path, "qdq": onnx_path, "qdq_cpu": cpu_path}
+            metrics["inference"] = _inference_speed(models, (3, *input_size))
     artifacts["metrics.json"].write_text(json.dumps(metrics, indent=2))
     return JobResult(metrics=metrics, artifacts=artifacts)
 
 
-def _inference_speed(
-    float_path: Path, qdq_path: Path, input_shape: tuple[int, ...]
-) -> dict[str, Any]:
+def _inference_speed(models: dict[str, Path], input_shape: tuple[int, ...]) -> dict[str, Any]:
     """``runtime_speed.int8_speed`` on the worker's CPU threads; a model OpenVINO or ONNX
     Runtime cannot run at these batch sizes (a fixed batch dimension, say) is reported, not
     failed: the job's other results stand."""
     try:
-        return int8_speed(
-            float_path, qdq_path, input_shape, threads=torch.get_num_threads(), seconds=0.5
-        )
+        return int8_speed(models, input_shape, threads=torch.get_num_threads(), seconds=0.5)
     except Exception as exc:  # noqa: BLE001 - each runtime has its own error types
         log.warning("inference speed not measured: %s", exc)
         return {"error": str(exc).splitlines()[0][:300]}

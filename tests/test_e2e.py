@@ -57,6 +57,7 @@ ARTIFACTS = {
     "model_int.safetensors",
     "quant_config.json",
     "model_qdq.onnx",
+    "model_qdq_cpu.onnx",
     "metrics.json",
 }
 
@@ -228,9 +229,13 @@ def test_quantize_end_to_end(
     # The worker timed the file against the upload, and OpenVINO ran its layers as int8.
     inference = job["metrics"]["inference"]
     for runtime in ("openvino", "onnxruntime"):
-        timings = [*inference[runtime]["float_ms"].values(), *inference[runtime]["qdq_ms"].values()]
-        assert len(timings) == 4 and all(ms > 0 for ms in timings), inference
-    assert set(inference["openvino"]["qdq_layers"]) <= {"u8", "i8"}, inference
+        timings = [
+            inference[runtime][f"{m}_ms"][b]
+            for m in ("float", "qdq", "qdq_cpu")
+            for b in ("1", "32")
+        ]
+        assert all(ms > 0 for ms in timings), inference
+    assert set(inference["openvino"]["qdq_cpu_layers"]) <= {"u8", "i8"}, inference
 
     # The job is listed, and nothing of the upload is left in staging.
     assert job_id in [item["id"] for item in api.get("/v1/jobs").json()["items"]]

@@ -275,6 +275,48 @@ def export_qdq_onnx(
     onnx.save(onnx_model, str(path))
 
 
+def write_cpu_variant(qdq_path: Path, path: Path) -> int:
+    """``model_qdq_cpu.onnx``: ``qdq_path`` with every non-negative int8 activation as uint8.
+
+    TensorRT takes int8 Q/DQ only, and ``model_qdq.onnx`` follows it. x86 CPUs' int8 kernels
+    (VNNI) multiply unsigned by signed bytes: a signed activation costs OpenVINO a shift and a
+    compensation term, about 15% per convolution here (BENCHMARKS.md, int8-speed). An
+    activation that a ``Clip`` at 0 or more feeds (every unsigned grid exported as int8) has the
+    same codes in uint8 with zero point 0, so the values, and parity, are unchanged. Returns the
+    number of activations changed.
+    """
+    model = onnx.load(str(qdq_path))
+    graph = model.graph
+    constants = tensorrt_rules.constant_arrays(graph)
+    producer = {name: node for node in graph.node for name in node.output}
+    dequantizers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear":
+            dequantizers.setdefault(node.input[0], []).append(node)
+    uint8_zero = "uint8_zero_point"
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        clip = producer.get(node.input[0])
+        if clip is None or clip.op_type != "Clip":
+            continue
+        zero_point = constants.get(node.input[2]) if len(node.input) > 2 else None
+        low = constants.get(clip.input[1]) if len(clip.input) > 1 else None
+        if zero_point is None or zero_point.dtype != np.int8 or zero_point.any():
+            continue
+        if low is None or float(low) < 0:
+            continue
+        for quantizer in (node, *dequantizers.get(node.output[0], [])):
+            quantizer.input[2] = uint8_zero
+        changed += 1
+    graph.initializer.append(numpy_helper.from_array(np.array(0, np.uint8), uint8_zero))
+    _prune(graph)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return changed
+
+
 def tensorrt_report(student: nn.Module, path: Path) -> dict[str, Any]:
     """``core.export.tensorrt_rules.check`` of the exported file, with each layer's bits:
     {"follows_rules": bool, "violation_count": n, "violations": the first ``MAX_REPORTED``}."""

@@ -102,22 +102,23 @@ def onnxruntime_latency(
 
 
 def int8_speed(
-    float_path: Path,
-    qdq_path: Path,
+    models: dict[str, Path],
     input_shape: tuple[int, ...],
     *,
     batches: tuple[int, ...] = (1, 32),
     threads: int = 2,
     seconds: float = 1.0,
 ) -> dict[str, Any]:
-    """A job's ``metrics.inference``: the float upload and ``model_qdq.onnx`` under OpenVINO
-    (milliseconds per batch, speed-up, the precision each layer runs in) and ONNX Runtime.
+    """A job's ``metrics.inference``: each of ``models`` ({"float": the upload, "qdq": ...})
+    under OpenVINO and ONNX Runtime, milliseconds per batch, with each model's speed-up over
+    "float" and (OpenVINO) the precision each of its layers runs in.
 
-    {"threads": 2, "openvino": {"float_ms": {"1": .., "32": ..}, "qdq_ms": {..},
-    "speedup": {..}, "qdq_layers": {"u8": 21, ...}}, "onnxruntime": {same, no layers}}
+    {"threads": 2, "batches": [1, 32], "openvino": {"float_ms": {"1": .., "32": ..},
+    "qdq_ms": {..}, "qdq_speedup": {..}, "qdq_layers": {"u8": 21, ...}, ...},
+    "onnxruntime": {the same but layers}}
     """
     result: dict[str, Any] = {"threads": threads, "batches": list(batches)}
-    runtimes: dict[str, Callable[[Path, int], float]] = {
+    latencies: dict[str, Callable[[Path, int], float]] = {
         "openvino": lambda path, batch: openvino_latency(
             path, input_shape, batch, threads=threads, seconds=seconds
         ),
@@ -125,13 +126,15 @@ def int8_speed(
             path, input_shape, batch, threads=threads, seconds=seconds
         ),
     }
-    for runtime, latency in runtimes.items():
-        float_ms = {str(b): latency(float_path, b) for b in batches}
-        qdq_ms = {str(b): latency(qdq_path, b) for b in batches}
-        result[runtime] = {
-            "float_ms": float_ms,
-            "qdq_ms": qdq_ms,
-            "speedup": {b: float_ms[b] / qdq_ms[b] for b in float_ms},
+    for runtime, latency in latencies.items():
+        timings = {
+            name: {str(b): latency(path, b) for b in batches} for name, path in models.items()
         }
-    result["openvino"]["qdq_layers"] = openvino_layers(qdq_path, input_shape)
+        result[runtime] = {f"{name}_ms": ms for name, ms in timings.items()}
+        for name, ms in timings.items():
+            if name != "float":
+                result[runtime][f"{name}_speedup"] = {b: timings["float"][b] / ms[b] for b in ms}
+    for name, path in models.items():
+        if name != "float":
+            result["openvino"][f"{name}_layers"] = openvino_layers(path, input_shape)
     return result

@@ -20,11 +20,13 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from core.export import tensorrt_rules
 from core.export.onnx_qdq import (
     export_qdq_onnx,
     layer_bits_by_node,
     onnx_parity,
     tensorrt_report,
+    write_cpu_variant,
 )
 from core.inputs.onnx_model import load_onnx_model
 from core.sqakd.calibrate import calibrate
@@ -412,3 +414,31 @@ def test_batchnorm_is_folded_into_the_quantized_convolution(
     rules = {v["rule"] for v in tensorrt_report(student, path)["violations"]}
     assert ("batchnorm" in rules) == negative_gain_on_lowest_code
     assert_lsq_parity(onnx_parity(student, path, batches()), student)
+
+
+def test_cpu_variant_stores_non_negative_activations_as_uint8_with_the_same_outputs(
+    resnet20: nn.Module, tmp_path: Path
+) -> None:
+    """The TensorRT layout's unsigned grids (0..127 behind a Clip at 0) become uint8, which
+    x86 int8 kernels take without a shift; signed ones and the outputs stay as they were."""
+    student = make_student(resnet20, "lsq-w4a4", **TENSORRT_SPEC)
+    qdq, cpu = tmp_path / "model_qdq.onnx", tmp_path / "model_qdq_cpu.onnx"
+    export_qdq_onnx(student, INPUT_SHAPE, qdq)
+    changed = write_cpu_variant(qdq, cpu)
+
+    def zero_point_types(path: Path) -> dict[str, int]:
+        graph = onnx.load(str(path)).graph
+        constants = tensorrt_rules.constant_arrays(graph)
+        kinds = [
+            str(constants[n.input[2]].dtype) for n in graph.node if n.op_type == "QuantizeLinear"
+        ]
+        return {"uint8": kinds.count("uint8"), "int8": kinds.count("int8")}
+
+    before, after = zero_point_types(qdq), zero_point_types(cpu)
+    assert before["uint8"] == 0 and changed > 0
+    assert after == {"uint8": changed, "int8": before["int8"] - changed}
+    assert after["int8"] > 0  # the signed inputs of the residual additions stay int8
+    session_batches = batches()
+    original = onnx_parity(student, qdq, session_batches)
+    variant = onnx_parity(student, cpu, session_batches)
+    assert variant == original

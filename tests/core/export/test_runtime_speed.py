@@ -47,22 +47,24 @@ def test_the_tensorrt_layout_runs_every_layer_as_int8_in_openvino(
     assert openvino_layers(fixture_onnx, INPUT_SHAPE, precision="f32") == {"f32": 22}
 
 
-def test_int8_speed_times_both_models_in_both_runtimes(fixture_onnx: Path, tmp_path: Path) -> None:
+def test_int8_speed_times_every_model_in_both_runtimes(fixture_onnx: Path, tmp_path: Path) -> None:
     teacher = load_onnx_model(fixture_onnx).module
     qdq = export(teacher, tmp_path / "model_qdq.onnx", int8_grids=True, residual_bits=8)
-    speed = int8_speed(fixture_onnx, qdq, INPUT_SHAPE, batches=(1, 4), threads=1, seconds=0.05)
+    models = {"float": fixture_onnx, "qdq": qdq}
+    speed = int8_speed(models, INPUT_SHAPE, batches=(1, 4), threads=1, seconds=0.05)
     assert speed["threads"] == 1 and speed["batches"] == [1, 4]
     for runtime in ("openvino", "onnxruntime"):
-        for kind in ("float_ms", "qdq_ms"):
-            assert set(speed[runtime][kind]) == {"1", "4"}
-            assert all(ms > 0 for ms in speed[runtime][kind].values())
-        assert speed[runtime]["speedup"]["4"] == pytest.approx(
+        for name in models:
+            assert set(speed[runtime][f"{name}_ms"]) == {"1", "4"}
+            assert all(ms > 0 for ms in speed[runtime][f"{name}_ms"].values())
+        assert speed[runtime]["qdq_speedup"]["4"] == pytest.approx(
             speed[runtime]["float_ms"]["4"] / speed[runtime]["qdq_ms"]["4"]
         )
+    assert speed["openvino"]["qdq_layers"] == {"u8": 21, "i8": 1}
 
 
 def test_a_model_the_runtimes_cannot_run_is_reported_not_failed(tmp_path: Path) -> None:
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not an onnx model")
-    result = _inference_speed(broken, broken, INPUT_SHAPE)
+    result = _inference_speed({"float": broken, "qdq": broken}, INPUT_SHAPE)
     assert set(result) == {"error"} and result["error"]
