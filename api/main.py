@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import get_settings
-from api.routes import health, jobs
+from api.routes import engines, health, jobs
 from core import jobs as job_service
 from core.db import session_scope
 from core.errors import InputError
@@ -135,6 +135,7 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
         app.dependency_overrides[get_settings] = lambda: settings
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(engines.router)
     app.add_exception_handler(InputError, _input_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

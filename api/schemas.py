@@ -1,14 +1,17 @@
-"""Response bodies. Built from table rows, they show only public fields: no file paths, no lease."""
+"""Request and response bodies. Responses come from table rows and show only public fields: no
+file paths, no lease."""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from core.config import TARGET_NAME
+from core.engines import engine_queue
 from core.jobs import JobStatus
-from core.models import Job
+from core.models import EngineBuild, Job
 
 
 class ErrorDetail(BaseModel):
@@ -42,6 +45,59 @@ class JobInputsPublic(BaseModel):
     eval_data: FilePublic | None = None
 
 
+class EnginePublic(BaseModel):
+    """One TensorRT engine of a job (``core.engines``): ``waiting`` until a worker or device
+    agent serving ``queue`` claims it; its files are the job's ``engine-<target>.*`` artifacts."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    target: str
+    status: str
+    queue: str
+    builder: str | None
+    report: dict[str, Any] | None
+    error: ErrorDetail | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, build: EngineBuild) -> EnginePublic:
+        return cls(
+            id=build.id,
+            target=build.target,
+            status=build.status,
+            queue=engine_queue(build.target),
+            builder=build.builder,
+            report=build.report,
+            error=ErrorDetail.model_validate(build.error) if build.error else None,
+            created_at=build.created_at,
+            started_at=build.started_at,
+            finished_at=build.finished_at,
+        )
+
+
+class EngineClaim(BaseModel):
+    """A device agent's request for work: the target it builds for, and what it runs."""
+
+    target: str = Field(pattern=f"^{TARGET_NAME.pattern}$")
+    agent: str = Field("device-agent", max_length=100)
+    tensorrt_version: str | None = Field(None, max_length=50)
+    device: dict[str, Any] = Field(default_factory=dict)
+
+
+class EngineClaimed(BaseModel):
+    build: EnginePublic
+    model_url: str  # model_qdq.onnx, relative to the API's base URL
+    lease_seconds: int
+
+
+class EngineFailure(BaseModel):
+    code: str = Field("build_failed", max_length=64)
+    message: str = Field(max_length=4000)
+
+
 class JobPublic(BaseModel):
     id: str
     status: JobStatus
@@ -50,6 +106,7 @@ class JobPublic(BaseModel):
     metrics: dict[str, Any] | None
     error: ErrorDetail | None
     artifacts: list[ArtifactPublic]
+    engines: list[EnginePublic]  # TensorRT engines asked for with export.tensorrt_targets
     config: dict[str, Any]
     inputs: JobInputsPublic
     cancel_requested: bool
@@ -74,6 +131,7 @@ class JobPublic(BaseModel):
             metrics=job.metrics,
             error=ErrorDetail.model_validate(job.error) if job.error else None,
             artifacts=[ArtifactPublic.model_validate(a) for a in job.artifacts],
+            engines=[EnginePublic.from_row(build) for build in job.engines],
             config=job.config,
             inputs=JobInputsPublic(
                 model=FilePublic(size=job.model_size, sha256=job.model_sha256),

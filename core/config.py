@@ -6,10 +6,12 @@ It is stored on the job row as JSON (``JobConfig.model_dump(mode="json")``) and 
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # a TensorRT target: the queue engine.<it>
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -62,6 +64,34 @@ class ExportConfig(_Strict):
         "below 8 bits are the same either way), and both inputs of every residual addition "
         "are quantized at 8 bits, where TensorRT expects Q/DQ.",
     )
+    tensorrt_targets: tuple[str, ...] = Field(
+        (),
+        max_length=8,
+        description="TensorRT engines to build from model_qdq.onnx, one per target (for example "
+        "jetson-orin-nano, x86-sm90): each is built by an engine worker or device agent serving "
+        "the queue engine.<target>. Asking for one turns on tensorrt.",
+    )
+
+    @field_validator("tensorrt_targets")
+    @classmethod
+    def _target_names(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+        for target in targets:
+            if not TARGET_NAME.fullmatch(target):
+                raise ValueError(
+                    f"target {target!r}: lowercase letters, digits and '-', 1 to 63 characters"
+                )
+        if len(set(targets)) != len(targets):
+            raise ValueError("each target once")
+        return targets
+
+    @model_validator(mode="before")
+    @classmethod
+    def _targets_need_tensorrt(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tensorrt_targets"):
+            if data.get("tensorrt") is False:
+                raise ValueError("tensorrt_targets need the TensorRT-compatible student (tensorrt)")
+            data = {**data, "tensorrt": True}
+        return data
 
 
 class JobConfig(_Strict):

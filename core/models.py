@@ -27,6 +27,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+# An engine build waits for a worker (or device agent) serving its target's queue, then builds.
+ENGINE_STATUSES = ("waiting", "building", "succeeded", "failed")
 
 # Stable constraint names, so Alembic batch migrations on SQLite can find them again.
 NAMING_CONVENTION = {
@@ -120,6 +122,13 @@ class Job(Base):
         passive_deletes=True,
         lazy="selectin",
     )
+    engines: Mapped[list[EngineBuild]] = relationship(
+        back_populates="job",
+        order_by="EngineBuild.target",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="selectin",
+    )
 
 
 class Artifact(Base):
@@ -135,3 +144,33 @@ class Artifact(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class EngineBuild(Base):
+    """One TensorRT engine of a succeeded job, for one target; built on that target.
+
+    Celery engine workers (queue ``engine.<target>``) and device agents (REST) claim the same
+    rows, with a lease as training jobs have: whoever claims first builds it.
+    """
+
+    __tablename__ = "engine_builds"
+    __table_args__ = (
+        CheckConstraint("status IN ('waiting', 'building', 'succeeded', 'failed')", name="status"),
+        UniqueConstraint("job_id", "target", name="uq_engine_builds_job_id_target"),
+        Index("ix_engine_builds_target_status", "target", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    target: Mapped[str] = mapped_column(String(63))
+    status: Mapped[str] = mapped_column(String(16), default="waiting")
+    builder: Mapped[str | None] = mapped_column(String(200))  # who claimed it: worker or agent
+    report: Mapped[dict[str, Any] | None]  # engine-<target>.json: provenance and timings
+    error: Mapped[dict[str, Any] | None]
+    lease_expires_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+
+    job: Mapped[Job] = relationship(back_populates="engines")

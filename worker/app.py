@@ -13,6 +13,9 @@ from celery import Celery
 from core.settings import Settings, get_settings
 
 TRAIN_TASK = "worker.tasks.train_job"
+BUILD_ENGINE_TASK = "worker.tasks.build_engine"
+"""Sent to the queue ``engine.<target>`` of each build (``core.engines.engine_queue``), which
+only engine workers on that target consume: ``celery -A worker.app worker -Q engine.<target>``."""
 
 VISIBILITY_TIMEOUT_S = 3600
 """Redis transport: an unacknowledged message is handed to another worker after this long.
@@ -59,6 +62,11 @@ def _create(broker_url: str, train_queue: str) -> Celery:
 def enqueue_train(settings: Settings, job_id: str) -> None:
     """Send a job to the training queue (by task name: the sender needs no torch)."""
     create_celery_app(settings).send_task(TRAIN_TASK, args=[job_id])
+
+
+def enqueue_engine_build(settings: Settings, build_id: str, queue: str) -> None:
+    """Announce an engine build on its target's queue."""
+    create_celery_app(settings).send_task(BUILD_ENGINE_TASK, args=[build_id], queue=queue)
 
 
 def ping_broker(settings: Settings, timeout: float = 2.0) -> None:

@@ -7,6 +7,7 @@ canceled, or runs under a live lease elsewhere) is dropped, which makes redelive
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -18,16 +19,24 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from core import jobs
+from core import engines, jobs
 from core.config import JobConfig
 from core.db import session_scope
 from core.errors import InputError
-from core.models import Job
+from core.export.tensorrt_engine import TensorRTUnavailable, build_engine
+from core.models import EngineBuild, Job
 from core.pipeline import CHECKPOINT, JobCanceled, JobInputs, run_quantization
 from core.settings import Settings, get_settings
 from core.storage import Storage, StoredFile
-from worker.app import TRAIN_TASK, TRAIN_TIME_LIMIT_S, app
+from worker.app import (
+    BUILD_ENGINE_TASK,
+    TRAIN_TASK,
+    TRAIN_TIME_LIMIT_S,
+    app,
+    enqueue_engine_build,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +198,69 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
         else:
             for file in stored:
                 jobs.record_artifact(session, settings, job.id, file)
-            jobs.succeed(session, job.id, owner, metrics)
-            log.info("job %s: succeeded", job.id)
+            if jobs.succeed(session, job.id, owner, metrics):
+                log.info("job %s: succeeded", job.id)
+                announce_engine_builds(settings, session, job.id)
     if not canceled and error is None:  # only an unfinished job resumes from its checkpoint
         (storage.work_dir(job.id) / CHECKPOINT).unlink(missing_ok=True)
+
+
+def announce_engine_builds(settings: Settings, session: Session, job_id: str) -> None:
+    """A waiting build per TensorRT target of the job, each sent to its target's queue.
+
+    A broker that is down leaves the builds waiting: device agents still find them over REST,
+    and the job's own result stands.
+    """
+    job = session.get(Job, job_id, populate_existing=True)
+    for build in engines.create_builds(session, job):
+        queue = engines.engine_queue(build.target)
+        try:
+            enqueue_engine_build(settings, build.id, queue)
+        except Exception:  # noqa: BLE001 - kombu raises many types; the build stays waiting
+            log.warning("job %s: engine build %s not announced on %s", job_id, build.id, queue)
+        log.info("job %s: engine build %s waits on %s", job_id, build.id, queue)
+
+
+def build_claimed_engine(settings: Settings, build: EngineBuild, builder: str) -> None:
+    """Build the engine of a build ``builder`` holds, store it with its report as the job's
+    artifacts, and record how it ended. Nothing is stored for a failed build."""
+    storage = Storage(settings.data_dir)
+    plan_name, report_name = engines.artifact_names(build.target)
+    workdir = storage.work_dir(build.job_id) / f"engine-{build.target}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    onnx_path = storage.artifact_path(build.job_id, "model_qdq.onnx")
+    error: tuple[str, str] | None = None
+    report: dict[str, Any] | None = None
+    try:
+        if not onnx_path.exists():
+            raise FileNotFoundError("the job has no model_qdq.onnx (export.onnx was off)")
+        report = build_engine(onnx_path, workdir / plan_name)
+        (workdir / report_name).write_text(json.dumps(report, indent=2))
+    except TensorRTUnavailable as exc:
+        error = ("tensorrt_unavailable", f"this engine worker cannot build: {exc}")
+    except Exception as exc:
+        log.exception("engine build %s: failed", build.id)
+        error = ("build_failed", f"{type(exc).__name__}: {str(exc)[:500]}")
+    with session_scope(settings) as session:
+        if error is None:
+            for name in (plan_name, report_name):
+                stored = storage.store_artifact(build.job_id, name, workdir / name)
+                jobs.record_artifact(session, settings, build.job_id, stored)
+        engines.finish_build(session, build.id, builder, report=report, error=error)
+    log.info("engine build %s (%s): %s", build.id, build.target, error or "succeeded")
+
+
+@app.task(bind=True, name=BUILD_ENGINE_TASK, time_limit=3 * 3600)
+def build_engine_task(self: Task, build_id: str) -> None:
+    """Build one engine on the target this worker runs on (it consumes that target's queue)."""
+    settings = get_settings()
+    builder = f"{self.request.hostname}/{os.getpid()}/{self.request.id}"
+    with session_scope(settings) as session:
+        build = engines.claim_build(session, build_id, builder)
+    if build is None:
+        log.info("engine build %s: not claimable (built, or taken by another builder)", build_id)
+        return
+    build_claimed_engine(settings, build, builder)
 
 
 @app.task(
