@@ -2,9 +2,10 @@
 
 Explicit quantization: the file's Q/DQ pairs set every int8 scale, so no calibrator runs;
 ``INT8`` lets TensorRT use the int8 kernels Q/DQ call for and ``FP16`` is the fallback for the
-layers between them. The batch dimension is dynamic in the file: the engine takes 1 to
-``max_batch`` images, tuned for ``opt_batch``. TensorRT is imported here only, so that machines
-without it (this project's CI, CPU workers) never need it; ``TensorRTUnavailable`` says so.
+layers between them. A dynamic batch dimension (ours) gets a profile of 1 to ``max_batch``
+images, tuned for ``opt_batch``; a fixed one is kept. Works with TensorRT 8 and 10. TensorRT is
+imported here only, so that machines without it (this project's CI, CPU workers) never need it;
+``TensorRTUnavailable`` says so.
 
 Engines run only on the TensorRT version and GPU family that built them: the report records
 both, with the JetPack/L4T release on a Jetson.
@@ -47,7 +48,9 @@ def build_engine(
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch: the only mode in TensorRT 10
+    # Explicit batch, which the ONNX parser needs: a flag up to TensorRT 8, the only mode in 10.
+    explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    network = builder.create_network(0 if explicit is None else 1 << int(explicit))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -56,16 +59,19 @@ def build_engine(
     flags = ["INT8", "FP16"]
     for flag in flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    profile = builder.create_optimization_profile()
     model_input = network.get_input(0)
-    sample_shape = tuple(model_input.shape)[1:]
-    profile.set_shape(
-        model_input.name,
-        (1, *sample_shape),
-        (opt_batch, *sample_shape),
-        (max_batch, *sample_shape),
-    )
-    config.add_optimization_profile(profile)
+    batch_dim, *sample = tuple(model_input.shape)
+    sample_shape = tuple(sample)
+    batches = (1, 32) if batch_dim == -1 else (batch_dim,)
+    if batch_dim == -1:  # a dynamic batch needs a profile; a fixed one must not get one
+        profile = builder.create_optimization_profile()
+        profile.set_shape(
+            model_input.name,
+            (1, *sample_shape),
+            (opt_batch, *sample_shape),
+            (max_batch, *sample_shape),
+        )
+        config.add_optimization_profile(profile)
     started = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     build_seconds = time.perf_counter() - started
@@ -84,22 +90,29 @@ def build_engine(
         "precision": "int8+fp16",
         "build_flags": flags,
         "builder": "tensorrt-python",
-        "profile": {"min_batch": 1, "opt_batch": opt_batch, "max_batch": max_batch},
+        "batch": ({"min": 1, "opt": opt_batch, "max": max_batch} if batch_dim == -1 else batch_dim),
         "build_seconds": build_seconds,
-        "timings": _time_engine(trt, torch, bytes(serialized), model_input.name, sample_shape),
+        "timings": _time_engine(
+            trt, torch, bytes(serialized), model_input.name, sample_shape, batches
+        ),
     }
 
 
 def _time_engine(
-    trt: Any, torch: Any, plan: bytes, input_name: str, sample_shape: tuple[int, ...]
+    trt: Any,
+    torch: Any,
+    plan: bytes,
+    input_name: str,
+    sample_shape: tuple[int, ...],
+    batches: tuple[int, ...],
 ) -> dict[str, float]:
-    """Milliseconds per batch at batch 1 and 32: the median of ``TIMED_RUNS`` CUDA-event-timed
-    runs, on torch-allocated device buffers."""
+    """Milliseconds per batch at each of ``batches``: the median of ``TIMED_RUNS``
+    CUDA-event-timed runs, on torch-allocated device buffers."""
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
     context = engine.create_execution_context()
     stream = torch.cuda.Stream()
     timings = {}
-    for batch in (1, 32):
+    for batch in batches:
         context.set_input_shape(input_name, (batch, *sample_shape))
         buffers = {}
         for index in range(engine.num_io_tensors):
