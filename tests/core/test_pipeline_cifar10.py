@@ -99,7 +99,7 @@ def test_sqakd_students_agree_with_the_cifar10_teacher(
     assert parity["top1_agreement"] >= (0.999 if job["weight_bits"] >= 4 else 0.99)
     # The largest logit difference is recorded; one rounding flip in an early 2-bit layer moves
     # an image's logits by a point or two (measured 0.6-1.8), so the mean shows soundness.
-    assert math.isfinite(parity["max_abs_diff"]) and parity["max_abs_diff"] > 0
+    assert math.isfinite(parity["max_abs_diff"]) and parity["max_abs_diff"] >= 0
     assert parity["mean_abs_diff"] < 0.05  # measured 0.0004-0.007
     if job.get("export", {}).get("tensorrt"):
         assert metrics["tensorrt_rules"]["follows_rules"], metrics["tensorrt_rules"]
