@@ -19,6 +19,11 @@ class ErrorDetail(BaseModel):
     message: str
 
 
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for routes that answer these statuses with an ``ErrorBody``."""
+    return {code: {"model": ErrorBody} for code in codes}
+
+
 class ErrorBody(BaseModel):
     """Every error the API answers: ``{"error": {"code": ..., "message": ...}}``."""
 

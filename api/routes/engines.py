@@ -13,27 +13,29 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from api.schemas import EngineClaim, EngineClaimed, EngineFailure, EnginePublic, ErrorBody
+from api.schemas import (
+    EngineClaim,
+    EngineClaimed,
+    EngineFailure,
+    EnginePublic,
+    error_responses,
+)
 from core import engines, jobs
 from core.errors import InputError
 from core.storage import save_fileobj
 
 router = APIRouter(prefix="/v1/engine-builds", tags=["engines"])
 
-ERRORS = {
-    code: {"model": ErrorBody}
-    for code in (
-        status.HTTP_401_UNAUTHORIZED,
-        status.HTTP_404_NOT_FOUND,
-        status.HTTP_409_CONFLICT,
-        status.HTTP_413_CONTENT_TOO_LARGE,
-        status.HTTP_422_UNPROCESSABLE_CONTENT,
-    )
-}
+ERRORS = error_responses(
+    status.HTTP_401_UNAUTHORIZED,
+    status.HTTP_404_NOT_FOUND,
+    status.HTTP_409_CONFLICT,
+    status.HTTP_413_CONTENT_TOO_LARGE,
+    status.HTTP_422_UNPROCESSABLE_CONTENT,
+)
 REPORT_MAX_BYTES = 64 * 1024
 
 
@@ -65,7 +67,7 @@ def _parse_report(text: str) -> dict[str, Any]:
         raise InputError("invalid_report", f"report is larger than {REPORT_MAX_BYTES} bytes")
     try:
         report = json.loads(text)
-    except (json.JSONDecodeError, ValidationError) as exc:
+    except json.JSONDecodeError as exc:
         raise InputError("invalid_report", f"report is not JSON: {exc}") from exc
     if not isinstance(report, dict):
         raise InputError("invalid_report", "report must be a JSON object")

@@ -11,7 +11,14 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import EnqueueDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from api.schemas import ArtifactList, ArtifactPublic, ErrorBody, JobList, JobPublic
+from api.schemas import (
+    ArtifactList,
+    ArtifactPublic,
+    ErrorBody,
+    JobList,
+    JobPublic,
+    error_responses,
+)
 from api.uploads import receive_job_upload
 from core import jobs
 from core.errors import InputError
@@ -20,14 +27,9 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-ERRORS = {
-    code: {"model": ErrorBody}
-    for code in (
-        status.HTTP_401_UNAUTHORIZED,
-        status.HTTP_404_NOT_FOUND,
-        status.HTTP_422_UNPROCESSABLE_CONTENT,
-    )
-}
+ERRORS = error_responses(
+    status.HTTP_401_UNAUTHORIZED, status.HTTP_404_NOT_FOUND, status.HTTP_422_UNPROCESSABLE_CONTENT
+)
 
 
 class BrokerUnavailable(InputError):
