@@ -58,11 +58,12 @@ class ExportConfig(_Strict):
         "ONNX Runtime on the worker's CPU at batch 1 and 32 (metrics.inference; a few seconds).",
     )
     tensorrt: bool = Field(
-        False,
+        True,
         description="Train a TensorRT-compatible student: every grid fits int8 with zero point "
         "0 (8-bit unsigned activations keep 0..127, EWGS's 8-bit zero point is pinned; grids "
         "below 8 bits are the same either way), and both inputs of every residual addition "
-        "are quantized at 8 bits, where TensorRT expects Q/DQ.",
+        "are quantized at 8 bits, where TensorRT expects Q/DQ. Defaults to onnx: the exported "
+        "model_qdq.onnx then follows TensorRT's rules; false trains the papers' grids.",
     )
     tensorrt_targets: tuple[str, ...] = Field(
         (),
@@ -86,11 +87,17 @@ class ExportConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _targets_need_tensorrt(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("tensorrt_targets"):
+    def _tensorrt_follows_onnx_and_targets(cls, data: Any) -> Any:
+        """An unset ``tensorrt`` follows ``onnx`` (issue 4: the TensorRT-compatible student
+        whenever an ONNX export or a TensorRT target is asked for); targets require it."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("tensorrt_targets"):
             if data.get("tensorrt") is False:
                 raise ValueError("tensorrt_targets need the TensorRT-compatible student (tensorrt)")
-            data = {**data, "tensorrt": True}
+            return {**data, "tensorrt": True}
+        if "tensorrt" not in data:
+            return {**data, "tensorrt": data.get("onnx", True)}
         return data
 
 

@@ -27,6 +27,22 @@ def test_asking_for_targets_turns_on_the_tensorrt_student() -> None:
 
 
 @pytest.mark.parametrize(
+    ("export", "tensorrt"),
+    [
+        ({}, True),  # the default exports ONNX, so it trains the TensorRT-compatible student
+        ({"onnx": False}, False),
+        ({"onnx": False, "tensorrt_targets": ["a"]}, True),
+        ({"tensorrt": False}, False),  # the papers' grids, asked for
+        ({"onnx": False, "tensorrt": True}, True),
+    ],
+)
+def test_the_tensorrt_student_follows_onnx_export_unless_set(export: dict, tensorrt: bool) -> None:
+    config = JobConfig.model_validate(VALID_CONFIG | {"export": export})
+    assert config.export.tensorrt is tensorrt
+    assert JobConfig.model_validate(config.model_dump(mode="json")) == config
+
+
+@pytest.mark.parametrize(
     ("export", "message"),
     [
         ({"tensorrt_targets": ["Jetson Nano"]}, "lowercase letters"),
