@@ -95,8 +95,8 @@ def test_sqakd_students_agree_with_the_cifar10_teacher(
     # on a rounding boundary in one takes the neighbouring code: a rate, not a constant. At
     # W4A4 it stays under 0.1% (0.00-0.01% over 10,000 images, `python -m bench.parity`); the
     # fine 8-bit grids catch more boundaries, and W8A8 students disagree on 0.04-0.12% of
-    # images, seed by seed (this one: 2 of 1,000), so 0.2% is its bound here. A wrong export
-    # disagrees on whole percents.
+    # images, seed by seed (2 of 1,000 in one run of this test), so 0.2% is its bound here.
+    # A wrong export disagrees on whole percents.
     parity = metrics["onnx_parity"]
     print(f"ONNX Runtime vs PyTorch: {parity}")
     assert parity["images"] == 1000
