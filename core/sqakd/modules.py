@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
 from torch import Tensor, fx, nn
 
-from core.sqakd.quantizers import Quantizer, create_quantizer
+from core.sqakd.quantizers import Quantizer, create_quantizer, passes_of
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,6 +254,7 @@ def share_input_quantizers(model: nn.Module) -> None:
                 layer.act_quantizer = shared
         for add, slot in add_slots:
             add.input_quantizers[slot] = shared
+    passes_of(model)  # so that each shared quantizer quantizes its tensor once per forward
 
 
 def quantize_residual_adds(model: nn.Module, method: str, bits: int, int8: bool) -> nn.Module:

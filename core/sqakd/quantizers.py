@@ -19,10 +19,12 @@ Each quantizer can describe its integer grid (``grid()``) so exporters need no p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,6 +267,55 @@ class IntGrid:
     stride: int = 1
 
 
+class _Pass(threading.local):
+    """The forward pass under way in this thread, if any (``one_pass``)."""
+
+    token: object | None = None
+
+
+_pass = _Pass()
+
+
+@contextlib.contextmanager
+def one_pass() -> Iterator[None]:
+    """One forward pass: inside it, a quantizer called again with the same unchanged tensor
+    returns its first output (``Quantizer.forward``). Outside any pass, never: a later call may
+    follow an optimizer step or a backward that freed the first output's graph."""
+    outer, _pass.token = _pass.token, object()
+    try:
+        yield
+    finally:
+        _pass.token = outer
+
+
+def passes_of(model: nn.Module) -> None:
+    """Make each forward of ``model`` one pass (``one_pass``), with forward hooks."""
+    model.register_forward_pre_hook(_begin_pass)
+    model.register_forward_hook(_end_pass, always_call=True)
+
+
+_open_passes = threading.local()  # this thread's passes begun by hooks, innermost last
+
+
+def _begin_pass(module: nn.Module, args: Any) -> None:
+    opened = one_pass()
+    opened.__enter__()
+    _open_passes.__dict__.setdefault("stack", []).append(opened)
+
+
+def _end_pass(module: nn.Module, args: Any, output: Any) -> None:
+    _open_passes.stack.pop().__exit__(None, None, None)
+
+
+def _reuse_state(x: Tensor) -> tuple[Any, ...] | None:
+    """What a quantizer's output in this pass depends on besides its parameters (fixed within a
+    pass), or None: do not reuse (no pass; torch.compile, which traces neither weak references
+    nor version counters; an inference-mode tensor, which has no version counter)."""
+    if _pass.token is None or torch.compiler.is_compiling() or x.is_inference():
+        return None
+    return (_pass.token, x._version, torch.is_grad_enabled())
+
+
 class Quantizer(nn.Module):
     """Fake-quantizes to ``2**bits`` levels. Signed or unsigned is set by ``calibrate``."""
 
@@ -284,6 +335,8 @@ class Quantizer(nn.Module):
         self.channels = channels
         self.signed = True
         self.enabled = True  # calibration runs the student with quantizers off
+        # forward: this pass's last input and output (weakly: never kept alive) and its state
+        self._last: tuple[weakref.ref[Tensor], tuple[Any, ...], weakref.ref[Tensor]] | None = None
 
     @property
     def levels(self) -> int:
@@ -302,8 +355,27 @@ class Quantizer(nn.Module):
         return tuple(range(1, x.dim())) if self.channels else tuple(range(x.dim()))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` fake-quantized; within one forward pass of a model (``one_pass``), the same
+        output object again for the same unchanged input.
+
+        A quantizer shared by the readers of one tensor (``share_input_quantizers``: a block's
+        first convolution, its shortcut and its residual addition) is called once per reader
+        with that tensor. The first call's output serves them all, as the exported graph
+        quantizes the tensor once: the other calls cost nothing, and the one backward sees the
+        readers' summed gradient, the gradient of the quantized tensor that EWGS's rule scales.
+        """
+        if not self.enabled:
+            return x
+        state = _reuse_state(x)
+        if state is not None and self._last is not None:
+            last_input, last_state, last_output = self._last
+            # The input's identity by reference: an id can be a new tensor's once freed
+            if last_state == state and last_input() is x and (reused := last_output()) is not None:
+                return reused
         # Rounding onto 256 levels needs float32: bf16 has 8 significant bits.
-        return self.quantize(x.float()) if self.enabled else x
+        out = self.quantize(x.float())
+        self._last = None if state is None else (weakref.ref(x), state, weakref.ref(out))
+        return out
 
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError

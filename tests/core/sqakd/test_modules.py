@@ -380,3 +380,30 @@ def test_layers_reading_one_tensor_share_its_quantizer() -> None:
     assert block.residual_add.input_quantizers[1] is block.conv1.act_quantizer
     plain = prepare(torchvision.models.resnet18().eval(), spec())
     assert plain.layer2[0].conv1.act_quantizer is not plain.layer2[0].downsample[0].act_quantizer
+
+
+def test_a_shared_quantizer_quantizes_its_tensor_once_per_forward() -> None:
+    """resnet18's layer2.0: conv1 and the shortcut read one quantized tensor; layer1.1: conv1
+    and the residual addition. Each forward quantizes each once, and every forward afresh."""
+    import torchvision
+
+    student = prepare(torchvision.models.resnet18().eval(), spec(residual_bits=8))
+    shared = [
+        student.get_submodule("layer2.0.conv1").act_quantizer,
+        student.get_submodule("layer1.1.conv1").act_quantizer,
+    ]
+    calls = {id(q): 0 for q in shared}
+    for quantizer in shared:
+        quantize = quantizer.quantize
+
+        def counted(x: torch.Tensor, quantizer=quantizer, quantize=quantize) -> torch.Tensor:
+            calls[id(quantizer)] += 1
+            return quantize(x)
+
+        quantizer.quantize = counted  # type: ignore[method-assign]
+    x = torch.randn(2, 3, 32, 32)
+    first = student(x)
+    assert list(calls.values()) == [1, 1]
+    first.sum().backward()  # the readers' gradients reach the quantizer once, summed
+    assert torch.equal(student(x), first.detach())  # no output of the last pass is reused
+    assert list(calls.values()) == [2, 2]

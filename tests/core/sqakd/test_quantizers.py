@@ -20,6 +20,7 @@ from core.sqakd.quantizers import (
     Quantizer,
     STEQuantizer,
     create_quantizer,
+    one_pass,
 )
 
 METHODS = sorted(QUANTIZERS)
@@ -153,6 +154,49 @@ def test_disabled_quantizer_is_identity() -> None:
         q.enabled = False
         x = torch.randn(10)
         assert q(x) is x
+
+
+# --- a quantizer shared by several readers of one tensor -------------------------------------
+
+
+def test_the_readers_of_one_tensor_share_one_quantized_output_within_a_pass() -> None:
+    q = create_quantizer("lsq", 4, weight=False)
+    q.calibrate(torch.rand(64), signed=False)
+    x = torch.rand(64, requires_grad=True)
+    with one_pass():
+        first = q(x)
+        assert q(x) is first  # the second reader: no second pass over x
+        assert q(x.clone()) is not first  # another tensor, even with the same values
+        with torch.no_grad():
+            assert q(x).grad_fn is None  # grad mode is part of what an output depends on
+        again = q(x)
+        with torch.no_grad():
+            x.mul_(0.5)  # the input itself changed in place
+        assert q(x) is not again
+    assert q(x) is not q(x)  # outside a pass: after an optimizer step or a backward, say
+    with one_pass(), torch.inference_mode():
+        frozen = torch.rand(64)
+        assert q(frozen) is not q(frozen)  # no version counter: never reused
+
+
+def test_ewgs_scales_the_readers_summed_gradient_of_a_shared_tensor() -> None:
+    """Two readers of one quantized tensor: one backward of their summed gradient, as for the
+    tensor the exported graph quantizes once; EWGS's ``|g|`` is of that sum."""
+    q = EWGSQuantizer(2, weight=False, delta=0.5)
+    q.set_range(torch.tensor([1.0]))
+    x = torch.tensor([-0.8, -0.35, 0.1, 0.4], requires_grad=True)
+    reader_a, reader_b = torch.tensor([1.0, -2.0, 0.5, -1.0]), torch.tensor([-3.0, 1.0, 1.0, 2.0])
+    with one_pass():
+        read_by_a, read_by_b = q(x), q(x)
+    assert read_by_a is read_by_b
+    (read_by_a * reader_a + read_by_b * reader_b).sum().backward()
+    shared_grad = x.grad.clone()
+    x.grad = None
+    (q(x) * (reader_a + reader_b)).sum().backward()
+    assert torch.equal(shared_grad, x.grad)
+    x.grad = None
+    (q(x) * reader_a + q(x) * reader_b).sum().backward()  # two quantizer calls, no pass
+    assert not torch.equal(shared_grad, x.grad)  # |g_a| + |g_b|, not |g_a + g_b|
 
 
 # --- LSQ backward --------------------------------------------------------------------------
