@@ -298,12 +298,16 @@ _open_passes = threading.local()  # this thread's passes begun by hooks, innermo
 
 
 def _begin_pass(module: nn.Module, args: Any) -> None:
+    if torch.compiler.is_compiling():  # a compiled forward reuses nothing (_reuse_state)
+        return
     opened = one_pass()
     opened.__enter__()
     _open_passes.__dict__.setdefault("stack", []).append(opened)
 
 
 def _end_pass(module: nn.Module, args: Any, output: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
     _open_passes.stack.pop().__exit__(None, None, None)
 
 

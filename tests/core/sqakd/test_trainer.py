@@ -51,8 +51,12 @@ def make_teacher() -> nn.Module:
     return teacher.eval()
 
 
-def make_student(teacher: nn.Module, method: str, pixels: Tensor, bits: int = 2) -> nn.Module:
-    student = prepare(teacher, QuantSpec(method=method, weight_bits=bits, activation_bits=bits))
+def make_student(
+    teacher: nn.Module, method: str, pixels: Tensor, bits: int = 2, **spec: Any
+) -> nn.Module:
+    student = prepare(
+        teacher, QuantSpec(method=method, weight_bits=bits, activation_bits=bits, **spec)
+    )
     calibrate(student, teacher, normalize(pixels, MEAN, STD))
     return student
 
@@ -612,18 +616,23 @@ def test_label_weight_without_labels_is_refused() -> None:
         train(teacher, student, pixels, config(steps=1, label_weight=1.0))
 
 
-@pytest.mark.parametrize("method", ["lsq", "ewgs"])
-def test_a_compiled_student_trains_like_the_eager_one(method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "spec"),
+    [("lsq", {}), ("ewgs", {}), ("lsq", {"int8_grids": True, "residual_bits": 8})],
+    ids=["lsq", "ewgs", "lsq-tensorrt"],
+)
+def test_a_compiled_student_trains_like_the_eager_one(method: str, spec: dict[str, Any]) -> None:
     """``compile_model`` changes kernels, not maths: the same steps give close students. The
     whole student is one graph: a graph break per quantizer (an ``.item()``, the scratch pool)
-    made the compiled step slower than the eager one."""
+    made the compiled step slower than the eager one. The TensorRT-compatible student's forward
+    hooks (one pass per forward) stay out of the graph."""
     teacher, pixels = make_teacher(), uint8_images(32)
     students = []
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for compiled in (False, True):
         torch.manual_seed(0)
-        student = make_student(teacher, method, pixels, bits=4)
+        student = make_student(teacher, method, pixels, bits=4, **spec)
         cfg = config(steps=3, batch_size=16, compile_model=compiled, ewgs_delta=0.2)
         train(teacher, student, pixels, cfg)
         students.append(student.state_dict())
