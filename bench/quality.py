@@ -88,6 +88,11 @@ DATA = SHARED / "data" / "cifar10"
 CACHE_DIR = Path.home() / ".cache" / "sqakd-bench"
 DATA_SEED = 0  # the order of the training and test images (see cifar_split)
 SECTION = "quality"
+STUDENT = {  # by export.tensorrt
+    True: "the TensorRT-compatible student (`export.tensorrt`: 8-bit grids inside int8, both "
+    "inputs of each residual addition quantized)",
+    False: "the papers' grids (`export.tensorrt: false`)",
+}
 
 
 # --- data and teacher ---
@@ -421,7 +426,9 @@ def section(results: Results, budget: Budget) -> tuple[str, bool]:
         f"{defaults.batch_size}, {steps:,} steps per run; every other setting the JobConfig "
         f"default (lr {defaults.lr:g} and quantizer lr {defaults.quantizer_lr:g} in units of the "
         f"weight step, cosine schedule, crop and flip, per-channel weights, first and last layer "
-        f"at {defaults.first_last_bits} bits, EWGS delta {defaults.ewgs_delta}). {why}"
+        f"at {defaults.first_last_bits} bits, EWGS delta {defaults.ewgs_delta}, "
+        f"{STUDENT[defaults.export.tensorrt]}). "
+        f"{why}"
         f"Wall time: {wall / 60:.1f} minutes (teacher evaluation, "
         "calibration and its evaluation per row, training and evaluation per run; decoding and "
         "loading excluded)."
