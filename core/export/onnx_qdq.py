@@ -282,8 +282,10 @@ def write_cpu_variant(qdq_path: Path, path: Path) -> int:
     (VNNI) multiply unsigned by signed bytes: a signed activation costs OpenVINO a shift and a
     compensation term, about 15% per convolution here (BENCHMARKS.md, int8-speed). An
     activation that a ``Clip`` at 0 or more feeds (every unsigned grid exported as int8) has the
-    same codes in uint8 with zero point 0, so the values, and parity, are unchanged. Returns the
-    number of activations changed.
+    same codes in uint8 with zero point 0, so the values, and parity, are unchanged. A ReLU that
+    only feeds such a Clip is dropped (the Clip's lower bound does its work): OpenVINO merges the
+    Clip into the quantization, and every op it fuses into a convolution costs per output value
+    (``_drop_relus_before_clips``). Returns the number of activations changed.
     """
     model = onnx.load(str(qdq_path))
     graph = model.graph
@@ -311,10 +313,23 @@ def write_cpu_variant(qdq_path: Path, path: Path) -> int:
             quantizer.input[2] = uint8_zero
         changed += 1
     graph.initializer.append(numpy_helper.from_array(np.array(0, np.uint8), uint8_zero))
+    _drop_relus_before_clips(graph, constants)
     _prune(graph)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return changed
+
+
+def _drop_relus_before_clips(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> None:
+    """Clip(Relu(x), low, high) is Clip(x, low, high) when low >= 0: the Clip reads x instead,
+    and ``_prune`` drops a ReLU that nothing else reads."""
+    producer = {name: node for node in graph.node for name in node.output}
+    for clip in graph.node:
+        if clip.op_type != "Clip" or len(clip.input) < 2:
+            continue
+        relu, low = producer.get(clip.input[0]), constants.get(clip.input[1])
+        if relu is not None and relu.op_type == "Relu" and low is not None and float(low) >= 0:
+            clip.input[0] = relu.input[0]
 
 
 def tensorrt_report(student: nn.Module, path: Path) -> dict[str, Any]:

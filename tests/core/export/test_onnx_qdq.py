@@ -420,7 +420,8 @@ def test_cpu_variant_stores_non_negative_activations_as_uint8_with_the_same_outp
     resnet20: nn.Module, tmp_path: Path
 ) -> None:
     """The TensorRT layout's unsigned grids (0..127 behind a Clip at 0) become uint8, which
-    x86 int8 kernels take without a shift; signed ones and the outputs stay as they were."""
+    x86 int8 kernels take without a shift; signed ones and the outputs stay as they were. The
+    ReLUs before those Clips go (the Clip's lower bound does their work)."""
     student = make_student(resnet20, "lsq-w4a4", **TENSORRT_SPEC)
     qdq, cpu = tmp_path / "model_qdq.onnx", tmp_path / "model_qdq_cpu.onnx"
     export_qdq_onnx(student, INPUT_SHAPE, qdq)
@@ -438,6 +439,19 @@ def test_cpu_variant_stores_non_negative_activations_as_uint8_with_the_same_outp
     assert before["uint8"] == 0 and changed > 0
     assert after == {"uint8": changed, "int8": before["int8"] - changed}
     assert after["int8"] > 0  # the signed inputs of the residual additions stay int8
+
+    def relus_into_clips(path: Path) -> tuple[int, int]:
+        graph = onnx.load(str(path)).graph
+        relus = {n.output[0] for n in graph.node if n.op_type == "Relu"}
+        clips = [n for n in graph.node if n.op_type == "Clip"]
+        return len(relus), sum(clip.input[0] in relus for clip in clips)
+
+    (relus_before, fed_before), (relus_after, fed_after) = (
+        relus_into_clips(qdq),
+        relus_into_clips(cpu),
+    )
+    assert fed_before > 0 and fed_after == 0
+    assert relus_after == relus_before - fed_before
     session_batches = batches()
     original = onnx_parity(student, qdq, session_batches)
     variant = onnx_parity(student, cpu, session_batches)
