@@ -18,10 +18,38 @@ from typing import Any
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
+# The instruction sets that decide how fast int8 and bf16 run on an x86 CPU: the same 2-core
+# machine kind has come with AVX-512 VNNI/BF16 CPUs and with AVX2-only ones.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first ``name : value`` of /proc/cpuinfo ("" where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((ln.partition(":")[2].strip() for ln in lines if ln.startswith(name)), "")
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo_field("flags").split())
+
+
+def cpu() -> str:
+    """The CPU's model name and its speed-relevant instruction sets: "AMD EPYC (avx2)"."""
+    name = _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
+    flags = cpu_flags()
+    return f"{name} ({', '.join(f for f in SPEED_FLAGS if f in flags) or 'no AVX2'})"
+
+
 def machine() -> str:
     import os
 
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, no GPU"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu()}), "
+        f"{platform.python_version()}, no GPU"
+    )
 
 
 def write_section(name: str, body: str, *, command: str, machine_text: str) -> None:

@@ -7,7 +7,8 @@ speed of ``model_qdq.onnx`` under OpenVINO shows whether its int8 layout really 
 int8 kernels are often slower than its float ones; they are reported, not optimised for.
 
 Latency: the best of ``ROUNDS`` timed windows of back-to-back inferences on one request (the
-minimum filters out other work on shared cores), in milliseconds per batch.
+minimum filters out other work on shared cores), in milliseconds per batch; models compared
+with each other take turns (``best_window_ms``).
 """
 
 from __future__ import annotations
@@ -28,19 +29,24 @@ LAYER_TYPES = ("Convolution", "FullyConnected", "MatMul")
 INT8_PRECISIONS = ("u8", "i8")
 
 
-def _best_window_ms(run: Callable[[], Any], seconds: float) -> float:
-    for _ in range(WARMUP_RUNS):
-        run()
-    best = float("inf")
-    for _ in range(ROUNDS):
-        runs, started = 0, time.perf_counter()
-        while True:
+def best_window_ms(runs: dict[str, Callable[[], Any]], seconds: float) -> dict[str, float]:
+    """Milliseconds per call of each of ``runs``: the best of ``ROUNDS`` windows each. The
+    runs take turns, one window each per round, so that a slow spell on shared cores falls on
+    all of them rather than on whichever ran then."""
+    for run in runs.values():
+        for _ in range(WARMUP_RUNS):
             run()
-            runs += 1
-            elapsed = time.perf_counter() - started
-            if elapsed >= seconds / ROUNDS:
-                break
-        best = min(best, 1000 * elapsed / runs)
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            calls, started = 0, time.perf_counter()
+            while True:
+                run()
+                calls += 1
+                elapsed = time.perf_counter() - started
+                if elapsed >= seconds / ROUNDS:
+                    break
+            best[name] = min(best[name], 1000 * elapsed / calls)
     return best
 
 
@@ -56,21 +62,38 @@ def _openvino_model(
     return core.compile_model(model, "CPU", config)
 
 
-def openvino_latency(
+def _random_batch(input_shape: tuple[int, ...], batch: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, *input_shape), np.float32)
+
+
+def openvino_runner(
     path: Path,
     input_shape: tuple[int, ...],
     batch: int,
     *,
     threads: int,
-    seconds: float = 2.0,
     precision: str | None = None,
-) -> float:
-    """Milliseconds per batch of ``path`` under OpenVINO on the CPU. ``precision`` ("f32",
-    "bf16"): the inference precision hint; None, OpenVINO's default, which is bf16 for float
-    layers on CPUs with bf16 instructions."""
+) -> Callable[[], Any]:
+    """One inference of ``path`` under OpenVINO on the CPU, on a fixed random batch.
+    ``precision`` ("f32", "bf16"): the inference precision hint; None, OpenVINO's default,
+    which is bf16 for float layers on CPUs with bf16 instructions."""
     request = _openvino_model(path, input_shape, batch, threads, precision).create_infer_request()
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape), np.float32)
-    return _best_window_ms(lambda: request.infer({0: x}), seconds)
+    x = _random_batch(input_shape, batch)
+    return lambda: request.infer({0: x})
+
+
+def onnxruntime_runner(
+    path: Path, input_shape: tuple[int, ...], batch: int, *, threads: int
+) -> Callable[[], Any]:
+    """One inference of ``path`` under ONNX Runtime's CPU provider, default rewrites."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = _random_batch(input_shape, batch)
+    return lambda: session.run(None, {name: x})
 
 
 def openvino_layers(
@@ -85,20 +108,6 @@ def openvino_layers(
         if info["layerType"].astype(str) in LAYER_TYPES:
             counts[info["runtimePrecision"].astype(str)] += 1
     return dict(counts)
-
-
-def onnxruntime_latency(
-    path: Path, input_shape: tuple[int, ...], batch: int, *, threads: int, seconds: float = 2.0
-) -> float:
-    """Milliseconds per batch of ``path`` under ONNX Runtime's CPU provider, default rewrites."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape), np.float32)
-    return _best_window_ms(lambda: session.run(None, {name: x}), seconds)
 
 
 def int8_speed(
@@ -118,18 +127,18 @@ def int8_speed(
     "onnxruntime": {the same but layers}}
     """
     result: dict[str, Any] = {"threads": threads, "batches": list(batches)}
-    latencies: dict[str, Callable[[Path, int], float]] = {
-        "openvino": lambda path, batch: openvino_latency(
-            path, input_shape, batch, threads=threads, seconds=seconds
-        ),
-        "onnxruntime": lambda path, batch: onnxruntime_latency(
-            path, input_shape, batch, threads=threads, seconds=seconds
+    runners: dict[str, Callable[[Path, int], Callable[[], Any]]] = {
+        "openvino": lambda path, batch: openvino_runner(path, input_shape, batch, threads=threads),
+        "onnxruntime": lambda path, batch: onnxruntime_runner(
+            path, input_shape, batch, threads=threads
         ),
     }
-    for runtime, latency in latencies.items():
-        timings = {
-            name: {str(b): latency(path, b) for b in batches} for name, path in models.items()
-        }
+    for runtime, runner in runners.items():
+        timings: dict[str, dict[str, float]] = {name: {} for name in models}
+        for batch in batches:  # the models take turns within a batch size
+            runs = {name: runner(path, batch) for name, path in models.items()}
+            for name, ms in best_window_ms(runs, seconds).items():
+                timings[name][str(batch)] = ms
         result[runtime] = {f"{name}_ms": ms for name, ms in timings.items()}
         for name, ms in timings.items():
             if name != "float":
