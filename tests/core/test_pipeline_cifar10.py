@@ -50,7 +50,7 @@ def cifar_job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobInput
     ("job", "floor"),
     [
         ({"weight_bits": 8, "activation_bits": 8, "method": "lsq", "epochs": 1}, 0.97),
-        ({"weight_bits": 2, "activation_bits": 2, "method": "lsq", "steps": 40}, 0.70),
+        ({"weight_bits": 2, "activation_bits": 2, "method": "lsq", "steps": 80}, 0.70),
         (
             {
                 "weight_bits": 4,
@@ -61,7 +61,7 @@ def cifar_job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobInput
             0.93,
         ),
     ],
-    ids=["W8A8-1-epoch", "W2A2-lsq-40-steps", "W4A4-ewgs-20-steps"],
+    ids=["W8A8-1-epoch", "W2A2-lsq-80-steps", "W4A4-ewgs-20-steps"],
 )
 def test_sqakd_students_agree_with_the_cifar10_teacher(
     cifar_job_inputs: tuple[JobInputs, dict[str, Any]],
@@ -86,7 +86,9 @@ def test_sqakd_students_agree_with_the_cifar10_teacher(
     assert metrics["train"]["steps"] == job.get("steps", 2000 // 64)
     assert metrics["agreement"] >= floor
     assert metrics["teacher_top1"] > 0.85  # the labels of test/ really are used for top-1
-    if job["weight_bits"] == 2:  # training, not calibration alone, got it there (0.760 -> 0.782)
+    # Training, not calibration alone, got it there: 0.735 -> 0.793 in 80 steps on an AVX2 CPU;
+    # 40 steps gained only 0.008 to 0.020 there, from run to run.
+    if job["weight_bits"] == 2:
         assert metrics["agreement"] > calibrated + 0.01
     assert reporter.stages == ["validating", "calibrating", "training", "evaluating", "exporting"]
     assert len(reporter.progress_updates) == metrics["train"]["steps"]
