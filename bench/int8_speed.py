@@ -103,7 +103,7 @@ def without_clips(path: Path, out: Path) -> Path:
     """``path`` with every Clip removed: NOT the student (its activations are no longer held to
     their grid's top), only a diagnostic. OpenVINO fuses a QuantizeLinear whose range is the
     full uint8 or int8 range into the convolution's saturation; a Clip below it (a 128-level
-    grid in uint8, any grid under 8 bits) costs a round, a clip and a scale per output value."""
+    grid in uint8, any grid under 8 bits) costs a round and a clip per output value."""
     model = onnx.load(str(path))
     clips = [node for node in model.graph.node if node.op_type == "Clip"]
     for clip in clips:
@@ -222,8 +222,8 @@ def _diagnosis(rows: list[dict[str, Any]], fp32: dict[str, Any], ptq: dict[str, 
         f"{speedups(exact)}): the Clips cost {cost}. TensorRT's int8 holds a "
         "non-negative 8-bit activation to 128 levels (0..127), and a grid below 8 bits has "
         "fewer. OpenVINO folds a QuantizeLinear into the convolution's saturation only when "
-        "its range is the whole uint8 or int8 range, 256 levels; otherwise it adds a round, "
-        "a clip and a scale per output value (`FakeQuantize::appendAttrPostOps` in its CPU "
+        "its range is the whole uint8 or int8 range, 256 levels; otherwise it adds a round "
+        "and a clip per output value (`DnnlPostOpsComposer::appendAttrPostOps` in its CPU "
         "plugin). ORT's PTQ model uses all 256 uint8 levels, which a TensorRT-compatible "
         "student cannot."
     )

@@ -280,7 +280,7 @@ def write_cpu_variant(qdq_path: Path, path: Path) -> int:
 
     TensorRT takes int8 Q/DQ only, and ``model_qdq.onnx`` follows it. x86 CPUs' int8 kernels
     (VNNI) multiply unsigned by signed bytes: a signed activation costs OpenVINO a shift and a
-    compensation term, about 15% per convolution here (BENCHMARKS.md, int8-speed). An
+    compensation term, about 15% per convolution here (BENCHMARKS.md, int8-speed-*). An
     activation that a ``Clip`` at 0 or more feeds (every unsigned grid exported as int8) has the
     same codes in uint8 with zero point 0, so the values, and parity, are unchanged. A ReLU that
     only feeds such a Clip is dropped (the Clip's lower bound does its work): OpenVINO merges the
