@@ -8,7 +8,9 @@ Run on a machine with an NVIDIA GPU (not part of the test suite, which runs on C
 Training rows: a torchvision ResNet-18 (LSQ W4A4) and the paper's CIFAR ResNet-20 (EWGS W4A4,
 BatchNorm), random weights (speed does not depend on them), batch 256 at 32x32, channels_last,
 the teacher from ``inference_teacher``; EWGS's delta is fixed so that rows time steps alone.
-Then ``core.pipeline.run_quantization`` on a small generated image archive.
+Then ``core.pipeline.run_quantization`` on a small generated image archive, and with
+``--fixture`` W8A8 and W4A4 jobs on the CIFAR-10 teacher (made here by ``--write-fixture DIR``:
+the device machine has no ``../shared``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import io
 import itertools
 import json
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
@@ -134,10 +137,53 @@ def image_zip(path: Path, per_class: int) -> Path:
     return path
 
 
-def job_end_to_end(teacher: torch.nn.Module, workdir: Path) -> dict[str, Any]:
+class _Reporter:
+    """Records the stages a job enters; never asks it to stop."""
+
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+
+    def stage(self, stage: str) -> None:
+        self.stages.append(stage)
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def run_job(
+    model_path: Path, data: Path, eval_data: Path | None, job: dict[str, Any], workdir: Path
+) -> dict[str, Any]:
+    """``core.pipeline.run_quantization`` as a worker runs it (training on this device), with
+    what the job's metrics say about it."""
     from core.config import JobConfig
     from core.pipeline import JobInputs, run_quantization
 
+    reporter = _Reporter()
+    started = time.perf_counter()
+    result = run_quantization(
+        JobInputs(model_path, data, eval_data), JobConfig.model_validate(job), workdir, reporter
+    )
+    metrics = result.metrics
+    return {
+        "job": {k: v for k, v in job.items() if k != "preprocessing"},
+        "seconds": round(time.perf_counter() - started, 1),
+        "stages": reporter.stages,
+        "agreement": metrics["agreement"],
+        "calibrated_agreement": metrics["calibrated"]["agreement"],
+        "student_top1": metrics["student_top1"],
+        "teacher_top1": metrics["teacher_top1"],
+        "train_images_per_second": round(metrics["train"]["images_per_second"], 1),
+        "onnx_parity": metrics["onnx_parity"],
+        "tensorrt_rule_violations": metrics["tensorrt_rules"]["violation_count"],
+        "artifacts": sorted(result.artifacts),
+    }
+
+
+def job_end_to_end(teacher: torch.nn.Module, workdir: Path) -> dict[str, Any]:
+    """A job on a random-weight ResNet-18 and generated images (no data files needed)."""
     model_path = workdir / "teacher.onnx"
     cpu_teacher = teacher.cpu().to(memory_format=torch.contiguous_format)
     torch.onnx.export(
@@ -149,47 +195,59 @@ def job_end_to_end(teacher: torch.nn.Module, workdir: Path) -> dict[str, Any]:
         output_names=["logits"],
         dynamic_axes={"input": {0: "batch"}},
     )
+    job = {
+        "weight_bits": 4,
+        "activation_bits": 4,
+        "method": "lsq",
+        "epochs": 2,
+        "batch_size": 128,
+        "export": {"speed": False},
+        "preprocessing": {"input_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3},
+    }
+    return run_job(model_path, image_zip(workdir / "data.zip", 512), None, job, workdir / "job")
 
-    class Reporter:
-        stages: list[str] = []
 
-        def stage(self, stage: str) -> None:
-            self.stages.append(stage)
+def write_fixture_folder(
+    folder: Path, train_per_class: int = 100, test_per_class: int = 100
+) -> None:
+    """The inputs ``fixture_jobs`` reads, from ``../shared`` (run where it exists): about 3 MB,
+    small enough to travel to a device machine beside the project."""
+    from bench.cifar import SHARED, TEACHER_ONNX, cifar_zip, teacher_preprocessing
 
-        def progress(self, progress: dict[str, Any]) -> None:
-            pass
+    folder.mkdir(parents=True, exist_ok=True)
+    cifar_zip(SHARED / "data" / "cifar10" / "train", train_per_class, folder / "train.zip")
+    cifar_zip(SHARED / "data" / "cifar10" / "test", test_per_class, folder / "test.zip")
+    shutil.copyfile(TEACHER_ONNX, folder / "teacher.onnx")
+    (folder / "preprocessing.json").write_text(json.dumps(teacher_preprocessing()))
 
-        def should_stop(self) -> bool:
-            return False
 
-    config = JobConfig.model_validate(
-        {
-            "weight_bits": 4,
-            "activation_bits": 4,
+def fixture_jobs(folder: Path, workdir: Path) -> list[dict[str, Any]]:
+    """W8A8 and W4A4 LSQ jobs on the CIFAR-10 teacher: ``folder`` holds teacher.onnx,
+    train.zip, test.zip and preprocessing.json (``bench.cifar``; the device gets no
+    ``../shared``). Parity is what issue 4 asks of every job, here of students trained on CUDA."""
+    preprocessing = json.loads((folder / "preprocessing.json").read_text())
+    rows = []
+    for bits in (8, 4):
+        job = {
+            "weight_bits": bits,
+            "activation_bits": bits,
             "method": "lsq",
             "epochs": 2,
-            "batch_size": 128,
-            "preprocessing": {"input_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3},
+            "batch_size": 64,
+            "export": {"speed": False},
+            "preprocessing": preprocessing,
         }
-    )
-    reporter = Reporter()
-    started = time.perf_counter()
-    result = run_quantization(
-        JobInputs(model_path, image_zip(workdir / "data.zip", 512)),
-        config,
-        workdir / "job",
-        reporter,
-    )
-    metrics = result.metrics
-    return {
-        "seconds": round(time.perf_counter() - started, 1),
-        "stages": reporter.stages,
-        "agreement": metrics["agreement"],
-        "calibrated_agreement": metrics["calibrated"]["agreement"],
-        "train_images_per_second": round(metrics["train"]["images_per_second"], 1),
-        "onnx_parity": metrics["onnx_parity"],
-        "artifacts": sorted(result.artifacts),
-    }
+        rows.append(
+            run_job(
+                folder / "teacher.onnx",
+                folder / "train.zip",
+                folder / "test.zip",
+                job,
+                workdir / f"w{bits}a{bits}",
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def tensorrt_presence() -> dict[str, Any]:
@@ -213,9 +271,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument(
+        "--fixture", type=Path, help="a folder of CIFAR-10 job inputs (see fixture_jobs)"
+    )
+    parser.add_argument(
+        "--write-fixture", type=Path, help="only write that folder from ../shared, then exit"
+    )
     args = parser.parse_args()
+    if args.write_fixture is not None:
+        write_fixture_folder(args.write_fixture)
+        return
     device = torch.device(args.device)
     report: dict[str, Any] = {
+        "command": " ".join(["PYTHONPATH=. python3 bench/cuda_check.py", *sys.argv[1:]]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__,
         "tensorrt": tensorrt_presence(),
@@ -236,8 +304,11 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2))  # what ran so far, if time runs out
     with tempfile.TemporaryDirectory() as tmp:
         report["job"] = job_end_to_end(teacher_model("torchvision ResNet-18", device), Path(tmp))
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report["job"], indent=2))
+        args.out.write_text(json.dumps(report, indent=2))
+        print(json.dumps(report["job"], indent=2), flush=True)
+        if args.fixture is not None:
+            report["fixture_jobs"] = fixture_jobs(args.fixture, Path(tmp))
+            args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,7 @@ def cuda_section(report: dict[str, Any]) -> str:
         f"training {job['train_images_per_second']} images/s; artifacts "
         f"{', '.join(job['artifacts'])}; ONNX Runtime vs PyTorch top-1 agreement "
         f"{parity['top1_agreement']:.3f}, max logit difference {parity['max_abs_diff']:.3g}.\n\n"
+        + _fixture_jobs_text(report.get("fixture_jobs", []))
         + (f"{report['note']}\n\n" if report.get("note") else "")
         + "TensorRT: "
         + (
@@ -125,6 +126,41 @@ def cuda_section(report: dict[str, Any]) -> str:
     )
 
 
+def _fixture_jobs_text(jobs: list[dict[str, Any]]) -> str:
+    if not jobs:
+        return ""
+    rows = [
+        [
+            f"{j['job']['method']} W{j['job']['weight_bits']}A{j['job']['activation_bits']}",
+            j["seconds"],
+            j["train_images_per_second"],
+            f"{j['calibrated_agreement']:.3f} -> {j['agreement']:.3f}",
+            f"{j['student_top1']:.3f} (teacher {j['teacher_top1']:.3f})",
+            f"{j['onnx_parity']['top1_agreement']:.4f} of {j['onnx_parity']['images']}",
+            f"{j['onnx_parity']['max_abs_diff']:.3g}",
+            j["tensorrt_rule_violations"],
+        ]
+        for j in jobs
+    ]
+    header = [
+        "job",
+        "seconds",
+        "train images/s",
+        "agreement calibrated -> trained",
+        "student top-1",
+        "ONNX Runtime vs PyTorch top-1",
+        "max logit difference",
+        "TensorRT rule violations",
+    ]
+    epochs, batch = jobs[0]["job"]["epochs"], jobs[0]["job"]["batch_size"]
+    return (
+        f"Jobs on the CIFAR-10 ResNet-20 teacher of `../shared/fixtures`, trained on CUDA "
+        f"(1,000 training images, {epochs} epochs, batch {batch}; 1,000 test images as "
+        f"eval data; `export.speed` off): issue 4's per-job parity for students trained "
+        f"on a GPU worker.\n\n{table(header, rows)}\n\n"
+    )
+
+
 if __name__ == "__main__":
     kind, path = sys.argv[1], Path(sys.argv[2])
     if kind != "cuda":
@@ -133,7 +169,9 @@ if __name__ == "__main__":
     write_section(
         "cuda-check",
         cuda_section(report),
-        command="PYTHONPATH=. python3 bench/cuda_check.py --out cuda_check.json "
-        "&& python -m bench.report cuda cuda_check.json",
+        command=report.get(
+            "command", "PYTHONPATH=. python3 bench/cuda_check.py --out cuda_check.json"
+        )
+        + " && python -m bench.report cuda cuda_check.json",
         machine_text=f"{report['device']} (lent device machine), torch {report['torch']}",
     )
