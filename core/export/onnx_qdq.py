@@ -282,10 +282,11 @@ def write_cpu_variant(qdq_path: Path, path: Path) -> int:
     (VNNI) multiply unsigned by signed bytes: a signed activation costs OpenVINO a shift and a
     compensation term, about 15% per convolution here (BENCHMARKS.md, int8-speed-*). An
     activation that a ``Clip`` at 0 or more feeds (every unsigned grid exported as int8) has the
-    same codes in uint8 with zero point 0, so the values, and parity, are unchanged. A ReLU that
-    only feeds such a Clip is dropped (the Clip's lower bound does its work): OpenVINO merges the
-    Clip into the quantization, and every op it fuses into a convolution costs per output value
-    (``_drop_relus_before_clips``). Returns the number of activations changed.
+    same codes in uint8 with zero point 0, so the values, and parity, are unchanged. A ReLU whose
+    readers clamp at 0 anyway (such a Clip, a uint8 quantization with zero point 0) is dropped:
+    OpenVINO merges those into the convolution's quantization, and every op it fuses into a
+    convolution costs per output value (``_drop_redundant_relus``). Returns the number of
+    activations changed.
     """
     model = onnx.load(str(qdq_path))
     graph = model.graph
@@ -313,23 +314,43 @@ def write_cpu_variant(qdq_path: Path, path: Path) -> int:
             quantizer.input[2] = uint8_zero
         changed += 1
     graph.initializer.append(numpy_helper.from_array(np.array(0, np.uint8), uint8_zero))
-    _drop_relus_before_clips(graph, constants)
+    _drop_redundant_relus(graph, constants)
     _prune(graph)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return changed
 
 
-def _drop_relus_before_clips(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> None:
-    """Clip(Relu(x), low, high) is Clip(x, low, high) when low >= 0: the Clip reads x instead,
-    and ``_prune`` drops a ReLU that nothing else reads."""
-    producer = {name: node for node in graph.node for name in node.output}
-    for clip in graph.node:
-        if clip.op_type != "Clip" or len(clip.input) < 2:
+def _drop_redundant_relus(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> None:
+    """Drops each ReLU whose every reader clamps at 0 anyway: a Clip with a lower bound >= 0
+    (Clip(Relu(x)) = Clip(x)), or a QuantizeLinear to uint8 with zero point 0, which saturates
+    a negative value to code 0, that is to 0. The readers read x instead, and ``_prune`` drops
+    the ReLU. One with any other reader stays, so that x keeps a single reader."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {output.name for output in graph.output}
+    for relu in [node for node in graph.node if node.op_type == "Relu"]:
+        users = readers.get(relu.output[0], [])
+        if not users or relu.output[0] in outputs:
             continue
-        relu, low = producer.get(clip.input[0]), constants.get(clip.input[1])
-        if relu is not None and relu.op_type == "Relu" and low is not None and float(low) >= 0:
-            clip.input[0] = relu.input[0]
+        if all(_clamps_at_zero(user, relu.output[0], constants) for user in users):
+            for user in users:
+                user.input[0] = relu.input[0]
+
+
+def _clamps_at_zero(node: onnx.NodeProto, name: str, constants: dict[str, np.ndarray]) -> bool:
+    """``node`` maps every negative value of its data input ``name`` as it maps 0."""
+    if node.input[0] != name or name in node.input[1:]:
+        return False
+    bound = constants.get(node.input[1]) if len(node.input) > 1 else None
+    if node.op_type == "Clip":
+        return bound is not None and bound.size == 1 and float(bound) >= 0
+    if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+        zero_point = constants.get(node.input[2])
+        return zero_point is not None and zero_point.dtype == np.uint8 and not zero_point.any()
+    return False
 
 
 def tensorrt_report(student: nn.Module, path: Path) -> dict[str, Any]:

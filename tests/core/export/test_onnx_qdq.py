@@ -456,3 +456,40 @@ def test_cpu_variant_stores_non_negative_activations_as_uint8_with_the_same_outp
     original = onnx_parity(student, qdq, session_batches)
     variant = onnx_parity(student, cpu, session_batches)
     assert variant == original
+
+
+def test_cpu_variant_drops_relus_before_uint8_quantization(
+    resnet20: nn.Module, tmp_path: Path
+) -> None:
+    """The papers' 8-bit unsigned grids export as uint8 with zero point 0, which saturates a
+    negative value to 0 as the ReLU before it does: the variant drops each ReLU that only such
+    quantizations read, keeps the ones that also feed a float addition, and computes the same."""
+    student = make_student(resnet20, "lsq-w8a8")  # papers' grids, plain residual additions
+    qdq, cpu = tmp_path / "model_qdq.onnx", tmp_path / "model_qdq_cpu.onnx"
+    export_qdq_onnx(student, INPUT_SHAPE, qdq)
+    write_cpu_variant(qdq, cpu)
+
+    def relus(path: Path) -> tuple[int, int]:
+        """(ReLUs read by uint8 quantizations alone, all ReLUs)"""
+        graph = onnx.load(str(path)).graph
+        constants = tensorrt_rules.constant_arrays(graph)
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        quantized_only = 0
+        for relu in (n for n in graph.node if n.op_type == "Relu"):
+            users = readers[relu.output[0]]
+            quantized_only += all(
+                u.op_type == "QuantizeLinear" and constants[u.input[2]].dtype == np.uint8
+                for u in users
+            )
+        return quantized_only, sum(n.op_type == "Relu" for n in graph.node)
+
+    (only_before, all_before), (only_after, all_after) = relus(qdq), relus(cpu)
+    # each block's first ReLU, and the outputs of the two blocks before a downsampling one,
+    # which its two convolutions alone read
+    assert only_before == 9 + 2 and only_after == 0
+    assert all_after == all_before - only_before > 0  # block outputs also feed an addition
+    session_batches = batches()
+    assert onnx_parity(student, cpu, session_batches) == onnx_parity(student, qdq, session_batches)
