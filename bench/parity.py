@@ -15,6 +15,9 @@ and that one-step change moves the next layer's inputs: the disagreement is a ra
 here over images and seeds, not a constant of the export.
 
     python -m bench.parity    # about 15 minutes on 2 quiet cores; writes BENCHMARKS.md
+
+One section per CPU kind (``bench.report.cpu_kind``): oneDNN picks its kernels, and with them
+the summation order, by vendor and instruction set, so the rate differs between CPUs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 from bench.cifar import teacher_preprocessing
 from bench.quality import CACHE_DIR, cifar_split, job_config, load_teacher, progress_printer
-from bench.report import machine, table, write_section
+from bench.report import cpu_kind, machine, table, write_section
 from core.config import JobConfig, Method
 from core.engine import calibrated_student, train_config
 from core.export.onnx_qdq import export_qdq_onnx, onnx_parity
@@ -42,7 +45,7 @@ SEEDS = (0, 1, 2)
 GOAL = 0.999  # top-1 agreement at W8A8 and W4A4 (issue 4, point 3)
 TRAIN_IMAGES = 5_000
 TEST_IMAGES = 10_000
-SECTION = "parity"
+SECTION = "parity"  # and the CPU (``bench.report.cpu_kind``): parity-amd-avx512_vnni, ...
 
 
 def student_parity(
@@ -145,7 +148,7 @@ def main() -> None:
                     print(runs[-1], flush=True)
     if not args.no_write:
         write_section(
-            SECTION,
+            f"{SECTION}-{cpu_kind()}",
             section(runs, args.train_images),
             command="python -m bench.parity",
             machine_text=f"{machine()}, torch threads: {args.threads}",

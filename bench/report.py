@@ -36,6 +36,16 @@ def cpu_flags() -> set[str]:
     return set(_cpuinfo_field("flags").split())
 
 
+def cpu_kind() -> str:
+    """Vendor and int8 instruction set, "intel-avx512_vnni", "amd-avx2": what int8 speed and
+    float summation order (oneDNN picks its kernels by them) depend on; benches whose figures
+    do write one BENCHMARKS.md section per kind."""
+    vendor_id = _cpuinfo_field("vendor_id") or "unknown"
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor_id, vendor_id.lower())
+    flags = cpu_flags()
+    return f"{vendor}-{next((f for f in ('avx512_vnni', 'avx_vnni') if f in flags), 'avx2')}"
+
+
 def cpu() -> str:
     """The CPU's model name and its speed-relevant instruction sets: "AMD EPYC (avx2)"."""
     name = _cpuinfo_field("model name") or platform.processor() or "unknown CPU"

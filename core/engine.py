@@ -74,15 +74,17 @@ def train_config(config: JobConfig, images: int) -> TrainConfig:
 
 
 def calibrated_student(
-    teacher: nn.Module, pixels: Tensor, config: JobConfig
+    teacher: nn.Module, pixels: Tensor, config: JobConfig, spec: QuantSpec | None = None
 ) -> tuple[nn.Module, QuantSpec]:
     """The quantized copy of ``teacher``, its ranges fitted on a seeded sample of ``pixels``.
+    ``spec`` replaces ``quant_spec(config)``: layouts that benchmarks compare and jobs do not
+    offer.
 
     A sample, not the first images: uploads arrive in archive order, often one class folder
     after another, and ranges fitted on one class misjudge the others. Deterministic for the
     same inputs: a resumed job rebuilds the same student.
     """
-    spec = quant_spec(config)
+    spec = spec or quant_spec(config)
     try:
         student = prepare(teacher, spec).to(memory_format=torch.channels_last)  # as batches are
     except UnknownLayerError as exc:
