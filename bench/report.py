@@ -37,13 +37,14 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_kind() -> str:
-    """Vendor and int8 instruction set, "intel-avx512_vnni", "amd-avx2": what int8 speed and
+    """Vendor and int8 instruction set, "intel-amx_int8", "amd-avx2": what int8 speed and
     float summation order (oneDNN picks its kernels by them) depend on; benches whose figures
     do write one BENCHMARKS.md section per kind."""
     vendor_id = _cpuinfo_field("vendor_id") or "unknown"
     vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor_id, vendor_id.lower())
     flags = cpu_flags()
-    return f"{vendor}-{next((f for f in ('avx512_vnni', 'avx_vnni') if f in flags), 'avx2')}"
+    kernels = ("amx_int8", "avx512_vnni", "avx_vnni")  # the int8 kernel family oneDNN picks
+    return f"{vendor}-{next((f for f in kernels if f in flags), 'avx2')}"
 
 
 def cpu() -> str:
