@@ -176,6 +176,8 @@ def run_job(
         "student_top1": metrics["student_top1"],
         "teacher_top1": metrics["teacher_top1"],
         "train_images_per_second": round(metrics["train"]["images_per_second"], 1),
+        "train_images": metrics["train_images"],
+        "eval_images": metrics["eval_images"],
         "onnx_parity": metrics["onnx_parity"],
         "tensorrt_rule_violations": metrics["tensorrt_rules"]["violation_count"],
         "artifacts": sorted(result.artifacts),

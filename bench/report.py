@@ -163,12 +163,13 @@ def _fixture_jobs_text(jobs: list[dict[str, Any]]) -> str:
         "max logit difference",
         "TensorRT rule violations",
     ]
-    epochs, batch = jobs[0]["job"]["epochs"], jobs[0]["job"]["batch_size"]
+    first = jobs[0]
     return (
         f"Jobs on the CIFAR-10 ResNet-20 teacher of `../shared/fixtures`, trained on CUDA "
-        f"(1,000 training images, {epochs} epochs, batch {batch}; 1,000 test images as "
-        f"eval data; `export.speed` off): issue 4's per-job parity for students trained "
-        f"on a GPU worker.\n\n{table(header, rows)}\n\n"
+        f"({first['train_images']:,} training images, {first['job']['epochs']} epochs, batch "
+        f"{first['job']['batch_size']}; {first['eval_images']:,} test images as eval data; "
+        f"`export.speed` off): issue 4's per-job parity for students trained on a GPU worker."
+        f"\n\n{table(header, rows)}\n\n"
     )
 
 
