@@ -6,6 +6,9 @@ the checkout and its training step runs beside ours, one step of each row in tur
 load of other jobs on the shared CPUs hits every row alike. Peak memory: a fresh process per row.
 
     python -m bench.speed_vs_paper --sqakd-checkout /tmp/SQAKD    # writes BENCHMARKS.md
+
+One section per CPU kind (``bench.report.cpu_kind``): the two steps' ratio moves with the CPU's
+kernels. The section named ``speed-vs-paper`` alone predates that, its CPU unrecorded.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from torch import Tensor, nn
 from torch.optim import optimizer as optim_hooks
 
 from bench.cifar import TEACHER_ONNX
-from bench.report import machine, table, write_section
+from bench.report import cpu_kind, machine, table, write_section
 from core.config import JobConfig
 from core.engine import quant_spec
 from core.inputs.images import normalize
@@ -499,7 +502,7 @@ def main() -> None:
     Path(tempfile.gettempdir(), "speed_vs_paper.json").write_text(json.dumps(results))
     command = f"python -m bench.speed_vs_paper --sqakd-checkout {args.sqakd_checkout}"
     section = report(results, args.rounds)
-    write_section("speed-vs-paper", section, command=command, machine_text=machine())
+    write_section(f"speed-vs-paper-{cpu_kind()}", section, command=command, machine_text=machine())
 
 
 if __name__ == "__main__":
