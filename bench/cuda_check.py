@@ -214,11 +214,12 @@ def write_fixture_folder(
 ) -> None:
     """The inputs ``fixture_jobs`` reads, from ``../shared`` (run where it exists): about 3 MB,
     small enough to travel to a device machine beside the project."""
-    from bench.cifar import SHARED, TEACHER_ONNX, cifar_zip, teacher_preprocessing
+    from bench.cifar import TEACHER_ONNX, cifar_zip, teacher_preprocessing
+    from bench.quality import DATA
 
     folder.mkdir(parents=True, exist_ok=True)
-    cifar_zip(SHARED / "data" / "cifar10" / "train", train_per_class, folder / "train.zip")
-    cifar_zip(SHARED / "data" / "cifar10" / "test", test_per_class, folder / "test.zip")
+    cifar_zip(DATA / "train", train_per_class, folder / "train.zip")
+    cifar_zip(DATA / "test", test_per_class, folder / "test.zip")
     shutil.copyfile(TEACHER_ONNX, folder / "teacher.onnx")
     (folder / "preprocessing.json").write_text(json.dumps(teacher_preprocessing()))
 
