@@ -81,6 +81,7 @@ class Job(Base):
         # Cursor pagination of one tenant's jobs, newest first.
         Index("ix_jobs_tenant_created_at_id", "tenant", "created_at", "id"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_tenant_status", "tenant", "status"),  # per-tenant quotas
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
 
@@ -109,6 +110,11 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[dt.datetime | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Last time the job's id was sent to the broker: the recovery sweep re-sends a queued job
+    # whose message the broker no longer holds, but not one sent a moment ago.
+    enqueued_at: Mapped[dt.datetime | None]
+    # Set when the retention sweep (or a deletion) removed the uploaded inputs of a finished job.
+    inputs_deleted_at: Mapped[dt.datetime | None]
 
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -168,6 +174,9 @@ class EngineBuild(Base):
     report: Mapped[dict[str, Any] | None]  # engine-<target>.json: provenance and timings
     error: Mapped[dict[str, Any] | None]
     lease_expires_at: Mapped[dt.datetime | None]
+    # A secret handed to the builder with its claim: results, failures and lease renewals must
+    # present it, so no other key of the tenant can complete (or spoof) a build it does not hold.
+    lease_token: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[dt.datetime | None]
