@@ -7,6 +7,7 @@ It is stored on the job row as JSON (``JobConfig.model_dump(mode="json")``) and 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,10 +16,21 @@ TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # a TensorRT target: the q
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Image sides a job trains at, in pixels: preprocessing.input_size and a model's static input
+# size alike. The upper bound also bounds importing a model before anything is allocated: its
+# verification batch is 2 x 3 x H x W float32 (24 MiB at 1024 x 1024).
+MIN_INPUT_SIDE = 8
+MAX_INPUT_SIDE = 1024
+
 Method = Literal["lsq", "ewgs", "pact", "dorefa", "ste"]
 """Quantizer families this release trains with (see ``core.sqakd.quantizers.QUANTIZERS``):
 learnable step (lsq), learnable interval (ewgs), learnable activation clip with DoReFa weights
 (pact), tanh-normalised weights and calibrated clips (dorefa), plain straight-through (ste)."""
+
+
+def input_size_in_range(size: Sequence[int]) -> bool:
+    """Whether every side of an [H, W] size lies in ``MIN_INPUT_SIDE..MAX_INPUT_SIDE``."""
+    return all(MIN_INPUT_SIDE <= side <= MAX_INPUT_SIDE for side in size)
 
 
 class _Strict(BaseModel):
@@ -38,8 +50,10 @@ class Preprocessing(_Strict):
     @field_validator("input_size")
     @classmethod
     def _positive_size(cls, size: tuple[int, int] | None) -> tuple[int, int] | None:
-        if size is not None and not all(8 <= side <= 1024 for side in size):
-            raise ValueError("input_size sides must lie in 8..1024 pixels")
+        if size is not None and not input_size_in_range(size):
+            raise ValueError(
+                f"input_size sides must lie in {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE} pixels"
+            )
         return size
 
     @field_validator("std")

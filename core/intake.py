@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import JobConfig
 from core.errors import InputError
 from core.inputs.archive import inspect_archive
+from core.inputs.images import check_pixel_budget
 from core.inputs.onnx_model import load_onnx_model
 from core.jobs import parse_config
 
@@ -32,6 +33,9 @@ class UploadPaths:
     model: Path
     data: Path
     eval_data: Path | None = None
+    # Settings.max_dataset_pixels, passed rather than read in the child: the API's settings may
+    # not be the environment's. Keyword-only and required, so that no caller forgets it.
+    max_dataset_pixels: int = field(kw_only=True)
 
 
 def validate_upload(upload: UploadPaths) -> dict[str, object]:
@@ -50,6 +54,7 @@ def validate_upload(upload: UploadPaths) -> dict[str, object]:
         config = parse_config(json.dumps(raw))
     data = inspect_archive(upload.data)
     log.info("data archive: %s images (%s)", data.image_count, data.format)
+    image_count = data.image_count
     if upload.eval_data is not None:
         eval_data = inspect_archive(upload.eval_data)
         if not eval_data.class_names:
@@ -57,6 +62,11 @@ def validate_upload(upload: UploadPaths) -> dict[str, object]:
                 "eval_data_unlabeled",
                 "eval_data needs its images in class folders (one folder per label)",
             )
+        image_count += eval_data.image_count
+    assert config.preprocessing.input_size is not None  # filled in above
+    # From the archives' entry lists alone, before any image is decoded; the worker, which
+    # decodes them all into one tensor, checks the same budget again before allocating it.
+    check_pixel_budget(image_count, config.preprocessing.input_size, upload.max_dataset_pixels)
     return config.model_dump(mode="json")
 
 

@@ -33,6 +33,7 @@ from core.export.onnx_qdq import (
 from core.export.runtime_speed import int8_speed
 from core.inputs.images import ImageSet, load_image_archive, normalize
 from core.inputs.onnx_model import load_onnx_model
+from core.settings import get_settings
 from core.sqakd.metrics import compare, model_sizes, predict
 from core.sqakd.modules import describe_layers
 from core.sqakd.teacher import inference_teacher
@@ -86,9 +87,13 @@ def run_quantization(
     reporter.stage("validating")
     imported = load_onnx_model(inputs.model_path, input_size=prep.input_size)
     input_size = prep.input_size or (imported.input_shape[2], imported.input_shape[3])
-    data = load_image_archive(inputs.data_path, input_size)
+    max_pixels = get_settings().max_dataset_pixels  # data and eval_data share it
+    data = load_image_archive(inputs.data_path, input_size, max_pixels=max_pixels)
     if inputs.eval_data_path is not None:
-        train_set, eval_set = data, load_image_archive(inputs.eval_data_path, input_size)
+        train_set = data
+        eval_set = load_image_archive(
+            inputs.eval_data_path, input_size, max_pixels=max_pixels, images_before=len(data)
+        )
     else:
         train_set, eval_set = data.split(config.eval_fraction, config.seed)
     labels = _usable_labels(eval_set, imported.num_outputs)

@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     )
     max_model_bytes: int = Field(512 * MiB, gt=0)
     max_data_bytes: int = Field(4 * GiB, gt=0)
+    # 2**31 pixels decode to a 6 GiB uint8 tensor: CIFAR-10 (50,000 x 32 x 32 = 51M pixels) and
+    # 20,000 ImageNet-sized images at 224 x 224 (1.0G) fit; 40,000 PNGs at 1024 x 1024 (42G,
+    # 117 GiB decoded) do not.
+    max_dataset_pixels: int = Field(
+        2**31,
+        gt=0,
+        description="Images x H x W of one job (data and eval_data, at its input_size), checked "
+        "on upload and by the worker before decoding: 3 bytes per pixel in the worker's memory.",
+    )
     train_queue: str = Field("train", min_length=1)
     lease_seconds: int = Field(
         120, ge=5, description="How long a worker owns a running job without a heartbeat."

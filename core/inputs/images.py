@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.errors import DataImportError
+from core.errors import DataImportError, TooLargeError
 from core.inputs.archive import DEFAULT_LIMITS, ArchiveLimits, open_image_archive
+from core.storage import human_bytes
 
 # Only the formats we advertise: PIL would otherwise also parse EPS, PSD and friends, and a file
 # named .jpg that is really a PNG still decodes.
@@ -73,17 +74,39 @@ class ImageSet:
         return ImageSet(self.pixels[indices], labels, self.class_names)
 
 
+def check_pixel_budget(image_count: int, size: tuple[int, int], budget: int) -> None:
+    """Refuse a dataset whose decoded tensor, N x H x W pixels of 3 bytes, exceeds ``budget``.
+
+    Tiny files can stand for any number of pixels (40,000 one-colour PNGs zip to 6 MB and decode
+    to 117 GiB at 1024 x 1024), so the image count and input size are checked before anything
+    is decoded: by the API on upload (``core.intake``) and by the worker before it allocates.
+    """
+    height, width = size
+    pixels = image_count * height * width
+    if pixels > budget:
+        raise TooLargeError(
+            "pixel_budget_exceeded",
+            f"{image_count:,} images at input_size {height}x{width} are {pixels:,} pixels "
+            f"({human_bytes(3 * pixels)} decoded), over the budget of {budget:,} pixels per job "
+            "(MAX_DATASET_PIXELS): upload fewer images or choose a smaller input_size",
+        )
+
+
 def load_image_archive(
     path: Path,
     size: tuple[int, int],
     limits: ArchiveLimits = DEFAULT_LIMITS,
     *,
     max_images: int | None = None,
+    max_pixels: int | None = None,
+    images_before: int = 0,
 ) -> ImageSet:
     """Every image of the archive (sorted by path), RGB, resized to `size` = (H, W).
 
     `max_images` keeps the first images in that order. Labels come from class folders (see
-    `core.inputs.archive`); they are None when the archive has none.
+    `core.inputs.archive`); they are None when the archive has none. `max_pixels` is the
+    dataset's pixel budget (see `check_pixel_budget`), shared with the `images_before` images
+    of the same dataset loaded earlier (the training archive, when this is eval_data).
     """
     height, width = size
     if height < 1 or width < 1:
@@ -92,6 +115,9 @@ def load_image_archive(
         raise ValueError(f"max_images must be at least 1, got {max_images}")
     with open_image_archive(path, limits) as archive:
         members = archive.members[:max_images]
+        if max_pixels is not None:
+            # Again on the worker: the job may have been accepted under a larger budget.
+            check_pixel_budget(images_before + len(members), size, max_pixels)
         position = {member: i for i, member in enumerate(members)}
         pixels = torch.empty((len(members), 3, height, width), dtype=torch.uint8)
         threads = _decode_threads(archive.summary.total_bytes / archive.summary.image_count)

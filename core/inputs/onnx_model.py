@@ -24,6 +24,7 @@ from onnx2torch.node_converters import get_converter
 from onnx2torch.node_converters.matmul import OnnxMatMul
 from torch import fx, nn
 
+from core.config import MAX_INPUT_SIDE, MIN_INPUT_SIDE, input_size_in_range
 from core.errors import ModelImportError
 
 # onnx2torch 1.5 has converters up to opset 17 (e.g. no ReduceMean-18, Reshape-19, Identity-19).
@@ -167,7 +168,12 @@ def _single_output_classes(graph: onnx.GraphProto) -> int | None:
 def _verification_shape(
     input_shape: tuple[int | None, ...], input_size: tuple[int, int] | None
 ) -> tuple[int, int, int, int]:
-    """The batch shape to verify with: the model's static dims, else ``input_size``."""
+    """The batch shape to verify with: the model's static dims, else ``input_size``.
+
+    Both are held to the job's input-size range first: the file states its dims in a few bytes,
+    and the verification batch (``VERIFY_BATCH_SIZE`` x 3 x H x W float32) is allocated from
+    them, so a 140-byte model claiming 3x40000x40000 would otherwise cost 36 GiB.
+    """
     batch, channels, height, width = input_shape
     if batch is not None:
         # Training and evaluation run batches of any size; a graph traced at one batch size
@@ -176,6 +182,19 @@ def _verification_shape(
             "fixed_batch_size",
             f"model input batch dimension is fixed at {batch}; export it with a dynamic batch, "
             "e.g. torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}})",
+        )
+    sides = f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE} pixels"
+    if not input_size_in_range([side for side in (height, width) if side is not None]):
+        raise ModelImportError(
+            "input_size_out_of_range",
+            f"model input is {channels}x{height or '?'}x{width or '?'}; its height and width "
+            f"must lie in {sides}, as preprocessing.input_size does: export it at such a size "
+            "or with a dynamic height and width",
+        )
+    if input_size is not None and not input_size_in_range(input_size):
+        raise ModelImportError(
+            "input_size_out_of_range",
+            f"preprocessing.input_size is {list(input_size)}; its sides must lie in {sides}",
         )
     if input_size is not None and any(
         static is not None and static != wanted
@@ -348,7 +367,15 @@ def _verify(
     batches: int,
     seed: int,
 ) -> None:
-    """Compare the converted module with ONNX Runtime on the uploaded model itself."""
+    """Compare the converted module with ONNX Runtime on the uploaded model itself.
+
+    The input batch is bounded by ``_verification_shape``; what the graph allocates inside is
+    not: a few bytes of ConstantOfShape, Expand, Tile, Reshape or Resize constants can ask ONNX
+    Runtime or the converted module for any size. Bounding those would take a shape interpreter
+    of our own, so the backstop is the process: the API runs upload validation
+    (``core.intake``) in a child under an ``RLIMIT_DATA`` budget (``core.isolation``), where
+    such a model fails its allocation and is refused as over the memory budget.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3

@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import random
+import subprocess
+import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto, helper
 from PIL import Image
 
-from core.errors import DataImportError
-from core.inputs.images import ImageSet, augment, load_image_archive, normalize
+from core.errors import DataImportError, TooLargeError
+from core.inputs.images import (
+    ImageSet,
+    augment,
+    check_pixel_budget,
+    load_image_archive,
+    normalize,
+)
+from core.intake import UploadPaths, validate_upload
+from core.settings import Settings
 from tests.core.inputs.test_archive import KINDS, image_bytes, write_archive
+from tests.factories import VALID_CONFIG
 from tests.fixtures_paths import shared_path
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_PIXEL_BUDGET: int = Settings.model_fields["max_dataset_pixels"].default
 
 
 def palette_with_transparency() -> bytes:
@@ -218,3 +237,168 @@ def test_real_cifar10_images(tmp_path: Path) -> None:
     with Image.open(first) as image:
         expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(images.pixels[0], expected)
+
+
+# The child's half of `measure_in_child`: `setup` and `call` are Python statements, `args` the
+# strings they may use. The peak RSS (VmHWM) is reset to the current RSS just before the call
+# (Linux's clear_refs), so the imports' own peak cannot hide the call's. The data segment is
+# capped 1 GiB above what `setup` mapped, so that a regression fails with MemoryError instead
+# of taking a shared machine's memory.
+_MEASURED_CHILD = """
+import json, resource, sys, time
+from core.errors import InputError
+
+def status_kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+setup, call, *args = sys.argv[1:]
+exec(setup)
+cap = (status_kib("VmData") + 2**20) * 1024
+resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+with open("/proc/self/clear_refs", "w") as clear_refs:
+    clear_refs.write("5")
+rss_kib = status_kib("VmRSS")
+started = time.perf_counter()
+answer = {}
+try:
+    exec(call)
+except InputError as exc:
+    answer = {"code": exc.code, "status": exc.status_code, "message": exc.message}
+answer["seconds"] = time.perf_counter() - started
+answer["rss_growth"] = (status_kib("VmHWM") - rss_kib) * 1024
+print(json.dumps(answer))
+"""
+
+
+@dataclass(frozen=True)
+class Measured:
+    """How one call went in a fresh interpreter: its InputError, if any, and what it cost."""
+
+    code: str | None
+    status: int | None
+    message: str
+    seconds: float
+    rss_growth: int  # bytes the peak resident set grew by during the call
+
+
+def measure_in_child(setup: str, call: str, *args: str) -> Measured:
+    """Run ``call`` after ``setup`` in a fresh interpreter, where peak RSS is the call's own."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURED_CHILD, setup, call, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.splitlines()[-1])
+    return Measured(
+        code=answer.get("code"),
+        status=answer.get("status"),
+        message=answer.get("message", ""),
+        seconds=answer["seconds"],
+        rss_growth=answer["rss_growth"],
+    )
+
+
+def pooling_classifier(path: Path) -> Path:
+    """A model of any input size (dynamic N, H, W): global average pool, three class scores."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["y"]),
+        ],
+        "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_png_flood(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The issue's upload: 40,000 one-pixel PNGs in about 6 MB of zip."""
+    pixel = image_bytes(size=(1, 1))
+    files = {f"cls/{index:05d}.png": pixel for index in range(40_000)}
+    return write_archive(tmp_path_factory.mktemp("flood") / "flood.zip", files)
+
+
+@pytest.mark.parametrize("side", ["worker", "upload"])
+def test_pixel_budget_refuses_a_flood_of_tiny_images_before_decoding(
+    tmp_path: Path, tiny_png_flood: Path, side: str
+) -> None:
+    """At 1024x1024 the flood would decode to 117 GiB; both sides refuse it in bounded memory."""
+    if side == "worker":
+        setup = "from pathlib import Path; from core.inputs.images import load_image_archive"
+        call = "load_image_archive(Path(args[0]), (1024, 1024), max_pixels=int(args[2]))"
+    else:
+        # The parsers come preloaded, as in the API's validation children (core.intake.PRELOAD).
+        setup = (
+            "from pathlib import Path; import core.inputs.images, core.inputs.onnx_model; "
+            "from core.intake import UploadPaths, validate_upload"
+        )
+        call = (
+            "validate_upload(UploadPaths(config_text=args[1], model=Path(args[3]), "
+            "data=Path(args[0]), max_dataset_pixels=int(args[2])))"
+        )
+    config = {**VALID_CONFIG, "preprocessing": {"input_size": [1024, 1024]}}
+    model = pooling_classifier(tmp_path / "pool.onnx")
+
+    run = measure_in_child(
+        setup,
+        call,
+        str(tiny_png_flood),
+        json.dumps(config),
+        str(DEFAULT_PIXEL_BUDGET),
+        str(model),
+    )
+
+    assert tiny_png_flood.stat().st_size < 8 * 2**20
+    assert (run.code, run.status) == ("pixel_budget_exceeded", 413)
+    assert "40,000 images at input_size 1024x1024" in run.message
+    assert f"budget of {DEFAULT_PIXEL_BUDGET:,} pixels" in run.message
+    assert run.rss_growth < 256 * 2**20
+
+
+def test_default_pixel_budget_fits_cifar10_and_imagenet_sized_uploads() -> None:
+    check_pixel_budget(50_000, (32, 32), DEFAULT_PIXEL_BUDGET)
+    check_pixel_budget(20_000, (224, 224), DEFAULT_PIXEL_BUDGET)
+    with pytest.raises(TooLargeError):  # 6 GiB of uint8 RGB at most
+        check_pixel_budget(6 * 2**30 // (3 * 1024 * 1024) + 1, (1024, 1024), DEFAULT_PIXEL_BUDGET)
+
+
+def test_pixel_budget_is_exact_and_shared_with_images_loaded_before(tmp_path: Path) -> None:
+    path = write_archive(tmp_path / "upload.zip", {f"{i}.png": image_bytes() for i in range(4)})
+
+    assert len(load_image_archive(path, (8, 8), max_pixels=4 * 8 * 8)) == 4
+    with pytest.raises(TooLargeError) as excinfo:
+        # eval_data's 4 images after 1 training image: 5 x 8 x 8 = 320 pixels.
+        load_image_archive(path, (8, 8), max_pixels=4 * 8 * 8, images_before=1)
+
+    assert excinfo.value.code == "pixel_budget_exceeded"
+    assert "5 images at input_size 8x8 are 320 pixels" in excinfo.value.message
+    assert "budget of 256 pixels" in excinfo.value.message
+
+
+def test_upload_validation_counts_data_and_eval_data_against_the_budget(
+    onnx_model: Path, image_archive: Path
+) -> None:
+    budget = 64 * 16 * 16  # image_archive's 64 images at the tiny model's 16x16
+    upload = UploadPaths(
+        config_text=json.dumps(VALID_CONFIG),
+        model=onnx_model,
+        data=image_archive,
+        max_dataset_pixels=budget,
+    )
+
+    assert validate_upload(upload)["preprocessing"]["input_size"] == [16, 16]
+    with pytest.raises(TooLargeError) as excinfo:
+        validate_upload(dataclasses.replace(upload, eval_data=image_archive))
+
+    assert excinfo.value.code == "pixel_budget_exceeded"
+    assert "128 images at input_size 16x16" in excinfo.value.message
+    assert "budget of 16,384 pixels" in excinfo.value.message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import json
 import random
 import time
 import warnings
@@ -22,6 +23,8 @@ from torch import nn
 from core.errors import ModelImportError
 from core.inputs import onnx_model
 from core.inputs.onnx_model import ImportedModel, load_onnx_model
+from tests.core.inputs.test_images import measure_in_child
+from tests.factories import VALID_CONFIG, image_zip
 from tests.fixtures_paths import shared_path
 
 INPUT_HW = (16, 16)
@@ -330,14 +333,14 @@ def test_initializers_listed_as_inputs_are_not_inputs(tmp_path: Path) -> None:
     path = write_model(
         tmp_path / "model.onnx",
         [helper.make_node("Conv", ["x", "weight"], ["y"])],
-        [image("x", ["N", 3, 4, 4]), image("weight", [4, 3, 1, 1])],
-        [image("y", ["N", 4, 4, 4])],
+        [image("x", ["N", 3, 8, 8]), image("weight", [4, 3, 1, 1])],
+        [image("y", ["N", 4, 8, 8])],
         (weight,),
     )
 
     imported = load_onnx_model(path)
 
-    assert (imported.input_name, imported.num_outputs) == ("x", 4)
+    assert (imported.input_name, imported.input_shape) == ("x", (None, 3, 8, 8))
 
 
 @pytest.mark.parametrize(
@@ -369,8 +372,8 @@ def test_initializers_listed_as_inputs_are_not_inputs(tmp_path: Path) -> None:
         ),
         (
             [helper.make_node("Hardmax", ["x"], ["y"])],
-            [image("x", ["N", 3, 4, 4])],
-            [image("y", ["N", 3, 4, 4])],
+            [image("x", ["N", 3, 8, 8])],
+            [image("y", ["N", 3, 8, 8])],
             "cannot be converted to PyTorch: Hardmax",
         ),
     ],
@@ -402,7 +405,7 @@ def test_opset_that_cannot_be_lowered(tmp_path: Path) -> None:
             helper.make_node("Neg", ["minus_axes"], ["axes"]),
             helper.make_node("ReduceMean", ["x", "axes"], ["y"]),
         ],
-        [image("x", ["N", 3, 4, 4])],
+        [image("x", ["N", 3, 8, 8])],
         [image("y", ["N", 3, 1, 1])],
         opset=18,
     )
@@ -426,3 +429,70 @@ def test_fixed_batch_dimension_is_rejected(tmp_path: Path) -> None:
 
     assert error.value.code == "fixed_batch_size"
     assert "dynamic batch" in error.value.message
+
+
+@pytest.mark.parametrize("entry", ["load_onnx_model", "validate_upload"])
+def test_huge_static_input_is_refused_before_anything_is_allocated(
+    tmp_path: Path, entry: str
+) -> None:
+    """The issue's model: 140 bytes claiming 3x40000x40000 (a 36 GiB verification batch)."""
+    path = write_model(
+        tmp_path / "huge.onnx",
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [image("x", ["N", 3, 40000, 40000])],
+        [image("y", ["N", 3, 40000, 40000])],
+    )
+    config = {key: value for key, value in VALID_CONFIG.items() if key != "preprocessing"}
+    if entry == "load_onnx_model":
+        setup = "from pathlib import Path; from core.inputs.onnx_model import load_onnx_model"
+        call = "load_onnx_model(Path(args[0]))"
+    else:
+        setup = (
+            "from pathlib import Path; import core.inputs.images, core.inputs.onnx_model; "
+            "from core.intake import UploadPaths, validate_upload"
+        )
+        call = (
+            "validate_upload(UploadPaths(config_text=args[1], model=Path(args[0]), "
+            "data=Path(args[2]), max_dataset_pixels=2**31))"
+        )
+
+    run = measure_in_child(
+        setup, call, str(path), json.dumps(config), str(image_zip(tmp_path / "data.zip", 1))
+    )
+
+    assert path.stat().st_size < 200
+    assert (run.code, run.status) == ("input_size_out_of_range", 422)
+    assert "model input is 3x40000x40000" in run.message and "8..1024 pixels" in run.message
+    assert run.rss_growth < 256 * 2**20
+    assert run.seconds < 5
+
+
+@pytest.mark.parametrize(
+    ("shape", "input_size", "message"),
+    [
+        (["N", 3, 4, 4], None, "model input is 3x4x4; its height and width must lie in 8..1024"),
+        (["N", 3, 8, 2048], None, "model input is 3x8x2048"),
+        (["N", 3, "H", "W"], (2048, 2048), "preprocessing.input_size is [2048, 2048]"),
+        (["N", 3, "H", "W"], (4, 16), "preprocessing.input_size is [4, 16]"),
+    ],
+    ids=["static-too-small", "static-too-wide", "size-too-large", "size-too-small"],
+)
+def test_input_size_must_lie_in_the_job_range(
+    tmp_path: Path,
+    shape: list[int | str],
+    input_size: tuple[int, int] | None,
+    message: str,
+) -> None:
+    """The same range as preprocessing.input_size, whether the model or the caller states it."""
+    path = write_model(
+        tmp_path / "model.onnx",
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [image("x", shape)],
+        [image("y", shape)],
+    )
+
+    with pytest.raises(ModelImportError) as error:
+        load_onnx_model(path, input_size=input_size)
+
+    assert error.value.code == "input_size_out_of_range"
+    assert message in error.value.message
