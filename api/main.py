@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import get_settings
+from api.local_guard import LocalGuard
 from api.routes import engines, health, jobs
 from core import jobs as job_service
 from core.db import session_scope
@@ -140,6 +141,8 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    # Keyless mode: refuse requests from web pages and re-bound DNS names (api/local_guard.py).
+    app.add_middleware(LocalGuard, settings=settings)
     return app
 
 

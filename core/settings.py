@@ -20,9 +20,18 @@ GiB = 1024**3
 LOCAL_TENANT = "local"
 """The only tenant of the embedded mode (no ``API_KEYS``)."""
 
+MIN_API_KEY_LENGTH = 32
+"""Shorter keys are refused: guessable online (``secrets.token_urlsafe(24)`` gives 32)."""
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+"""Listen addresses that the keyless mode may bind: reachable from this machine only."""
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", validate_by_name=True, frozen=True)
+    # hide_input_in_errors: a validation error must not print API keys or a DATABASE_URL password.
+    model_config = SettingsConfigDict(
+        extra="ignore", validate_by_name=True, frozen=True, hide_input_in_errors=True
+    )
 
     data_dir: Path = Field(
         Path("var"),
@@ -63,6 +72,22 @@ class Settings(BaseSettings):
     def _absolute_data_dir(cls, data_dir: Path) -> Path:
         # Absolute, so the API and the worker (started elsewhere) agree on every derived path.
         return data_dir.expanduser().absolute()
+
+    @field_validator("api_keys")
+    @classmethod
+    def _long_api_keys(cls, api_keys: dict[str, str]) -> dict[str, str]:
+        # Names the tenants, never the keys: this message ends up in logs.
+        short = sorted(
+            {tenant for key, tenant in api_keys.items() if len(key) < MIN_API_KEY_LENGTH}
+        )
+        if short:
+            tenants = ", ".join(repr(tenant) for tenant in short)
+            raise ValueError(
+                f"API_KEYS: the key of tenant {tenants} is shorter than {MIN_API_KEY_LENGTH} "
+                "characters; use a long random key, e.g. python -c "
+                "'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return api_keys
 
     @field_validator("database_url")
     @classmethod
@@ -109,7 +134,8 @@ class Settings(BaseSettings):
 
     def check_exposure(self) -> None:
         """Refuse to serve beyond this machine without keys (DESIGN: only embedded is keyless)."""
-        if not self.api_keys and self.host not in ("127.0.0.1", "localhost", "::1"):
+        # API_KEYS='{}' is empty, hence keyless too.
+        if not self.api_keys and self.host not in LOOPBACK_HOSTS:
             raise ValueError(f"API_KEYS must be set to listen on {self.host!r}")
 
 

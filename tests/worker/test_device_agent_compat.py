@@ -168,11 +168,14 @@ def test_the_multipart_body_reads_back_with_both_fields_intact() -> None:
     assert json.loads(fields["report"][1].decode("utf-8")) == json.loads(report)
 
 
+AGENT_KEY = "key-of-the-acme-jetson-agent-001"  # 32 characters: the shortest allowed
+
+
 @pytest.fixture
 def real_api(make_settings: SettingsFactory, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
-    """The real app (SQLite, key ``k1`` for tenant ``acme``) served by uvicorn on a free port,
+    """The real app (SQLite, ``AGENT_KEY`` for tenant ``acme``) served by uvicorn on a free port,
     with one succeeded job whose ``jetson-nano`` engine waits and whose model_qdq.onnx exists."""
-    settings = make_settings(api_keys={"k1": "acme"})
+    settings = make_settings(api_keys={AGENT_KEY: "acme"})
     with session_factory(settings)() as session:
         config = VALID_CONFIG | {"export": {"tensorrt_targets": ["jetson-nano"]}}
         job = make_job(session, tenant="acme", status="succeeded", config=config)
@@ -228,7 +231,7 @@ def fake_trtexec(folder: Path, exit_code: int = 0, copy_onnx_to: Path | None = N
 
 
 def agent_args(url: str, trtexec: Path) -> list[str]:
-    return ["--url", url, "--target", "jetson-nano", "--api-key", "k1", "--once",
+    return ["--url", url, "--target", "jetson-nano", "--api-key", AGENT_KEY, "--once",
             "--builder", "trtexec", "--trtexec", str(trtexec)]  # fmt: skip
 
 
@@ -276,6 +279,6 @@ def test_a_failed_build_is_reported_and_nothing_waits_is_quiet(
 def test_a_wrong_key_claims_nothing(real_api: tuple[str, Settings], tmp_path: Path) -> None:
     url, settings = real_api
     args = agent_args(url, fake_trtexec(tmp_path))
-    args[args.index("k1")] = "not-a-key"
+    args[args.index(AGENT_KEY)] = "not-a-key"
     assert device_agent.main(args) == 1  # 401, reported as an error of this round
     assert job_of(settings)["build"]["status"] == "waiting"
