@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.auth import TENANT_STATE
 from core.db import session_factory
-from core.settings import LOCAL_TENANT, Settings, get_settings
+from core.settings import Settings, get_settings
 from core.storage import Storage
 from worker.app import enqueue_train
 
@@ -36,30 +36,16 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from the API_KEYS
 
 
 def get_tenant(
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
+    # Only for OpenAPI's security scheme: api.auth.ApiKeyAuth checked the key from the headers.
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
-    """The caller's tenant: from its API key, or ``local`` in the keyless embedded mode."""
-    if not settings.auth_required:
-        return LOCAL_TENANT
-    if credentials is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing API key: send 'Authorization: Bearer <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    # Compare against every key in constant time, so timing reveals nothing about valid keys.
-    tenant = None
-    for key, key_tenant in settings.api_keys.items():
-        if hmac.compare_digest(key.encode(), credentials.credentials.encode()):
-            tenant = key_tenant
-    if tenant is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "invalid API key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return tenant
+    """The caller's tenant, which ``api.auth.ApiKeyAuth`` resolved from its API key (``local``
+    in the keyless embedded mode) before anything read the request's body."""
+    tenant = getattr(request.state, TENANT_STATE, None)
+    if tenant is None:  # fail closed: an app assembled without the middleware serves nobody
+        raise RuntimeError("api.auth.ApiKeyAuth is not installed: no tenant for this request")
+    return str(tenant)
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]

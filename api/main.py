@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.auth import ApiKeyAuth
 from api.deps import get_settings
 from api.local_guard import LocalGuard
 from api.routes import engines, health, jobs
@@ -143,6 +144,11 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
     app.add_exception_handler(Exception, _unexpected_error)
     # Keyless mode: refuse requests from web pages and re-bound DNS names (api/local_guard.py).
     app.add_middleware(LocalGuard, settings=settings)
+    # API keys from the headers, before anything reads a body; added last, so it runs first.
+    # Public: the probes (api/routes/health.py) and the API's docs.
+    probes = {route.path for route in health.router.routes if isinstance(route, APIRoute)}
+    docs = {app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url}
+    app.add_middleware(ApiKeyAuth, settings=settings, public_paths={p for p in probes | docs if p})
     return app
 
 

@@ -1,5 +1,5 @@
 """Request and response bodies. Responses come from table rows and show only public fields: no
-file paths, no lease."""
+file paths, no lease (a build's lease token goes only to its claimant, in ``EngineClaimed``)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,16 @@ class EngineClaimed(BaseModel):
     build: EnginePublic
     model_url: str  # model_qdq.onnx, relative to the API's base URL
     lease_seconds: int
+    # The claim's secret: send it as X-Lease-Token to renew the lease and to report the result.
+    lease_token: str
+
+
+class EngineLease(BaseModel):
+    """A renewed lease: the builder holds the build until ``lease_expires_at``."""
+
+    build_id: str
+    lease_seconds: int
+    lease_expires_at: dt.datetime
 
 
 class EngineFailure(BaseModel):

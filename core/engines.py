@@ -4,17 +4,25 @@ Lifecycle. A job that succeeds with ``export.tensorrt_targets`` gets one ``waiti
 target, announced on the Celery queue ``engine.<target>``. Whoever serves that target claims it
 (``building``, under a lease): an engine worker consuming the queue, or a device agent asking
 over REST (``POST /v1/engine-builds/claim``, for devices that cannot run our stack or sit
-behind NAT). The builder reports ``succeeded``, with ``engine-<target>.plan`` and
+behind NAT). A claim hands the builder a secret lease token; renewing the lease and reporting
+the result need the builder's name and that token, so no other builder (nor another key of the
+tenant) can complete, or spoof the provenance of, a build it does not hold. The builder renews
+its lease while it builds and reports ``succeeded``, with ``engine-<target>.plan`` and
 ``engine-<target>.json`` stored as the job's artifacts, or ``failed``. A build whose lease
-expires (its builder died) is claimable again. Until a builder claims it a build stays
-``waiting``, which ``GET /v1/jobs/{id}`` shows with its queue: nothing is written for it.
+expires (its builder died) is claimable again, under a new token. Until a builder claims it a
+build stays ``waiting``, which ``GET /v1/jobs/{id}`` shows with its queue: nothing is written
+for it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hmac
+import json
+import secrets
 import uuid
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
@@ -22,9 +30,13 @@ from sqlalchemy.orm import Session
 
 from core.config import JobConfig
 from core.errors import InputError
+from core.jobs import record_artifact
 from core.models import EngineBuild, Job, utcnow
+from core.settings import Settings
+from core.storage import Storage
 
 ENGINE_LEASE_SECONDS = 1800  # a build takes minutes; a builder silent this long has died
+LEASE_TOKEN_BYTES = 32  # secrets.token_urlsafe(32): 43 characters, within the column's 64
 PLAN_SUFFIX = ".plan"
 
 
@@ -48,8 +60,9 @@ class EngineBuildNotClaimed(InputError):
     def __init__(self, build_id: str) -> None:
         super().__init__(
             "engine_build_not_claimed",
-            f"engine build {build_id} is not being built by this builder (finished, or its "
-            "lease expired and another builder took it)",
+            f"engine build {build_id} is not being built under this lease token (a wrong or "
+            "missing X-Lease-Token, the build finished, or its lease expired and another "
+            "builder took it)",
         )
 
 
@@ -87,7 +100,10 @@ def _claimable(now: dt.datetime) -> Any:
 def claim_build(
     session: Session, build_id: str, builder: str, *, now: dt.datetime | None = None
 ) -> EngineBuild | None:
-    """Take a waiting build (or one whose builder's lease expired); None if another has it."""
+    """Take a waiting build (or one whose builder's lease expired); None if another has it.
+
+    The returned row carries the claim's new ``lease_token``, which only this claimant learns.
+    """
     now = now or utcnow()
     claimed = session.execute(
         update(EngineBuild)
@@ -95,6 +111,7 @@ def claim_build(
         .values(
             status=EngineStatus.BUILDING,
             builder=builder,
+            lease_token=secrets.token_urlsafe(LEASE_TOKEN_BYTES),
             lease_expires_at=now + dt.timedelta(seconds=ENGINE_LEASE_SECONDS),
             started_at=now,
             updated_at=now,
@@ -136,29 +153,76 @@ def get_build(session: Session, tenant: str, build_id: str) -> EngineBuild:
     return build
 
 
+def held_build(
+    session: Session, tenant: str, build_id: str, lease_token: str | None
+) -> EngineBuild:
+    """``tenant``'s build ``build_id``, if ``lease_token`` is its current claim's (404 if there is
+    no such build, 409 if the token is missing, wrong, or its claim is over)."""
+    build = get_build(session, tenant, build_id)
+    held = (
+        build.status == EngineStatus.BUILDING
+        and build.lease_token is not None
+        and lease_token is not None
+        and hmac.compare_digest(build.lease_token.encode(), lease_token.encode())
+    )
+    if not held:
+        raise EngineBuildNotClaimed(build_id)
+    return build
+
+
+def _held_by(build_id: str, builder: str, lease_token: str) -> Any:
+    """The WHERE clause of every write of a builder: its name, its token, still building."""
+    return and_(
+        EngineBuild.id == build_id,
+        EngineBuild.builder == builder,
+        EngineBuild.lease_token == lease_token,
+        EngineBuild.status == EngineStatus.BUILDING,
+    )
+
+
+def renew_build_lease(
+    session: Session,
+    build_id: str,
+    builder: str,
+    lease_token: str,
+    *,
+    now: dt.datetime | None = None,
+) -> dt.datetime | None:
+    """Extend the lease of the build ``builder`` holds under ``lease_token``; the new expiry, or
+    None if the claim is over (finished, or taken by another builder after it expired)."""
+    now = now or utcnow()
+    expires_at = now + dt.timedelta(seconds=ENGINE_LEASE_SECONDS)
+    renewed = session.execute(
+        update(EngineBuild)
+        .where(_held_by(build_id, builder, lease_token))
+        .values(lease_expires_at=expires_at, updated_at=now)
+    )
+    session.commit()
+    return expires_at if renewed.rowcount == 1 else None  # type: ignore[attr-defined]
+
+
 def finish_build(
     session: Session,
     build_id: str,
     builder: str,
+    lease_token: str,
     *,
     report: dict[str, Any] | None = None,
     error: tuple[str, str] | None = None,
 ) -> EngineBuild:
-    """Mark the build ``builder`` holds succeeded (with its report) or failed (code, message)."""
+    """Mark the build ``builder`` holds under ``lease_token`` succeeded (with its report) or
+    failed (code, message); the token dies with the claim."""
     now = utcnow()
     status = EngineStatus.FAILED if error is not None else EngineStatus.SUCCEEDED
     finished = session.execute(
         update(EngineBuild)
-        .where(
-            EngineBuild.id == build_id,
-            EngineBuild.builder == builder,
-            EngineBuild.status == EngineStatus.BUILDING,
-        )
+        .where(_held_by(build_id, builder, lease_token))
         .values(
             status=status,
             report=report,
             error={"code": error[0], "message": error[1]} if error else None,
             lease_expires_at=None,
+            lease_token=None,
             finished_at=now,
             updated_at=now,
         )
@@ -169,3 +233,34 @@ def finish_build(
     build = session.get(EngineBuild, build_id, populate_existing=True)
     assert build is not None
     return build
+
+
+def store_result(
+    session: Session,
+    settings: Settings,
+    build: EngineBuild,
+    builder: str,
+    lease_token: str,
+    plan: Path,
+    report: dict[str, Any],
+) -> EngineBuild:
+    """Store ``plan`` and ``report`` as the job's ``engine-<target>.*`` artifacts and mark the
+    build succeeded, if ``builder`` still holds it under ``lease_token`` (else 409, nothing
+    stored).
+
+    ``plan`` lies in a folder of this attempt alone (a request's staging folder, a worker's
+    temporary one), where the report is written next to it; the caller deletes the folder.
+    """
+    # Checked again just before anything is stored (an upload or a build can outlast a lease),
+    # and renewed, so that no other builder can take the build before it is finished below.
+    if renew_build_lease(session, build.id, builder, lease_token) is None:
+        raise EngineBuildNotClaimed(build.id)
+    plan_name, report_name = artifact_names(build.target)
+    report_path = plan.with_name(report_name)
+    report_path.write_text(json.dumps(report, indent=2))
+    storage = Storage(settings.data_dir)
+    for name, path in ((plan_name, plan), (report_name, report_path)):
+        record_artifact(
+            session, settings, build.job_id, storage.store_artifact(build.job_id, name, path)
+        )
+    return finish_build(session, build.id, builder, lease_token, report=report)

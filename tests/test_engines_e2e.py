@@ -4,11 +4,13 @@ The production configuration (PostgreSQL, the machine's Redis) runs a job that a
 TensorRT targets. A real Celery engine worker, started here, consumes one target's queue only:
 it claims that build and, since this machine has no TensorRT, records it failed with
 ``tensorrt_unavailable``, writing no file. The other target has no worker: its build waits,
-its message sits in its own queue, and nothing is written for it.
+its message sits in its own queue, and nothing is written for it, until a device agent's
+requests claim it over REST: only its lease token renews, completes or fails it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -128,3 +130,28 @@ def test_engine_builds_go_to_their_target_queue_and_wait_for_a_worker(
         assert broker.llen(engine_queue(served)) == 0
     finally:
         broker.close()
+    # The engine worker built in a folder of its own attempt, and removed it.
+    work_dir = service.data_dir / "jobs" / job["id"] / "work"
+    assert not list(work_dir.glob(f"engine-{served}*")), list(work_dir.iterdir())
+
+    # A device agent's requests take the waiting build, bound to the claim's lease token.
+    with httpx.Client(base_url=service.url, timeout=60) as api:
+        claim = api.post("/v1/engine-builds/claim", json={"target": unserved, "agent": "e2e"})
+        assert claim.status_code == 200, claim.text
+        build_id, token = claim.json()["build"]["id"], claim.json()["lease_token"]
+        result = f"/v1/engine-builds/{build_id}/result"
+        files = {"engine": ("engine.plan", b"PLAN", "application/octet-stream")}
+        report = {"report": json.dumps({"device_name": "e2e"})}
+        spoofed = api.post(result, files=files, data=report, headers={"X-Lease-Token": "guess"})
+        assert spoofed.status_code == 409, spoofed.text
+        renewed = api.post(f"/v1/engine-builds/{build_id}/lease", headers={"X-Lease-Token": token})
+        assert renewed.status_code == 200, renewed.text
+        uploaded = api.post(result, files=files, data=report, headers={"X-Lease-Token": token})
+        assert uploaded.status_code == 200, uploaded.text
+        job = api.get(f"/v1/jobs/{job['id']}").json()
+        plan = api.get(f"/v1/jobs/{job['id']}/artifacts/engine-{unserved}.plan")
+    assert {engine["target"]: engine["status"] for engine in job["engines"]} == {
+        served: "failed",
+        unserved: "succeeded",
+    }
+    assert plan.content == b"PLAN"

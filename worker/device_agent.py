@@ -7,11 +7,17 @@ stack (a Jetson Nano: JetPack 4.6, Python 3.6, TensorRT 8.2), or that sit behind
 script: it pulls work from the service over HTTP(S), so the device needs no inbound connection.
 In a loop it
 
-1. claims a waiting build for ``--target`` (``POST /v1/engine-builds/claim``),
+1. claims a waiting build for ``--target`` (``POST /v1/engine-builds/claim``), which hands it
+   a lease token,
 2. downloads the job's ``model_qdq.onnx``,
-3. builds an int8+fp16 engine with ``trtexec`` or TensorRT's Python API,
+3. builds an int8+fp16 engine with ``trtexec`` or TensorRT's Python API, renewing the build's
+   lease (``POST /v1/engine-builds/{id}/lease``) from a thread meanwhile, so that a slow build
+   is not handed to a second builder,
 4. uploads the plan and a report (TensorRT version, device, compute capability, JetPack/L4T,
    build flags, timings) to ``/v1/engine-builds/{id}/result``, or the error to ``/failure``.
+
+Renewals, result and failure carry the claim's token (header ``X-Lease-Token``): the server
+takes them from the builder that claimed the build only.
 
 On a Jetson, copy this one file over and run:
 
@@ -30,6 +36,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 import urllib.error
@@ -38,6 +45,7 @@ import uuid
 
 LOG = logging.getLogger("device_agent")
 PRECISION = "int8+fp16"
+LEASE_TOKEN_HEADER = "X-Lease-Token"
 ERROR_CHARS = 2000  # the most of a builder's output that a failure report carries
 TRTEXEC_JETSON = "/usr/src/tensorrt/bin/trtexec"  # where JetPack installs it, outside PATH
 # Jetson GPUs by SoC (/proc/device-tree/compatible): JetPack 4 and 5 have no nvidia-smi.
@@ -75,10 +83,11 @@ class Server:
         self.api_key = api_key
         self.timeout = timeout
 
-    def open(self, path, body=None, content_type=None):
+    def open(self, path, body=None, content_type=None, extra_headers=None):
         """GET ``path`` (POST ``body`` if given); return the response, raise ApiError on 4xx/5xx."""
         url = path if "://" in path else self.base_url + "/" + path.lstrip("/")
         headers = {"Accept": "application/json", "User-Agent": "sqakd-device-agent"}
+        headers.update(extra_headers or {})
         if self.api_key:
             headers["Authorization"] = "Bearer " + self.api_key
         if content_type:
@@ -96,15 +105,16 @@ class Server:
                 code, message = "http_error", text[:200]
             raise ApiError(exc.code, code, message) from None
 
-    def post(self, path, body, content_type):
+    def post(self, path, body, content_type, extra_headers=None):
         """POST and return the decoded JSON answer (None for an empty one, such as 204)."""
-        with self.open(path, body, content_type) as response:
+        with self.open(path, body, content_type, extra_headers) as response:
             data = response.read()
         return json.loads(data.decode("utf-8")) if data else None
 
-    def post_json(self, path, payload):
+    def post_json(self, path, payload, extra_headers=None):
         """POST ``payload`` as JSON and return the decoded answer."""
-        return self.post(path, json.dumps(payload).encode("utf-8"), "application/json")
+        body = json.dumps(payload).encode("utf-8")
+        return self.post(path, body, "application/json", extra_headers)
 
     def download(self, path, destination):
         """Save the file at ``path`` to ``destination``."""
@@ -321,14 +331,53 @@ def build_with_tensorrt(options, onnx_path, engine_path):
     }
 
 
-def upload_result(server, build_id, engine_path, report, attempts=3):
+class LeaseKeeper:
+    """Renews a claimed build's lease from a thread every ``interval`` seconds, inside a
+    ``with`` block. ``lost`` is set once the server says the claim is over (the build finished,
+    or its lease expired and another builder took it); network errors are retried."""
+
+    def __init__(self, server, build_id, lease_headers, interval):
+        self.server = server
+        self.path = f"/v1/engine-builds/{build_id}/lease"
+        self.lease_headers = lease_headers
+        self.interval = interval
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="lease-" + build_id)
+        self._thread.daemon = True  # never keeps the agent alive on its own
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+    def _renew(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.server.post(self.path, b"", None, self.lease_headers)
+            except ApiError as exc:
+                if exc.status in (404, 409):
+                    LOG.error("the lease is lost (%s): the build is no longer ours", exc)
+                    self.lost.set()
+                    return
+                LOG.warning("lease renewal failed (retrying): %s", exc)
+            except OSError as exc:  # network errors, urllib's URLError included
+                LOG.warning("lease renewal failed (retrying): %s", exc)
+
+
+def upload_result(server, build_id, engine_path, report, lease_headers, attempts=3):
     """Send the plan and its report; retry network errors a few times (not HTTP errors)."""
     with open(engine_path, "rb") as engine_file:
         files = {"engine": ("engine.plan", engine_file.read())}
     content_type, body = encode_multipart({"report": json.dumps(report)}, files)
+    path = f"/v1/engine-builds/{build_id}/result"
     for attempt in range(1, attempts + 1):
         try:
-            return server.post(f"/v1/engine-builds/{build_id}/result", body, content_type)
+            return server.post(path, body, content_type, lease_headers)
         except OSError as exc:  # network errors (urllib's URLError included), not ApiError
             if attempt == attempts:
                 raise
@@ -337,38 +386,47 @@ def upload_result(server, build_id, engine_path, report, attempts=3):
 
 
 def handle_claim(server, claim, options, provenance):
-    """Download, build and upload one claimed build; report a failed build to the server.
-    ``provenance``: this machine's TensorRT version, device, JetPack and L4T."""
+    """Download, build and upload one claimed build, renewing its lease meanwhile; report a
+    failed build to the server. ``provenance``: this machine's TensorRT version, device,
+    JetPack and L4T."""
     build_id = claim["build"]["id"]
     failure_path = f"/v1/engine-builds/{build_id}/failure"
+    lease_headers = {LEASE_TOKEN_HEADER: claim["lease_token"]}
+    renew_seconds = options.renew_seconds or claim["lease_seconds"] / 4.0
     LOG.info("claimed build %s of job %s", build_id, claim["build"].get("job_id"))
     workdir = tempfile.mkdtemp(prefix="sqakd-engine-")
     try:
-        onnx_path = os.path.join(workdir, "model.onnx")
-        engine_path = os.path.join(workdir, "engine.plan")
-        try:
-            server.download(claim["model_url"], onnx_path)
-        except ApiError as exc:  # the server refuses it: it will not come later either
-            if exc.status >= 500:
-                raise
-            message = f"cannot download {claim['model_url']}: {exc}"
-            server.post_json(failure_path, {"code": "build_failed", "message": message})
-            return
-        try:
-            if options.builder == "tensorrt":
-                built = build_with_tensorrt(options, onnx_path, engine_path)
-            else:
-                built = build_with_trtexec(options, onnx_path, engine_path)
-        except Exception as exc:
-            message = str(exc) if isinstance(exc, BuildError) else tail(traceback.format_exc())
-            LOG.error("build %s failed: %s", build_id, message)
-            server.post_json(failure_path, {"code": "build_failed", "message": message})
-            return
-        report = dict(provenance, precision=PRECISION)
-        for key, value in built.items():  # what this machine says first, then the builder
-            if report.get(key) is None:
-                report[key] = value
-        upload_result(server, build_id, engine_path, report)
+        with LeaseKeeper(server, build_id, lease_headers, renew_seconds) as lease:
+            onnx_path = os.path.join(workdir, "model.onnx")
+            engine_path = os.path.join(workdir, "engine.plan")
+            try:
+                server.download(claim["model_url"], onnx_path)
+            except ApiError as exc:  # the server refuses it: it will not come later either
+                if exc.status >= 500:
+                    raise
+                message = f"cannot download {claim['model_url']}: {exc}"
+                payload = {"code": "build_failed", "message": message}
+                server.post_json(failure_path, payload, lease_headers)
+                return
+            try:
+                if options.builder == "tensorrt":
+                    built = build_with_tensorrt(options, onnx_path, engine_path)
+                else:
+                    built = build_with_trtexec(options, onnx_path, engine_path)
+            except Exception as exc:
+                message = str(exc) if isinstance(exc, BuildError) else tail(traceback.format_exc())
+                LOG.error("build %s failed: %s", build_id, message)
+                payload = {"code": "build_failed", "message": message}
+                server.post_json(failure_path, payload, lease_headers)
+                return
+            if lease.lost.is_set():
+                LOG.error("build %s: lease lost while building; not uploading", build_id)
+                return
+            report = dict(provenance, precision=PRECISION)
+            for key, value in built.items():  # what this machine says first, then the builder
+                if report.get(key) is None:
+                    report[key] = value
+            upload_result(server, build_id, engine_path, report, lease_headers)
         LOG.info("build %s uploaded: %s", build_id, report["timings"])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -391,6 +449,11 @@ def parse_args(argv):
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--workspace-mib", type=int, default=1024, help="Python API builder")
     parser.add_argument("--poll-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--renew-seconds",
+        type=float,
+        help="renew a build's lease this often (default: a quarter of the lease granted)",
+    )
     parser.add_argument("--once", action="store_true", help="claim once, then exit")
     options = parser.parse_args(argv)
     if not options.url or not options.target:

@@ -7,13 +7,14 @@ canceled, or runs under a live lease elsewhere) is dropped, which makes redelive
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from celery import Task
@@ -39,6 +40,8 @@ from worker.app import (
 )
 
 log = logging.getLogger(__name__)
+
+ENGINE_RENEW_SECONDS = engines.ENGINE_LEASE_SECONDS / 4  # an engine build's heartbeat
 
 
 class DbReporter:
@@ -122,30 +125,48 @@ class DbReporter:
 
 
 @contextmanager
-def heartbeat(
-    settings: Settings, job_id: str, owner: str, lease_lost: threading.Event
+def lease_heartbeat(
+    settings: Settings,
+    what: str,
+    renew: Callable[[Session], bool],
+    interval: float,
+    lease_lost: threading.Event,
 ) -> Iterator[None]:
-    """Renew the lease from a thread, so that a long step without progress keeps the job."""
+    """Call ``renew`` from a thread every ``interval`` seconds while the block runs, so that a
+    long step without other writes keeps its lease. A renewal that finds the lease gone (False)
+    sets ``lease_lost`` and stops; ``what`` names the leased thing in the log."""
     stop = threading.Event()
-    interval = settings.lease_seconds / 4
 
     def beat() -> None:
         while not stop.wait(interval):
             try:
                 with session_scope(settings) as session:
-                    if not jobs.renew_lease(session, job_id, owner, settings.lease_seconds):
+                    if not renew(session):
                         lease_lost.set()
                         return
             except SQLAlchemyError:
-                log.warning("job %s: heartbeat failed", job_id, exc_info=True)
+                log.warning("%s: heartbeat failed", what, exc_info=True)
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    thread = threading.Thread(target=beat, name=f"heartbeat {what}", daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
+
+
+@contextmanager
+def heartbeat(
+    settings: Settings, job_id: str, owner: str, lease_lost: threading.Event
+) -> Iterator[None]:
+    """Renew a job's lease from a thread, so that a long step without progress keeps the job."""
+
+    def renew(session: Session) -> bool:
+        return jobs.renew_lease(session, job_id, owner, settings.lease_seconds)
+
+    with lease_heartbeat(settings, f"job {job_id}", renew, settings.lease_seconds / 4, lease_lost):
+        yield
 
 
 def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
@@ -222,31 +243,52 @@ def announce_engine_builds(settings: Settings, session: Session, job_id: str) ->
 
 
 def build_claimed_engine(settings: Settings, build: EngineBuild, builder: str) -> None:
-    """Build the engine of a build ``builder`` holds, store it with its report as the job's
-    artifacts, and record how it ended. Nothing is stored for a failed build."""
+    """Build the engine of a build ``builder`` holds (under ``build.lease_token``), renewing
+    the lease while it builds; store it with its report as the job's artifacts, and record how
+    it ended. Nothing is stored for a failed build, nor for one whose lease was lost."""
+    lease_token = build.lease_token
+    assert lease_token is not None, "only a claimed build has a lease token"
     storage = Storage(settings.data_dir)
-    plan_name, report_name = engines.artifact_names(build.target)
-    workdir = storage.work_dir(build.job_id) / f"engine-{build.target}"
-    workdir.mkdir(parents=True, exist_ok=True)
+    plan_name, _ = engines.artifact_names(build.target)
     onnx_path = storage.artifact_path(build.job_id, "model_qdq.onnx")
+    work_dir = storage.work_dir(build.job_id)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # A folder of this attempt alone: what a crashed attempt left never meets the next one.
+    attempt_dir = Path(tempfile.mkdtemp(prefix=f"engine-{build.target}-", dir=work_dir))
+    lease_lost = threading.Event()
     error: tuple[str, str] | None = None
     report: dict[str, Any] | None = None
+
+    def renew(session: Session) -> bool:
+        return engines.renew_build_lease(session, build.id, builder, lease_token) is not None
+
     try:
-        if not onnx_path.exists():
-            raise FileNotFoundError("the job has no model_qdq.onnx (export.onnx was off)")
-        report = build_engine(onnx_path, workdir / plan_name)
-        (workdir / report_name).write_text(json.dumps(report, indent=2))
-    except TensorRTUnavailable as exc:
-        error = ("tensorrt_unavailable", f"this engine worker cannot build: {exc}")
-    except Exception as exc:
-        log.exception("engine build %s: failed", build.id)
-        error = ("build_failed", f"{type(exc).__name__}: {str(exc)[:500]}")
-    with session_scope(settings) as session:
-        if error is None:
-            for name in (plan_name, report_name):
-                stored = storage.store_artifact(build.job_id, name, workdir / name)
-                jobs.record_artifact(session, settings, build.job_id, stored)
-        engines.finish_build(session, build.id, builder, report=report, error=error)
+        with lease_heartbeat(
+            settings, f"engine build {build.id}", renew, ENGINE_RENEW_SECONDS, lease_lost
+        ):
+            try:
+                if not onnx_path.exists():
+                    raise FileNotFoundError("the job has no model_qdq.onnx (export.onnx was off)")
+                report = build_engine(onnx_path, attempt_dir / plan_name)
+            except TensorRTUnavailable as exc:
+                error = ("tensorrt_unavailable", f"this engine worker cannot build: {exc}")
+            except Exception as exc:
+                log.exception("engine build %s: failed", build.id)
+                error = ("build_failed", f"{type(exc).__name__}: {str(exc)[:500]}")
+        if lease_lost.is_set():
+            raise engines.EngineBuildNotClaimed(build.id)
+        with session_scope(settings) as session:
+            if error is None:
+                assert report is not None
+                plan = attempt_dir / plan_name
+                engines.store_result(session, settings, build, builder, lease_token, plan, report)
+            else:
+                engines.finish_build(session, build.id, builder, lease_token, error=error)
+    except engines.EngineBuildNotClaimed:
+        log.warning("engine build %s: lease lost to another builder; nothing stored", build.id)
+        return
+    finally:
+        Storage.remove_tree(attempt_dir)
     log.info("engine build %s (%s): %s", build.id, build.target, error or "succeeded")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -10,8 +12,10 @@ from sqlalchemy.orm import Session
 
 from core import engines
 from core.config import JobConfig
-from core.models import utcnow
+from core.models import EngineBuild, utcnow
+from core.settings import Settings
 from tests.factories import VALID_CONFIG, make_job
+from worker.tasks import lease_heartbeat
 
 TARGETS = ("jetson-orin-nano", "x86-sm90")
 
@@ -66,20 +70,105 @@ def test_a_succeeded_job_gets_one_waiting_build_per_target(session: Session) -> 
     assert engines.engine_queue("x86-sm90") == "engine.x86-sm90"
 
 
-def test_claim_build_fail_and_reclaim_after_the_lease(session: Session) -> None:
-    job = make_job(session, status="succeeded", config=config_with_targets("x86-sm90"))
+def waiting_build(session: Session, target: str = "x86-sm90") -> EngineBuild:
+    job = make_job(session, status="succeeded", config=config_with_targets(target))
     (build,) = engines.create_builds(session, job)
+    return build
+
+
+def test_claim_build_fail_and_reclaim_after_the_lease(session: Session) -> None:
+    build = waiting_build(session)
     claimed = engines.claim_build(session, build.id, "worker-a")
     assert claimed is not None and claimed.status == "building" and claimed.builder == "worker-a"
+    token_a = claimed.lease_token
+    assert token_a is not None
     assert engines.claim_build(session, build.id, "worker-b") is None  # held
     later = utcnow() + dt.timedelta(seconds=engines.ENGINE_LEASE_SECONDS + 1)
     retaken = engines.claim_build(session, build.id, "worker-b", now=later)
     assert retaken is not None and retaken.builder == "worker-b"  # worker-a died
+    token_b = retaken.lease_token
+    assert token_b is not None and token_b != token_a  # a new claim, a new secret
     with pytest.raises(engines.EngineBuildNotClaimed):
-        engines.finish_build(session, build.id, "worker-a", error=("build_failed", "late"))
-    failed = engines.finish_build(session, build.id, "worker-b", error=("build_failed", "boom"))
+        engines.finish_build(session, build.id, "worker-a", token_a, error=("build_failed", "late"))
+    with pytest.raises(engines.EngineBuildNotClaimed):  # worker-a's token under b's name
+        engines.finish_build(session, build.id, "worker-b", token_a, error=("build_failed", "x"))
+    failed = engines.finish_build(
+        session, build.id, "worker-b", token_b, error=("build_failed", "boom")
+    )
     assert failed.status == "failed" and failed.error == {"code": "build_failed", "message": "boom"}
+    assert failed.lease_token is None  # the token dies with the claim
     assert engines.claim_build(session, build.id, "worker-c") is None  # finished
+
+
+def test_a_claim_is_bound_to_its_builder_and_token(session: Session) -> None:
+    build = waiting_build(session)
+    claimed = engines.claim_build(session, build.id, "agent:nano")
+    assert claimed is not None and claimed.lease_token is not None
+    token = claimed.lease_token
+    assert len(token) >= 40 and len(token) <= 64  # 32 random bytes; fits the column
+    for builder, wrong_token in (("agent:nano", "not-the-token"), ("agent:other", token)):
+        assert engines.renew_build_lease(session, build.id, builder, wrong_token) is None
+        with pytest.raises(engines.EngineBuildNotClaimed):
+            engines.finish_build(session, build.id, builder, wrong_token, report={"x": 1})
+    for presented in (None, "", "not-the-token", token + "x"):
+        with pytest.raises(engines.EngineBuildNotClaimed):
+            engines.held_build(session, "local", build.id, presented)
+    with pytest.raises(engines.EngineBuildNotFound):  # another tenant's build, even with its token
+        engines.held_build(session, "other", build.id, token)
+    assert engines.held_build(session, "local", build.id, token).id == build.id
+    row = session.get(EngineBuild, build.id, populate_existing=True)
+    assert row is not None and (row.status, row.report) == ("building", None)  # untouched
+
+
+def test_renewing_extends_the_lease_until_the_claim_is_over(session: Session) -> None:
+    build = waiting_build(session)
+    claimed = engines.claim_build(session, build.id, "agent:nano")
+    assert claimed is not None and claimed.lease_token is not None
+    first_expiry = claimed.lease_expires_at
+    assert first_expiry is not None
+    later = utcnow() + dt.timedelta(seconds=engines.ENGINE_LEASE_SECONDS - 10)
+    renewed = engines.renew_build_lease(
+        session, build.id, "agent:nano", claimed.lease_token, now=later
+    )
+    assert renewed == later + dt.timedelta(seconds=engines.ENGINE_LEASE_SECONDS)
+    row = session.get(EngineBuild, build.id, populate_existing=True)
+    assert row is not None and row.lease_expires_at == renewed and renewed > first_expiry
+    # Where the first lease would have run out, the renewed one holds the build.
+    expired_before = first_expiry + dt.timedelta(seconds=1)
+    assert engines.claim_build(session, build.id, "agent:b", now=expired_before) is None
+    engines.finish_build(session, build.id, "agent:nano", claimed.lease_token, report={})
+    assert engines.renew_build_lease(session, build.id, "agent:nano", claimed.lease_token) is None
+
+
+def test_the_engine_workers_heartbeat_renews_and_notices_a_lost_lease(
+    session: Session, settings: Settings
+) -> None:
+    """worker.tasks.lease_heartbeat with the engine worker's renewal, at a short interval."""
+    build = waiting_build(session)
+    claimed = engines.claim_build(session, build.id, "worker-a")
+    assert claimed is not None and claimed.lease_token is not None
+    token, first_expiry = claimed.lease_token, claimed.lease_expires_at
+    renewals: list[bool] = []
+
+    def renew(heartbeat_session: Session) -> bool:
+        renewed = engines.renew_build_lease(heartbeat_session, build.id, "worker-a", token)
+        renewals.append(renewed is not None)
+        return renewed is not None
+
+    lease_lost = threading.Event()
+    with lease_heartbeat(settings, f"engine build {build.id}", renew, 0.05, lease_lost):
+        deadline = time.monotonic() + 10
+        while len(renewals) < 2:
+            assert time.monotonic() < deadline, "no heartbeat"
+            time.sleep(0.02)
+        row = session.get(EngineBuild, build.id, populate_existing=True)
+        assert row is not None and row.lease_expires_at is not None
+        assert first_expiry is not None and row.lease_expires_at > first_expiry
+        # The lease runs out anyway (a stalled builder) and another builder takes the build.
+        later = utcnow() + dt.timedelta(seconds=2 * engines.ENGINE_LEASE_SECONDS)
+        assert engines.claim_build(session, build.id, "worker-b", now=later) is not None
+        assert lease_lost.wait(10), "the heartbeat did not notice"
+    assert renewals[-1] is False and lease_lost.is_set()
 
 
 def test_claim_next_serves_the_tenant_and_target_asked_for(session: Session) -> None:
@@ -95,5 +184,8 @@ def test_claim_next_serves_the_tenant_and_target_asked_for(session: Session) -> 
     assert engines.claim_next(session, "local", "unknown-target", "agent:b") is None
     with pytest.raises(engines.EngineBuildNotFound):
         engines.get_build(session, "other", build.id)
-    done = engines.finish_build(session, build.id, "agent:a", report={"device_name": "GPU"})
+    assert build.lease_token is not None
+    done = engines.finish_build(
+        session, build.id, "agent:a", build.lease_token, report={"device_name": "GPU"}
+    )
     assert done.status == "succeeded" and done.report == {"device_name": "GPU"}

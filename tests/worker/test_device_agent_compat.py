@@ -204,20 +204,35 @@ def job_of(settings: Settings) -> dict[str, Any]:
         job = session.scalars(select(Job)).one()
         (build,) = job.engines
         return {
-            "build": {"status": build.status, "report": build.report, "error": build.error},
+            "build": {
+                "status": build.status,
+                "report": build.report,
+                "error": build.error,
+                "lease_expires_at": build.lease_expires_at,
+            },
             "artifacts": {
                 a.name: Storage(settings.data_dir).absolute(a.path) for a in job.artifacts
             },
         }
 
 
-def fake_trtexec(folder: Path, exit_code: int = 0, copy_onnx_to: Path | None = None) -> Path:
+def fake_trtexec(
+    folder: Path,
+    exit_code: int = 0,
+    copy_onnx_to: Path | None = None,
+    wait_for: Path | None = None,
+) -> Path:
     """A stand-in for NVIDIA's trtexec binary (not ours; absent here): prints TRTEXEC_82's
-    lines, writes the --saveEngine file, and copies the --onnx file where the test looks."""
+    lines, writes the --saveEngine file, and copies the --onnx file where the test looks.
+    With ``wait_for``, it builds until that file appears, as slowly as the test wants."""
     script = folder / "trtexec"
     script.write_text(
         f"#!{sys.executable}\n"
-        "import shutil, sys\n"
+        "import os, shutil, sys, time\n"
+        "building = any(arg.startswith('--saveEngine=') for arg in sys.argv)\n"  # not --help
+        f"while building and {str(wait_for)!r} != 'None' "
+        f"and not os.path.exists({str(wait_for)!r}):\n"
+        "    time.sleep(0.05)\n"
         f"sys.stdout.write({TRTEXEC_82!r})\n"
         "for arg in sys.argv[1:]:\n"
         "    if arg.startswith('--saveEngine='):\n"
@@ -282,3 +297,34 @@ def test_a_wrong_key_claims_nothing(real_api: tuple[str, Settings], tmp_path: Pa
     args[args.index(AGENT_KEY)] = "not-a-key"
     assert device_agent.main(args) == 1  # 401, reported as an error of this round
     assert job_of(settings)["build"]["status"] == "waiting"
+
+
+def test_the_agent_renews_its_lease_while_it_builds(
+    real_api: tuple[str, Settings], tmp_path: Path
+) -> None:
+    """A slow build (minutes on a Jetson Nano; here until the test says so): the agent renews
+    the build's lease with its token meanwhile, then uploads under the same claim."""
+    url, settings = real_api
+    release = tmp_path / "release-the-build"
+    args = agent_args(url, fake_trtexec(tmp_path, wait_for=release)) + ["--renew-seconds", "0.1"]
+    exit_codes: list[int] = []
+    agent = threading.Thread(target=lambda: exit_codes.append(device_agent.main(args)))
+    agent.start()
+    try:
+        deadline = time.monotonic() + 30
+        while (build := job_of(settings)["build"])["status"] != "building":
+            assert time.monotonic() < deadline, build
+            time.sleep(0.02)
+        first_expiry = build["lease_expires_at"]
+        renewed_expiry = first_expiry
+        while renewed_expiry <= first_expiry:  # the lease moves on while trtexec still runs
+            assert time.monotonic() < deadline, "the lease was not renewed"
+            time.sleep(0.05)
+            renewed_expiry = job_of(settings)["build"]["lease_expires_at"]
+    finally:
+        release.touch()
+        agent.join(30)
+    assert exit_codes == [0]
+    job = job_of(settings)
+    assert job["build"]["status"] == "succeeded", job
+    assert job["artifacts"]["engine-jetson-nano.plan"].read_bytes() == b"PLAN"
