@@ -115,6 +115,11 @@ class ExportConfig(_Strict):
         return data
 
 
+# Most classes a job can name (`JobConfig.class_names`, numbered class folders); each name's length.
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME_CHARS = 200
+
+
 class JobConfig(_Strict):
     """One job's settings. Defaults suit a short job (minutes, not the paper's 1,200 epochs)."""
 
@@ -181,6 +186,13 @@ class JobConfig(_Strict):
     eval_fraction: float = Field(
         0.1, gt=0, lt=1, description="Held-out share of the upload used for evaluation only."
     )
+    class_names: tuple[str, ...] | None = Field(
+        None,
+        max_length=MAX_CLASSES,
+        description="The model's classes in output order: a class folder of the labelled images "
+        "is the output at its index here (a folder not listed is an error). Default: folders "
+        "that are all numbers are those outputs (folder 7 is output 7), other folders sorted.",
+    )
     preprocessing: Preprocessing = Preprocessing()
     export: ExportConfig = ExportConfig()
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -194,6 +206,17 @@ class JobConfig(_Strict):
             if not 1 <= bits <= 8:
                 raise ValueError(f"layer_bits[{pattern!r}] = {bits}: bits must lie in 1..8")
         return layer_bits
+
+    @field_validator("class_names")
+    @classmethod
+    def _valid_class_names(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if names is None:
+            return None
+        if any(not 1 <= len(name) <= MAX_CLASS_NAME_CHARS for name in names):
+            raise ValueError(f"class_names must be 1..{MAX_CLASS_NAME_CHARS} characters each")
+        if len(set(names)) != len(names):
+            raise ValueError("class_names must name each class once")
+        return names
 
     @field_validator("ewgs_delta")
     @classmethod

@@ -88,11 +88,19 @@ def run_quantization(
     imported = load_onnx_model(inputs.model_path, input_size=prep.input_size)
     input_size = prep.input_size or (imported.input_shape[2], imported.input_shape[3])
     max_pixels = get_settings().max_dataset_pixels  # data and eval_data share it
-    data = load_image_archive(inputs.data_path, input_size, max_pixels=max_pixels)
+    # The job's class order applies where labels are evaluated: to data only when it is split.
+    data_classes = config.class_names if inputs.eval_data_path is None else None
+    data = load_image_archive(
+        inputs.data_path, input_size, max_pixels=max_pixels, class_names=data_classes
+    )
     if inputs.eval_data_path is not None:
         train_set = data
         eval_set = load_image_archive(
-            inputs.eval_data_path, input_size, max_pixels=max_pixels, images_before=len(data)
+            inputs.eval_data_path,
+            input_size,
+            max_pixels=max_pixels,
+            images_before=len(data),
+            class_names=config.class_names,
         )
     else:
         train_set, eval_set = data.split(config.eval_fraction, config.seed)
@@ -137,6 +145,12 @@ def run_quantization(
         **model_sizes(student),
         "train": asdict(stats),
     }
+    classes = 0 if labels is None else int(labels.unique().numel())
+    metrics["warnings"] = label_warnings(
+        metrics["teacher_top1"], metrics["agreement"], classes, len(eval_set)
+    )
+    for warning in metrics["warnings"]:
+        log.warning("%s: %s", warning["code"], warning["message"])
 
     reporter.stage("exporting")
     student = student.cpu()
@@ -180,6 +194,38 @@ def _inference_speed(models: dict[str, Path], input_shape: tuple[int, ...]) -> d
     except Exception as exc:  # noqa: BLE001 - each runtime has its own error types
         log.warning("inference speed not measured: %s", exc)
         return {"error": str(exc).splitlines()[0][:300]}
+
+
+# A labels warning needs this many labelled images, and a student that follows its teacher.
+LABELS_CHECK_MIN_IMAGES = 50
+LABELS_CHECK_MIN_AGREEMENT = 0.5
+
+
+def label_warnings(
+    teacher_top1: float | None, agreement: float, classes: int, eval_images: int
+) -> list[dict[str, str]]:
+    """A ``labels_mismatch`` warning when the labels probably do not follow the model's outputs.
+
+    The uploaded teacher scores near chance on the labelled images: under twice chance for the
+    ``classes`` labels present (under chance itself with two, where twice chance is perfection),
+    on at least ``LABELS_CHECK_MIN_IMAGES`` images, while the student agrees with it on at least
+    ``LABELS_CHECK_MIN_AGREEMENT`` of them (so the teacher does predict something consistent).
+    A model someone wants quantized is rarely that bad; class folders mapped to the wrong
+    outputs are, and would otherwise pass without a word.
+    """
+    if teacher_top1 is None or classes < 2 or eval_images < LABELS_CHECK_MIN_IMAGES:
+        return []
+    near_chance = 2 / classes if classes > 2 else 1 / classes
+    if teacher_top1 >= near_chance or agreement < LABELS_CHECK_MIN_AGREEMENT:
+        return []
+    message = (
+        f"the teacher's top-1 on the {eval_images} labelled images is {teacher_top1:.1%}, "
+        f"near chance for {classes} classes, while the student agrees with it on "
+        f"{agreement:.1%}: the class folders probably do not map to the model's outputs. "
+        "Folders named 0, 1, ... map to those outputs, other folders in sorted order; set "
+        "class_names in the job config to the model's output order."
+    )
+    return [{"code": "labels_mismatch", "message": message}]
 
 
 def _usable_labels(images: ImageSet, num_outputs: int | None) -> Tensor | None:

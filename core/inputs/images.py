@@ -100,6 +100,7 @@ def load_image_archive(
     max_images: int | None = None,
     max_pixels: int | None = None,
     images_before: int = 0,
+    class_names: Sequence[str] | None = None,
 ) -> ImageSet:
     """Every image of the archive (sorted by path), RGB, resized to `size` = (H, W).
 
@@ -107,13 +108,15 @@ def load_image_archive(
     `core.inputs.archive`); they are None when the archive has none. `max_pixels` is the
     dataset's pixel budget (see `check_pixel_budget`), shared with the `images_before` images
     of the same dataset loaded earlier (the training archive, when this is eval_data).
+    `class_names`: the model's outputs in order, which class folders map to (default: see
+    `core.inputs.archive._class_names`).
     """
     height, width = size
     if height < 1 or width < 1:
         raise ValueError(f"size must be positive (H, W), got {size}")
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be at least 1, got {max_images}")
-    with open_image_archive(path, limits) as archive:
+    with open_image_archive(path, limits, class_names) as archive:
         members = archive.members[:max_images]
         if max_pixels is not None:
             # Again on the worker: the job may have been accepted under a larger budget.
