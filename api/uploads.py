@@ -228,14 +228,22 @@ def _boundary(request: Request, form: Sequence[FormField]) -> bytes:
     return boundary
 
 
-def _check_content_length(request: Request, limit: int, caps: str) -> None:
+def declared_body_bytes(request: Request) -> int:
+    """The body size the client declared; 0 when chunked (the caps apply while streaming)."""
     declared = request.headers.get("content-length")
     if declared is None:
-        return  # chunked: the caps still apply while streaming
+        return 0
     try:
         size = int(declared)
     except ValueError as exc:
         raise InputError("invalid_content_length", "Content-Length is not a number") from exc
+    if size < 0:
+        raise InputError("invalid_content_length", "Content-Length is negative")
+    return size
+
+
+def _check_content_length(request: Request, limit: int, caps: str) -> None:
+    size = declared_body_bytes(request)
     if size > limit:
         raise TooLargeError(
             "upload_too_large",

@@ -33,6 +33,7 @@ from core.storage import human_bytes
 log = logging.getLogger(__name__)
 
 MAX_ANSWER_BYTES = 1024 * 1024
+CHILD_NICENESS = 10
 _ERROR_STATUSES = range(400, 500)
 
 
@@ -54,32 +55,33 @@ class _Call:
     argument: Any
 
 
-_contexts: dict[str, mp.context.ForkServerContext] = {}
-_contexts_lock = threading.Lock()
+_context_lock = threading.Lock()
+_preloaded: tuple[str, ...] | None = None
 
 
-def _context(module: str) -> mp.context.ForkServerContext:
-    """The forkserver context, its server preloading ``module`` (one server per process)."""
-    with _contexts_lock:
-        if module not in _contexts:
-            if _contexts:
-                raise RuntimeError("one preloaded module per process: " + ", ".join(_contexts))
-            context = mp.get_context("forkserver")
-            context.set_forkserver_preload([module])
-            _contexts[module] = context
-        return _contexts[module]
+def _context(preload: tuple[str, ...]) -> mp.context.ForkServerContext:
+    """The forkserver context; its server imports ``preload`` once (the first caller's)."""
+    global _preloaded
+    context = mp.get_context("forkserver")
+    with _context_lock:
+        if _preloaded is None:
+            context.set_forkserver_preload(list(preload))
+            _preloaded = preload
+    return context
 
 
-def warm_up(module: str) -> None:
-    """Start the forkserver now (it imports ``module``), so the first request does not wait."""
+def warm_up(preload: tuple[str, ...]) -> None:
+    """Start the forkserver now (it imports ``preload``), so the first request does not wait."""
     from multiprocessing import forkserver
 
-    _context(module)
+    _context(preload)
     forkserver.ensure_running()
 
 
 def _child(connection: Connection, call: _Call, limits: ChildLimits) -> None:
     """In the child: apply the limits, run the call, answer ``{"ok": ...}`` or ``{"error": }``."""
+    # Background work: the API's own requests go first when the CPUs are busy.
+    os.nice(CHILD_NICENESS)
     resource.setrlimit(resource.RLIMIT_DATA, (limits.memory_bytes, limits.memory_bytes))
     cpu = max(1, limits.cpu_seconds)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -104,15 +106,22 @@ def _child(connection: Connection, call: _Call, limits: ChildLimits) -> None:
 
 
 def run_isolated(
-    module: str, function: str, argument: Any, limits: ChildLimits, *, what: str
+    module: str,
+    function: str,
+    argument: Any,
+    limits: ChildLimits,
+    *,
+    what: str,
+    preload: tuple[str, ...] = (),
 ) -> Any:
     """``module.function(argument)`` in a fresh child under ``limits``; its JSON-able result.
 
     The child's ``InputError`` is raised here with its code and status. Passing a limit, or a
     crash, raises ``LimitExceeded`` naming it; ``what`` ("the upload's validation") says whose.
+    ``preload`` names the modules the forkserver imports for every child (heavy ones: torch).
     Blocks the calling thread until the child is done (run it in a worker thread).
     """
-    context = _context(module)
+    context = _context(preload or (module,))
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(
         target=_child, args=(sender, _Call(module, function, argument), limits), daemon=True
@@ -135,7 +144,7 @@ def run_isolated(
             )
     finally:
         if process.is_alive():
-            os.kill(process.pid, signal.SIGKILL)
+            process.kill()  # SIGKILL; a child that exits meanwhile is no error
         process.join()
         receiver.close()
     log.info("%s: child ran %.2f s, exit %s", what, time.monotonic() - started, process.exitcode)

@@ -19,9 +19,12 @@ from api.schemas import (
     JobPublic,
     error_responses,
 )
-from api.uploads import receive_job_upload
+from api.uploads import declared_body_bytes, receive_job_upload
+from api.validation import ValidationGate
 from core import jobs
 from core.errors import InputError
+from core.intake import validate_isolated
+from core.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class BrokerUnavailable(InputError):
         200: {"model": JobPublic, "description": "Idempotency-Key replay: the original job"},
         413: {"model": ErrorBody},
         415: {"model": ErrorBody},
+        429: {"model": ErrorBody, "description": "a quota, or the validation line, is full"},
         503: {"model": ErrorBody},
         **ERRORS,
     },
@@ -79,12 +83,28 @@ async def create_job(
     """Upload a model (ONNX), an image archive and a config; start quantizing.
 
     The files stream to disk and are validated (the model is imported and checked against
-    ONNX Runtime) before the job exists: a rejected request leaves nothing behind.
+    ONNX Runtime, in a child process with memory, CPU and time limits) before the job exists:
+    a rejected request leaves nothing behind.
     """
-    upload = await receive_job_upload(request, settings)
-    job, created = await run_in_threadpool(
-        jobs.submit_job, session, settings, tenant, upload, idempotency_key
+    await run_in_threadpool(
+        jobs.check_quota, session, settings, tenant, incoming_bytes=declared_body_bytes(request)
     )
+    upload = await receive_job_upload(request, settings)
+    gate: ValidationGate = request.app.state.validation_gate
+    try:
+        job, created = await gate.run(
+            lambda: jobs.submit_job(
+                session,
+                settings,
+                tenant,
+                upload,
+                lambda staged: validate_isolated(staged, settings),
+                idempotency_key,
+            )
+        )
+    except BaseException:
+        Storage.remove_tree(upload.directory)  # submit_job removes it too, unless never called
+        raise
     if not created:
         response.status_code = status.HTTP_200_OK
         return JobPublic.from_row(job)
@@ -93,9 +113,10 @@ async def create_job(
         await run_in_threadpool(enqueue, job.id)
     except Exception as exc:
         log.exception("job %s: enqueue failed", job.id)
-        message = "the job queue is unavailable; try again later"
-        await run_in_threadpool(jobs.fail_unqueued, session, job.id, "broker_unavailable", message)
-        raise BrokerUnavailable("broker_unavailable", message) from exc
+        await run_in_threadpool(jobs.discard_unqueued, session, settings, job.id)
+        raise BrokerUnavailable(
+            "broker_unavailable", "the job queue is unavailable; try again later"
+        ) from exc
     return JobPublic.from_row(job)
 
 
@@ -120,6 +141,18 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     """Queued: canceled at once. Running: stops at its next step. Finished: unchanged."""
     return JobPublic.from_row(jobs.request_cancel(session, tenant, job_id))
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=error_responses(status.HTTP_409_CONFLICT) | ERRORS,
+)
+def delete_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> None:
+    """Delete a queued or finished job with its inputs, work files and artifacts. A running job
+    answers 409: cancel it first."""
+    jobs.delete_job(session, settings, tenant, job_id)
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ERRORS)
