@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI, Request, status
@@ -18,11 +19,16 @@ from api.auth import ApiKeyAuth
 from api.deps import get_settings
 from api.local_guard import LocalGuard
 from api.routes import engines, health, jobs
+from api.validation import ValidationGate
 from core import jobs as job_service
 from core.db import session_scope
 from core.errors import InputError
+from core.housekeeping import run_housekeeping
+from core.intake import PRELOAD
+from core.isolation import warm_up
+from core.models import utcnow
 from core.settings import Settings
-from worker.app import enqueue_train
+from worker.app import enqueue_train, job_ids_in_broker
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,7 @@ def error_response(
 
 async def _input_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InputError)
-    return error_response(exc.status_code, exc.code, exc.message)
+    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -80,31 +86,46 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def sweep(settings: Settings, *, include_queued: bool) -> None:
-    """Re-enqueue jobs whose worker died (lease expired), and at startup every queued job.
+    """Re-enqueue jobs whose worker died (lease expired), and queued jobs whose message is gone.
 
-    Queued jobs are re-sent at startup because the embedded broker keeps no messages across a
-    restart; a duplicate message is harmless (its claim fails). Not periodically, or every
-    job waiting behind a long one would collect duplicates.
+    A queued job's message can be lost: the embedded broker keeps nothing across a restart
+    (hence every queued job at startup), Redis persistence has a window, and a task whose
+    claim hit a database error is acknowledged all the same. Jobs sent more than a lease ago
+    that the broker no longer holds are sent again. A duplicate is harmless (its claim fails).
     """
     with session_scope(settings) as session:
-        ids = job_service.requeue_expired(session)
+        ids = set(job_service.requeue_expired(session))
         if include_queued:
-            ids = sorted(set(ids) | set(job_service.queued_job_ids(session)))
-    for job_id in ids:
+            ids.update(job_service.queued_job_ids(session))
+        else:
+            cutoff = utcnow() - dt.timedelta(seconds=settings.lease_seconds)
+            if stale := job_service.queued_job_ids(session, sent_before=cutoff):
+                in_broker = job_ids_in_broker(settings)
+                if in_broker is not None:
+                    ids.update(set(stale) - in_broker)
+    for job_id in sorted(ids):
         enqueue_train(settings, job_id)
     if ids:
+        with session_scope(settings) as session:
+            job_service.mark_enqueued(session, ids)
         log.info("sweep: enqueued %d job(s) again", len(ids))
 
 
-async def _sweep_forever(settings: Settings) -> None:
-    include_queued = True
+async def _every(interval_s: float, name: str, step: Callable[[bool], None]) -> None:
+    """Run ``step(first)`` in a thread now and every ``interval_s``; log failures, go on."""
+    first = True
     while True:
         try:
-            await run_in_threadpool(sweep, settings, include_queued=include_queued)
-            include_queued = False
+            await run_in_threadpool(step, first)
+            first = False
         except Exception:
-            log.exception("sweep failed; retrying")
-        await asyncio.sleep(settings.lease_seconds / 2)
+            log.exception("%s failed; retrying", name)
+        await asyncio.sleep(interval_s)
+
+
+def _housekeeping(settings: Settings) -> None:
+    with session_scope(settings) as session:
+        run_housekeeping(session, settings)
 
 
 def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> FastAPI:
@@ -112,13 +133,32 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = None
+        current = settings or get_settings()
+        tasks = []
         if sweeper:
-            task = asyncio.create_task(_sweep_forever(settings or get_settings()))
+            tasks = [
+                asyncio.create_task(
+                    _every(
+                        current.lease_seconds / 2,
+                        "recovery sweep",
+                        lambda first: sweep(current, include_queued=first),
+                    )
+                ),
+                asyncio.create_task(
+                    _every(
+                        current.maintenance_interval_seconds,
+                        "housekeeping",
+                        lambda _first: _housekeeping(current),
+                    )
+                ),
+            ]
+        # Start the validation forkserver now: it imports torch, seconds the first upload
+        # would otherwise wait.
+        warming = asyncio.create_task(run_in_threadpool(warm_up, PRELOAD))
         yield
-        if task is not None:
+        for task in [*tasks, warming]:
             task.cancel()
-            with suppress(asyncio.CancelledError):
+            with suppress(asyncio.CancelledError, Exception):
                 await task
 
     app = FastAPI(
@@ -135,6 +175,7 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
     )
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
+    app.state.validation_gate = ValidationGate(settings or get_settings())
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(engines.router)

@@ -12,10 +12,18 @@ class InputError(Exception):
 
     status_code: int = 422
 
-    def __init__(self, code: str, message: str, *, status_code: int | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status_code: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.headers = headers  # HTTP headers of the answer, e.g. Retry-After with a 429
         if status_code is not None:
             self.status_code = status_code
 
@@ -33,3 +41,9 @@ class DataImportError(InputError):
 
 class TooLargeError(InputError):
     status_code = 413
+
+
+class QuotaExceeded(InputError):
+    """The tenant is at one of its quotas (core.settings: max_active_jobs_per_tenant, ...)."""
+
+    status_code = 429

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -32,10 +32,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.config import JobConfig
-from core.errors import InputError
+from core.errors import InputError, QuotaExceeded, TooLargeError
 from core.models import Artifact, Job, utcnow
 from core.settings import Settings
-from core.storage import Storage, StoredFile
+from core.storage import Storage, StoredFile, human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,11 @@ class JobUpload:
     data: StoredFile
     eval_data: StoredFile | None = None
 
+    @property
+    def size(self) -> int:
+        files = (self.model, self.data, self.eval_data)
+        return sum(file.size for file in files if file is not None)
+
 
 def parse_config(text: str) -> JobConfig:
     """The job config from its JSON text; errors name the offending field."""
@@ -89,6 +94,8 @@ def parse_config(text: str) -> JobConfig:
         raw = json.loads(text)
     except ValueError as exc:
         raise InputError("invalid_config", f"config is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # the C scanner recurses once per nesting level
+        raise InputError("invalid_config", "config is nested too deeply") from exc
     if not isinstance(raw, dict):
         raise InputError("invalid_config", "config must be a JSON object")
     try:
@@ -106,48 +113,20 @@ def describe_validation_error(exc: ValidationError, prefix: str) -> str:
     return "; ".join(problems)
 
 
-def _validate_inputs(upload: JobUpload) -> JobConfig:
-    """Check config, model and archives as the worker will read them; fill a default input size."""
-    # Imported here: they pull in torch and onnx, which the rest of this module doesn't need.
-    from core.inputs.archive import inspect_archive
-    from core.inputs.onnx_model import load_onnx_model
-
-    config = parse_config(upload.config_text)
-    model = load_onnx_model(upload.model.path, input_size=config.preprocessing.input_size)
-    if config.preprocessing.input_size is None:
-        height, width = model.input_shape[2], model.input_shape[3]
-        if height is None or width is None:
-            raise InputError(
-                "input_size_required",
-                "the model's input height/width are dynamic: set config.preprocessing.input_size",
-            )
-        raw = config.model_dump(mode="json")
-        raw["preprocessing"]["input_size"] = [height, width]
-        config = parse_config(json.dumps(raw))
-    data = inspect_archive(upload.data.path)
-    log.info("data archive: %s images (%s)", data.image_count, data.format)
-    if upload.eval_data is not None:
-        eval_data = inspect_archive(upload.eval_data.path)
-        if not eval_data.class_names:
-            raise InputError(
-                "eval_data_unlabeled",
-                "eval_data needs its images in class folders (one folder per label)",
-            )
-    return config
-
-
 def submit_job(
     session: Session,
     settings: Settings,
     tenant: str,
     upload: JobUpload,
+    validate: Callable[[JobUpload], JobConfig],
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
-    """Validate an upload and create its queued job; returns (job, created).
+    """Validate an upload with ``validate`` and create its queued job; returns (job, created).
 
     On any error, and when ``idempotency_key`` names an existing job (returned with created
     False), the upload's files are deleted and no row is written. The caller enqueues the job
-    after this returns, that is after the commit.
+    after this returns, that is after the commit, and deletes it again if the broker refuses
+    (``discard_unqueued``), so that a retry with the same key submits anew.
     """
     storage = Storage(settings.data_dir)
     adopted: Path | None = None
@@ -157,7 +136,8 @@ def submit_job(
             existing := find_by_idempotency_key(session, tenant, idempotency_key)
         ):
             return existing, False
-        config = _validate_inputs(upload)
+        check_quota(session, settings, tenant, incoming_bytes=upload.size)
+        config = validate(upload)
         job_id = str(uuid.uuid4())
         adopted = storage.adopt_upload(upload.directory, job_id)
 
@@ -178,6 +158,7 @@ def submit_job(
             data_size=upload.data.size,
             cancel_requested=False,
             attempts=0,
+            enqueued_at=utcnow(),
         )
         if upload.eval_data is not None:
             job.eval_data_path = stored(upload.eval_data)
@@ -210,20 +191,58 @@ def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | No
     return session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
 
 
-def fail_unqueued(session: Session, job_id: str, code: str, message: str) -> None:
-    """Fail a job whose task could not be enqueued (the broker refused it)."""
-    now = utcnow()
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-        .values(
-            status=JobStatus.FAILED,
-            error={"code": code, "message": message},
-            finished_at=now,
-            updated_at=now,
-        )
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+QUOTA_RETRY_AFTER_S = 60
+
+
+def stored_bytes(session: Session, tenant: str) -> int:
+    """Bytes the tenant keeps on disk: inputs not yet deleted, and artifacts."""
+    live_inputs = Job.tenant == tenant, Job.inputs_deleted_at.is_(None)
+    inputs = session.scalar(
+        select(
+            func.coalesce(
+                func.sum(Job.model_size + Job.data_size + func.coalesce(Job.eval_data_size, 0)), 0
+            )
+        ).where(*live_inputs)
     )
+    artifacts = session.scalar(
+        select(func.coalesce(func.sum(Artifact.size), 0)).join(Job).where(Job.tenant == tenant)
+    )
+    return int(inputs or 0) + int(artifacts or 0)
+
+
+def check_quota(session: Session, settings: Settings, tenant: str, *, incoming_bytes: int) -> None:
+    """Refuse a new job beyond the tenant's quotas: 429 (active jobs) or 413 (stored bytes).
+
+    Checked before the body is read (``incoming_bytes`` from Content-Length) and again with the
+    real sizes. Two uploads racing can both pass; the next one is refused.
+    """
+    active = session.scalar(
+        select(func.count()).where(Job.tenant == tenant, Job.status.in_(ACTIVE))
+    )
+    if (active or 0) >= settings.max_active_jobs_per_tenant:
+        raise QuotaExceeded(
+            "too_many_active_jobs",
+            f"{active} jobs are queued or running, the limit of this API key's tenant is "
+            f"{settings.max_active_jobs_per_tenant}; retry when one has finished",
+            headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
+        )
+    used = stored_bytes(session, tenant)
+    if used + incoming_bytes > settings.max_stored_bytes_per_tenant:
+        raise TooLargeError(
+            "storage_quota_exceeded",
+            f"this tenant stores {human_bytes(used)}; {human_bytes(incoming_bytes)} more would "
+            f"pass its quota of {human_bytes(settings.max_stored_bytes_per_tenant)}: "
+            "delete finished jobs (DELETE /v1/jobs/{id})",
+        )
+
+
+def discard_unqueued(session: Session, settings: Settings, job_id: str) -> None:
+    """Delete a job the broker refused, row and files: the client is told to retry (503), and
+    its retry, with or without the same Idempotency-Key, submits anew."""
+    session.execute(delete(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED))
     session.commit()
+    Storage(settings.data_dir).remove_job_files(job_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,9 +272,12 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, job_id = json.loads(raw)
-        return dt.datetime.fromisoformat(created_at), str(job_id)
-    except (ValueError, TypeError, binascii.Error) as exc:
+        when = dt.datetime.fromisoformat(created_at)
+    except (ValueError, TypeError, binascii.Error, RecursionError) as exc:
         raise InputError("invalid_cursor", "cursor is not one this API returned") from exc
+    if when.tzinfo is None:  # ours always carry their offset; a naive one was made by hand
+        raise InputError("invalid_cursor", "cursor is not one this API returned")
+    return when, str(job_id)
 
 
 def list_jobs(
@@ -317,6 +339,33 @@ def request_cancel(session: Session, tenant: str, job_id: str) -> Job:
     session.commit()
     session.expire_all()
     return get_job(session, tenant, job_id)
+
+
+class JobRunning(InputError):
+    status_code = 409
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            "job_running",
+            f"job {job_id!r} is running: cancel it (POST /v1/jobs/{job_id}/cancel) and delete "
+            "it once it has stopped",
+        )
+
+
+def delete_job(session: Session, settings: Settings, tenant: str, job_id: str) -> None:
+    """Delete a job that is not running: its row, engine builds, inputs, work and artifacts.
+
+    A queued job goes at once (a message still on its way finds no row to claim). The row goes
+    first: files left by a crash in between belong to no job, and the orphan sweep takes them.
+    """
+    get_job(session, tenant, job_id)  # 404 for unknown and foreign jobs
+    deleted = session.execute(
+        delete(Job).where(Job.id == job_id, Job.tenant == tenant, Job.status != JobStatus.RUNNING)
+    )
+    session.commit()
+    if deleted.rowcount == 0:  # type: ignore[attr-defined]
+        raise JobRunning(job_id)
+    Storage(settings.data_dir).remove_job_files(job_id)
 
 
 def is_cancel_requested(session: Session, job_id: str) -> bool:
@@ -485,8 +534,20 @@ def requeue_expired(session: Session, *, now: dt.datetime | None = None) -> list
     return ids
 
 
-def queued_job_ids(session: Session) -> list[str]:
-    return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED)))
+def queued_job_ids(session: Session, *, sent_before: dt.datetime | None = None) -> list[str]:
+    """Queued jobs; with ``sent_before``, only those last sent to the broker before then."""
+    query = select(Job.id).where(Job.status == JobStatus.QUEUED)
+    if sent_before is not None:
+        query = query.where(or_(Job.enqueued_at.is_(None), Job.enqueued_at < sent_before))
+    return list(session.scalars(query.order_by(Job.created_at)))
+
+
+def mark_enqueued(session: Session, job_ids: Iterable[str]) -> None:
+    """Record that these jobs' ids were just sent to the broker (again)."""
+    ids = list(job_ids)
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(enqueued_at=utcnow()))
+        session.commit()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,30 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(
         120, ge=5, description="How long a worker owns a running job without a heartbeat."
     )
+    # Upload validation (core.intake) runs in a child process under these limits.
+    validation_memory_bytes: int = Field(
+        4 * GiB, ge=1 * GiB, description="Memory (RLIMIT_DATA) of one upload's validation."
+    )
+    validation_cpu_seconds: int = Field(120, ge=1, description="CPU time of one validation.")
+    validation_wall_seconds: float = Field(300, gt=0, description="Wall time of one validation.")
+    validation_concurrency: int = Field(2, ge=1, description="Validations run at once.")
+    validation_queue: int = Field(
+        32, ge=0, description="Validations that may wait for a slot; more are answered 429."
+    )
+    # Per-tenant quotas (queued + running jobs; bytes of inputs and artifacts on disk).
+    max_active_jobs_per_tenant: int = Field(20, ge=1)
+    max_stored_bytes_per_tenant: int = Field(200 * GiB, ge=1)
+    max_job_seconds: int = Field(
+        24 * 3600, ge=60, description="A running job is stopped and failed after this long."
+    )
+    # Housekeeping, run by the API's maintenance loop.
+    input_retention_days: float | None = Field(
+        30, gt=0, description="Delete finished jobs' uploaded inputs after this many days."
+    )
+    orphan_upload_seconds: int = Field(
+        3600, ge=60, description="An upload folder untouched this long, with no request, goes."
+    )
+    maintenance_interval_seconds: float = Field(600, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 

@@ -6,6 +6,7 @@ tasks themselves (``include`` loads ``worker.tasks`` only in worker processes).
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 from celery import Celery
@@ -67,6 +68,32 @@ def enqueue_train(settings: Settings, job_id: str) -> None:
 def enqueue_engine_build(settings: Settings, build_id: str, queue: str) -> None:
     """Announce an engine build on its target's queue."""
     create_celery_app(settings).send_task(BUILD_ENGINE_TASK, args=[build_id], queue=queue)
+
+
+_JOB_ID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_PRIORITY_SEPARATOR = "\x06\x16"  # kombu's Redis transport: "<queue>\x06\x16<priority>"
+
+
+def job_ids_in_broker(settings: Settings) -> set[str] | None:
+    """Job ids that have a training message in the broker: waiting in the queue, or delivered
+    and not yet acknowledged. None where the broker cannot be looked into (not Redis).
+
+    A message can be lost between the API's send and a worker's claim: Redis persistence has a
+    window, and a task whose claim hit a database error is acknowledged all the same. The
+    API's sweep compares queued jobs with this set and re-sends the missing ones.
+    """
+    with create_celery_app(settings).connection_for_read() as connection:
+        channel = connection.default_channel
+        client = getattr(channel, "client", None)
+        if client is None or not hasattr(client, "lrange"):
+            return None
+        queue = settings.train_queue
+        keys = [queue, *client.scan_iter(match=f"{queue}{_PRIORITY_SEPARATOR}*")]
+        messages: list[bytes] = []
+        for key in keys:
+            messages.extend(client.lrange(key, 0, -1))
+        messages.extend(client.hvals(channel.unacked_key))
+    return {match.decode() for raw in messages for match in _JOB_ID.findall(raw)}
 
 
 def ping_broker(settings: Settings, timeout: float = 2.0) -> None:

@@ -7,6 +7,7 @@ canceled, or runs under a live lease elsewhere) is dropped, which makes redelive
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import tempfile
@@ -27,7 +28,7 @@ from core.config import JobConfig
 from core.db import session_scope
 from core.errors import InputError
 from core.export.tensorrt_engine import TensorRTUnavailable, build_engine
-from core.models import EngineBuild, Job
+from core.models import EngineBuild, Job, utcnow
 from core.pipeline import CHECKPOINT, JobCanceled, JobInputs, run_quantization
 from core.settings import Settings, get_settings
 from core.storage import Storage, StoredFile
@@ -42,6 +43,8 @@ from worker.app import (
 log = logging.getLogger(__name__)
 
 ENGINE_RENEW_SECONDS = engines.ENGINE_LEASE_SECONDS / 4  # an engine build's heartbeat
+
+CLAIM_RETRY_S = 5
 
 
 class DbReporter:
@@ -62,10 +65,14 @@ class DbReporter:
         progress_interval: float = 0.5,
         cancel_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        deadline: dt.datetime | None = None,
     ) -> None:
         self.settings = settings
         self.job_id = job_id
         self.owner = owner
+        # The tenant's job-duration quota (settings.max_job_seconds), from the first start.
+        self.deadline = deadline
+        self.out_of_time = False
         self.progress_interval = progress_interval
         self.cancel_interval = cancel_interval
         self.clock = clock
@@ -112,10 +119,13 @@ class DbReporter:
         )
 
     def should_stop(self) -> bool:
-        if self.lease_lost.is_set():
+        if self.lease_lost.is_set() or self.out_of_time:
             return True
         if self.clock() - self._last_poll >= self.cancel_interval:
             self._last_poll = self.clock()
+            if self.deadline is not None and utcnow() >= self.deadline:
+                self.out_of_time = True
+                return True
             try:
                 with session_scope(self.settings) as session:
                     self._cancel_requested = jobs.is_cancel_requested(session, self.job_id)
@@ -172,7 +182,9 @@ def heartbeat(
 def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
     """Run a job whose lease ``owner`` holds, and record how it ended."""
     storage = Storage(settings.data_dir)
-    reporter = DbReporter(settings, job.id, owner)
+    started_at = job.started_at or utcnow()
+    deadline = started_at + dt.timedelta(seconds=settings.max_job_seconds)
+    reporter = DbReporter(settings, job.id, owner, deadline=deadline)
     stored: list[StoredFile] = []
     metrics: dict[str, Any] = {}
     error: tuple[str, str] | None = None  # (code, message)
@@ -194,7 +206,13 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
             ]
             metrics = result.metrics
     except JobCanceled:
-        canceled = True
+        if reporter.out_of_time:
+            error = (
+                "time_limit_exceeded",
+                f"the job ran past its limit of {settings.max_job_seconds} s (MAX_JOB_SECONDS)",
+            )
+        else:
+            canceled = True
     except InputError as exc:
         error = (exc.code, exc.message)
     except SoftTimeLimitExceeded:
@@ -314,8 +332,14 @@ def build_engine_task(self: Task, build_id: str) -> None:
 def train_job(self: Task, job_id: str) -> None:
     settings = get_settings()
     owner = f"{self.request.hostname}/{os.getpid()}/{self.request.id}"
-    with session_scope(settings) as session:
-        job = jobs.claim_job(session, job_id, owner, settings.lease_seconds)
+    try:
+        with session_scope(settings) as session:
+            job = jobs.claim_job(session, job_id, owner, settings.lease_seconds)
+    except SQLAlchemyError as exc:
+        # The database is away: try again later instead of acknowledging the job away (the
+        # API's sweep would re-send it too, but only after a lease).
+        log.warning("job %s: claim failed (%s); retrying", job_id, type(exc).__name__)
+        raise self.retry(exc=exc, countdown=CLAIM_RETRY_S, max_retries=None) from exc
     if job is None:
         log.info("job %s: not claimable (finished, canceled or leased): delivery dropped", job_id)
         return

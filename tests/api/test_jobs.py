@@ -85,17 +85,34 @@ def test_idempotency_key_returns_the_original_job(
     assert not any(Storage(queued_settings.data_dir).uploads_dir.iterdir())
 
 
-def test_broker_down_answers_503_and_fails_the_job(
-    make_settings: SettingsFactory, session: Session, onnx_model: Path, image_archive: Path
+def test_broker_down_answers_503_and_a_retry_with_the_same_key_submits_anew(
+    make_settings: SettingsFactory,
+    session: Session,
+    redis_db: str,
+    queue_name: str,
+    onnx_model: Path,
+    image_archive: Path,
 ) -> None:
-    settings = make_settings(broker_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
+    down = make_settings(broker_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
+    headers = {"Idempotency-Key": "retry-me"}
 
-    response = post_job(make_client(settings), model=onnx_model, data=image_archive)
+    response = post_job(make_client(down), model=onnx_model, data=image_archive, headers=headers)
 
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "broker_unavailable"
-    job = session.scalars(select(Job)).one()
-    assert (job.status, job.error["code"]) == ("failed", "broker_unavailable")
+    # Nothing is kept of a job the queue refused: no row, no files.
+    assert session.scalar(select(func.count()).select_from(Job)) == 0
+    storage = Storage(down.data_dir)
+    assert not any(storage.uploads_dir.iterdir())
+    assert not (storage.root / "jobs").exists() or not any((storage.root / "jobs").iterdir())
+
+    # The broker is back (same data directory and database): the retry is a new job.
+    up = make_settings(broker_url=redis_db, train_queue=queue_name)
+    again = post_job(make_client(up), model=onnx_model, data=image_archive, headers=headers)
+
+    assert again.status_code == 202, again.text
+    assert again.json()["status"] == "queued"
+    assert queue_length(up) == 1
 
 
 def test_cancel_queued_job_at_once(client: httpx.Client, session: Session) -> None:

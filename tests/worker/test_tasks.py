@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from core import jobs
-from core.models import Job
+from core.db import session_factory
+from core.models import Job, utcnow
 from core.settings import Settings
 from core.storage import Storage
 from tests.factories import make_job
+from tests.utils import SettingsFactory
 from worker.tasks import run_claimed_job
 
 
@@ -71,3 +74,22 @@ def test_a_job_that_lost_its_lease_is_left_alone(
 
     row = session.get(Job, job.id, populate_existing=True)
     assert row is not None and (row.status, row.lease_owner) == ("running", "me")
+
+
+def test_a_job_past_its_duration_quota_fails_with_time_limit_exceeded(
+    make_settings: SettingsFactory, onnx_model: Path, image_archive: Path
+) -> None:
+    settings = make_settings(max_job_seconds=60)
+    with session_factory(settings)() as session:
+        job = claimed_job_with_files(session, settings, onnx_model.read_bytes(), image_archive)
+        # It started (a first attempt, say) longer ago than the tenant's quota allows.
+        job.started_at = utcnow() - dt.timedelta(seconds=61)
+        session.commit()
+
+        run_claimed_job(settings, job, "me")
+
+        row = session.get(Job, job.id, populate_existing=True)
+        assert row is not None and row.status == "failed" and row.error is not None
+        assert row.error["code"] == "time_limit_exceeded"
+        assert "60 s" in row.error["message"]
+        assert row.artifacts == []

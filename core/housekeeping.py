@@ -1,0 +1,102 @@
+"""Disk housekeeping: inputs past their retention, and files that belong to no request or job.
+
+Run at the API's startup and then every ``maintenance_interval_seconds`` (``api.main``). Every
+step is idempotent, so several API processes may run it at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from core.jobs import FINISHED
+from core.models import Job, utcnow
+from core.settings import Settings
+from core.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HousekeepingReport:
+    inputs_deleted: int = 0
+    orphan_uploads: int = 0
+    orphan_job_dirs: int = 0
+
+
+def delete_expired_inputs(
+    session: Session, settings: Settings, *, now: dt.datetime | None = None
+) -> int:
+    """Delete the uploaded inputs and work folder of jobs finished over the retention ago.
+
+    The row, its metrics and its artifacts stay; ``inputs_deleted_at`` records the deletion.
+    """
+    if settings.input_retention_days is None:
+        return 0
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(days=settings.input_retention_days)
+    storage = Storage(settings.data_dir)
+    ids = list(
+        session.scalars(
+            select(Job.id).where(
+                Job.status.in_(FINISHED), Job.finished_at < cutoff, Job.inputs_deleted_at.is_(None)
+            )
+        )
+    )
+    for job_id in ids:
+        storage.remove_tree(storage.inputs_dir(job_id))
+        storage.remove_tree(storage.work_dir(job_id))
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(inputs_deleted_at=now))
+        session.commit()
+    return len(ids)
+
+
+def _untouched_for(path: Path, seconds: float, now: float) -> bool:
+    """True when nothing in ``path`` (a folder, one level deep) changed for ``seconds``."""
+    try:
+        stamps = [path.stat().st_mtime, *(child.stat().st_mtime for child in path.iterdir())]
+    except FileNotFoundError:
+        return False  # went away meanwhile
+    return now - max(stamps) > seconds
+
+
+def delete_orphans(session: Session, settings: Settings) -> tuple[int, int]:
+    """Remove upload folders that no request is writing any more (the API died mid-upload),
+    and job folders without a row (a crash between a job's files and its row). Returns counts.
+
+    A folder counts only once untouched for ``orphan_upload_seconds``: an upload still arriving
+    writes into its folder, and a job's row is committed a moment after its folder is made.
+    """
+    storage = Storage(settings.data_dir)
+    now = time.time()
+    uploads = 0
+    if storage.uploads_dir.is_dir():
+        for folder in storage.uploads_dir.iterdir():
+            if _untouched_for(folder, settings.orphan_upload_seconds, now):
+                storage.remove_tree(folder)
+                uploads += 1
+    job_dirs = 0
+    jobs_root = storage.root / "jobs"
+    if jobs_root.is_dir():
+        folders = {folder.name: folder for folder in jobs_root.iterdir()}
+        known = set(session.scalars(select(Job.id).where(Job.id.in_(list(folders)))))
+        for name, folder in folders.items():
+            if name not in known and _untouched_for(folder, settings.orphan_upload_seconds, now):
+                storage.remove_tree(folder)
+                job_dirs += 1
+    return uploads, job_dirs
+
+
+def run_housekeeping(session: Session, settings: Settings) -> HousekeepingReport:
+    report = HousekeepingReport(inputs_deleted=delete_expired_inputs(session, settings))
+    report.orphan_uploads, report.orphan_job_dirs = delete_orphans(session, settings)
+    if report != HousekeepingReport():
+        log.info("housekeeping: %s", report)
+    return report
