@@ -13,19 +13,15 @@ a million records +270 MB in 11.5 s; the zip claiming ten million entries accept
 
 from __future__ import annotations
 
-import bz2
 import io
 import json
-import lzma
 import random
-import struct
 import subprocess
 import sys
 import tarfile
 import textwrap
 import zipfile
-import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,13 +29,26 @@ from typing import Any
 import pytest
 
 from core.inputs.archive import DEFAULT_LIMITS, ArchiveLimits, _tar_header, inspect_archive
+from tests.hostile_inputs import (
+    END,
+    IMAGE,
+    MiB,
+    compressed,
+    directory_record,
+    end_records,
+    long_name_tar,
+    padded,
+    pax_header,
+    pax_record,
+    tar_header,
+    tar_member,
+    write,
+)
 
 REPO = Path(__file__).resolve().parents[3]
-MiB = 2**20
 SECONDS = 5.0  # each refusal takes well under a second here; a quadratic parse takes minutes
 RSS_GROWTH = 64 * MiB  # peak RSS growth of the refusing process (the issue asks < 256 MiB)
 CHILD_ADDRESS_SPACE = 1024 * MiB  # what the child may map at all (it needs ~40 MiB)
-IMAGE = b"image bytes: inspect_archive reads names and sizes, never pixels"
 
 # Runs in a fresh interpreter: imports, then measures one `inspect_archive` call.
 CHILD = textwrap.dedent(
@@ -99,86 +108,7 @@ def assert_refused(
 # ---- tar, by hand
 
 
-def size_field(size: int) -> bytes:
-    """A header's 12-byte size: octal, or GNU base-256 (negative too) where octal cannot say it."""
-    if 0 <= size < 8**11:
-        return b"%011o\0" % size
-    if size >= 0:
-        return b"\x80" + size.to_bytes(11, "big")
-    return b"\xff" + (256**11 + size).to_bytes(11, "big")
-
-
-def tar_header(name: bytes, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
-    """One ustar header block, saying whatever it is told to."""
-    header = bytearray(tarfile.BLOCKSIZE)
-    header[: min(len(name), 100)] = name[:100]
-    header[100:124] = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
-    header[124:136] = size_field(size)
-    header[136:148] = b"00000000000\0"  # mtime
-    header[148:156] = b" " * 8  # the checksum counts itself as spaces
-    header[156:157] = kind
-    header[257:265] = b"ustar\x0000"
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
-
-
-def padded(data: bytes) -> bytes:
-    return data + bytes(-len(data) % tarfile.BLOCKSIZE)
-
-
-def tar_member(name: bytes, data: bytes = IMAGE, kind: bytes = tarfile.REGTYPE) -> bytes:
-    return tar_header(name, len(data), kind) + padded(data)
-
-
-def pax_record(keyword: bytes, value: bytes) -> bytes:
-    """'<length> <keyword>=<value>\\n', the length counting its own digits."""
-    rest = b" %s=%s\n" % (keyword, value)
-    length = len(rest) + 1
-    while len(str(length)) + len(rest) != length:
-        length += 1
-    return b"%d%s" % (length, rest)
-
-
-def pax_header(records: bytes, kind: bytes = tarfile.XHDTYPE) -> bytes:
-    return tar_header(b"././@PaxHeader", len(records), kind) + padded(records)
-
-
-END = bytes(2 * tarfile.BLOCKSIZE)
-
-
-def compressed(chunks: Iterable[bytes], compression: str) -> bytes:
-    """`chunks` joined, through a streaming compressor ("" for a plain tar)."""
-    if not compression:
-        return b"".join(chunks)
-    compressor: Any = {
-        "gz": lambda: zlib.compressobj(9, zlib.DEFLATED, 31),
-        "bz2": lambda: bz2.BZ2Compressor(9),
-        "xz": lambda: lzma.LZMACompressor(preset=0),
-    }[compression]()
-    out = io.BytesIO()
-    for chunk in chunks:
-        out.write(compressor.compress(chunk))
-    out.write(compressor.flush())
-    return out.getvalue()
-
-
-def write(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
-
-
 # ---- 1. tar headers
-
-
-def long_name_tar(kind: bytes, name_bytes: int) -> Iterator[bytes]:
-    """A GNU long name (or link) record of `name_bytes` that is really there, then a member."""
-    yield tar_header(b"././@LongLink", name_bytes, kind)
-    chunk = b"a" * MiB
-    for _ in range(name_bytes // MiB):
-        yield chunk
-    yield padded(b"a" * (name_bytes % MiB))
-    yield tar_member(b"cls/good.png")
-    yield END
 
 
 @pytest.mark.parametrize(
@@ -410,69 +340,6 @@ def test_paths_at_the_limits_are_accepted(tmp_path: Path) -> None:
 
 
 # ---- 3. zip central directory
-
-
-def end_records(entries: int, directory_size: int, directory_offset: int) -> bytes:
-    """Zip64 end record, its locator, and the classic end record that points to them."""
-    zip64_end = struct.pack(
-        zipfile.structEndArchive64,
-        zipfile.stringEndArchive64,
-        44,  # size of the rest of this record
-        45,
-        45,
-        0,
-        0,
-        entries,
-        entries,
-        directory_size,
-        directory_offset,
-    )
-    locator = struct.pack(
-        zipfile.structEndArchive64Locator,
-        zipfile.stringEndArchive64Locator,
-        0,
-        directory_offset + directory_size,
-        1,
-    )
-    end = struct.pack(
-        zipfile.structEndArchive,
-        zipfile.stringEndArchive,
-        0,
-        0,
-        0xFFFF,
-        0xFFFF,
-        0xFFFFFFFF,
-        0xFFFFFFFF,
-        0,
-    )
-    return zip64_end + locator + end
-
-
-def directory_record(name: bytes) -> bytes:
-    """A central-directory record of a stored, empty entry."""
-    fixed = struct.pack(
-        zipfile.structCentralDir,
-        zipfile.stringCentralDir,
-        20,
-        3,
-        20,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        len(name),
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    )
-    return fixed + name
 
 
 def test_zip_end_record_claiming_ten_million_entries(tmp_path: Path) -> None:
