@@ -25,6 +25,7 @@ from core.db import session_scope
 from core.errors import InputError
 from core.housekeeping import run_housekeeping
 from core.intake import PRELOAD
+from core.isolation import shut_down as shut_down_validation
 from core.isolation import warm_up
 from core.models import utcnow
 from core.settings import Settings
@@ -160,6 +161,7 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
             task.cancel()
             with suppress(asyncio.CancelledError, Exception):
                 await task
+        await run_in_threadpool(shut_down_validation)
 
     app = FastAPI(
         title="SQAKD service",

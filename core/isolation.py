@@ -78,6 +78,22 @@ def warm_up(preload: tuple[str, ...]) -> None:
     forkserver.ensure_running()
 
 
+def shut_down() -> None:
+    """Stop the forkserver and remove its socket folder (``pymp-*`` in the temp directory).
+
+    Python does both at a normal exit, but servers often end by a signal they re-raise
+    (uvicorn does), which skips that: call this from the server's own shutdown. A later
+    ``run_isolated`` starts a new server. Uses multiprocessing's private ``_stop`` and its
+    temp-dir finalizer, both stable since Python 3.8.
+    """
+    from multiprocessing import forkserver, util
+
+    forkserver._forkserver._stop()  # type: ignore[attr-defined]
+    for finalizer in list(util._finalizer_registry.values()):  # type: ignore[attr-defined]
+        if getattr(finalizer, "_callback", None) is util._remove_temp_dir:  # type: ignore[attr-defined]
+            finalizer()  # removes the folder and forgets it, as at exit
+
+
 def _child(connection: Connection, call: _Call, limits: ChildLimits) -> None:
     """In the child: apply the limits, run the call, answer ``{"ok": ...}`` or ``{"error": }``."""
     # Background work: the API's own requests go first when the CPUs are busy.

@@ -136,8 +136,9 @@ def submit_job(
             existing := find_by_idempotency_key(session, tenant, idempotency_key)
         ):
             return existing, False
-        check_quota(session, settings, tenant, incoming_bytes=upload.size)
+        session.commit()  # no connection held while validating (seconds to minutes)
         config = validate(upload)
+        check_quota(session, settings, tenant, incoming_bytes=upload.size)
         job_id = str(uuid.uuid4())
         adopted = storage.adopt_upload(upload.directory, job_id)
 

@@ -34,6 +34,7 @@ log = logging.getLogger("serve")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCK_FILE_NAME = "serve.lock"
 REDIS_START_TIMEOUT_S = 10.0
+WORKER_NICENESS = 10
 WORKER_WARM_STOP_S = 10.0  # lets a job about to finish finish; then cold shutdown (requeued)
 
 
@@ -74,9 +75,21 @@ def lock_data_dir(data_dir: Path) -> int:
 
 class Child:
     def __init__(
-        self, name: str, argv: Sequence[str], env: dict[str, str], pass_fds: Sequence[int] = ()
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str],
+        pass_fds: Sequence[int] = (),
+        niceness: int = 0,
     ) -> None:
         self.name = name
+
+        def before_exec() -> None:
+            if sys.platform == "linux":
+                _die_with_parent()
+            if niceness:
+                os.nice(niceness)
+
         # A session of its own: a terminal's Ctrl-C reaches only the launcher, which then
         # stops the children in order (API first, broker last).
         self.process = subprocess.Popen(
@@ -85,7 +98,7 @@ class Child:
             cwd=REPO_ROOT,
             start_new_session=True,
             pass_fds=tuple(pass_fds),
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=before_exec,
         )
         log.info("started %s (pid %d)", name, self.process.pid)
 
@@ -228,7 +241,8 @@ def serve(settings: Settings) -> int:
             broker, redis_socket = start_redis(settings, lock_fd)
             children.append(broker)
         env = child_env(settings)
-        children.append(Child("worker", worker_argv(settings), env))
+        # Training is batch work on the API's machine here: the API's requests go first.
+        children.append(Child("worker", worker_argv(settings), env, niceness=WORKER_NICENESS))
         children.append(Child("api", api_argv(settings), env))
         log.info("serving on http://%s:%d", settings.host, settings.port)
         while True:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import tarfile
 import time
 from collections.abc import Iterator
@@ -234,3 +235,40 @@ def test_the_service_still_accepts_a_good_upload(service: Service, good_data: by
 
     assert response.status_code == 202, response.text
     assert httpx.post(f"{service.url}/v1/jobs/{response.json()['id']}/cancel").status_code == 200
+
+
+def test_stalled_uploads_leave_the_api_answering(service: Service) -> None:
+    """More uploads stalled mid-body than the database pool has connections (5 + 10): each is
+    inside its route, past the quota check; none may hold a connection while it waits."""
+    address = httpx.URL(service.url)
+    boundary = "stalled"
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"; filename="m.onnx"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    )
+    head = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: {address.host}:{address.port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {10 * MiB}\r\n\r\n{part}"
+    )
+    stalled = []
+    try:
+        for _ in range(24):
+            connection = socket.create_connection((address.host, address.port))
+            connection.sendall(head.encode() + b"\0" * 4096)
+            stalled.append(connection)
+        time.sleep(1.0)  # every one of them is now waiting for the rest of its body
+
+        started = time.monotonic()
+        response = httpx.get(f"{service.url}/v1/jobs", timeout=30)
+
+        assert response.status_code == 200
+        assert time.monotonic() - started < 1.0
+    finally:
+        for connection in stalled:
+            connection.close()
+    uploads = service.data_dir / "uploads"
+    deadline = time.monotonic() + 10
+    while any(uploads.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(uploads.iterdir()) == []  # each cut-off upload removed its folder

@@ -100,6 +100,7 @@ def get_held_build(
     held under this token)."""
     build = engines.held_build(session, tenant, build_id, lease_token)
     assert build.builder is not None and lease_token is not None  # a held build has both
+    session.commit()  # no connection held while the body arrives (an engine over a slow link)
     return HeldBuild(build, build.builder, lease_token)
 
 

@@ -89,6 +89,9 @@ async def create_job(
     await run_in_threadpool(
         jobs.check_quota, session, settings, tenant, incoming_bytes=declared_body_bytes(request)
     )
+    # Hold no database connection while the body arrives (minutes, on a slow link): 20 slow
+    # uploads would otherwise take the whole pool from every other request.
+    await run_in_threadpool(session.commit)
     upload = await receive_job_upload(request, settings)
     gate: ValidationGate = request.app.state.validation_gate
     try:
