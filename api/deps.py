@@ -15,7 +15,17 @@ from core.settings import Settings, get_settings
 from core.storage import Storage
 from worker.app import enqueue_train
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+# Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` one in the thread
+# pool, a hop that costs more than the work (GET /v1/jobs/{id} is polled hundreds of times a
+# second).
+
+
+async def current_settings() -> Settings:
+    """The process's settings; ``api.main.create_app`` overrides this with the ones it is given."""
+    return get_settings()
+
+
+SettingsDep = Annotated[Settings, Depends(current_settings)]
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
@@ -26,7 +36,7 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_storage(settings: SettingsDep) -> Storage:
+async def get_storage(settings: SettingsDep) -> Storage:
     return Storage(settings.data_dir)
 
 
@@ -35,7 +45,7 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 _bearer = HTTPBearer(auto_error=False, description="An API key from the API_KEYS setting.")
 
 
-def get_tenant(
+async def get_tenant(
     request: Request,
     # Only for OpenAPI's security scheme: api.auth.ApiKeyAuth checked the key from the headers.
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -53,7 +63,7 @@ TenantDep = Annotated[str, Depends(get_tenant)]
 Enqueue = Callable[[str], None]
 
 
-def get_enqueue(settings: SettingsDep) -> Enqueue:
+async def get_enqueue(settings: SettingsDep) -> Enqueue:
     """Sends a job id to the training queue (a dependency, so one seam decides the broker)."""
     return lambda job_id: enqueue_train(settings, job_id)
 

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.auth import ApiKeyAuth
-from api.deps import get_settings
+from api.deps import current_settings
 from api.local_guard import LocalGuard
 from api.routes import engines, health, jobs
 from api.validation import ValidationGate
@@ -28,7 +28,7 @@ from core.intake import PRELOAD
 from core.isolation import shut_down as shut_down_validation
 from core.isolation import warm_up
 from core.models import utcnow
-from core.settings import Settings
+from core.settings import Settings, get_settings
 from worker.app import enqueue_train, job_ids_in_broker
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,12 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
         ),
     )
     if settings is not None:
-        app.dependency_overrides[get_settings] = lambda: settings
+
+        async def given_settings() -> Settings:
+            assert settings is not None
+            return settings
+
+        app.dependency_overrides[current_settings] = given_settings
     app.state.validation_gate = ValidationGate(settings or get_settings())
     app.include_router(health.router)
     app.include_router(jobs.router)

@@ -137,31 +137,15 @@ def image_zip(path: Path, per_class: int) -> Path:
     return path
 
 
-class _Reporter:
-    """Records the stages a job enters; never asks it to stop."""
-
-    def __init__(self) -> None:
-        self.stages: list[str] = []
-
-    def stage(self, stage: str) -> None:
-        self.stages.append(stage)
-
-    def progress(self, progress: dict[str, Any]) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-
 def run_job(
     model_path: Path, data: Path, eval_data: Path | None, job: dict[str, Any], workdir: Path
 ) -> dict[str, Any]:
     """``core.pipeline.run_quantization`` as a worker runs it (training on this device), with
     what the job's metrics say about it."""
     from core.config import JobConfig
-    from core.pipeline import JobInputs, run_quantization
+    from core.pipeline import JobInputs, SilentReporter, run_quantization
 
-    reporter = _Reporter()
+    reporter = SilentReporter()
     started = time.perf_counter()
     result = run_quantization(
         JobInputs(model_path, data, eval_data), JobConfig.model_validate(job), workdir, reporter

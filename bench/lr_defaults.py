@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from bench.cifar import SHARED, TEACHER_ONNX, cifar_zip, teacher_preprocessing
 from bench.report import machine, table, write_section
 from core.config import JobConfig
-from core.pipeline import JobInputs, run_quantization
+from core.pipeline import JobInputs, SilentReporter, run_quantization
 
 BUDGETS = [  # (weight bits, activation bits, job fields fixing the budget)
     (8, 8, {"epochs": 1}),
@@ -48,17 +47,6 @@ CONCLUSION = (
     "trials outside this bench suggested it helps longer jobs, within seed noise). The "
     'paper\'s rates remain available with `lr_unit: "absolute"`.'
 )
-
-
-class SilentReporter:
-    def stage(self, stage: str) -> None:
-        pass
-
-    def progress(self, progress: dict[str, Any]) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
 
 
 def main() -> None:

@@ -75,6 +75,22 @@ class Reporter(Protocol):
         """True once the user canceled the job."""
 
 
+class SilentReporter:
+    """A ``Reporter`` for scripts and tests: records the stages, drops progress, never stops."""
+
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+
+    def stage(self, stage: str) -> None:
+        self.stages.append(stage)
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
 def run_quantization(
     inputs: JobInputs, config: JobConfig, workdir: Path, reporter: Reporter
 ) -> JobResult:

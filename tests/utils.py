@@ -6,13 +6,17 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 import httpx
+import uvicorn
 from fastapi.testclient import TestClient
+from starlette.types import ASGIApp
 
 from api.main import create_app
 from core.settings import Settings
@@ -92,3 +96,21 @@ def children(pid: int) -> dict[int, str]:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
             found[int(child)] = cmdline.decode(errors="replace")
     return found
+
+
+@contextmanager
+def served_by_uvicorn(app: ASGIApp) -> Iterator[int]:
+    """``app`` served by a real uvicorn on a free port, in a thread of this process; the port."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)

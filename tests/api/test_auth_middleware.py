@@ -11,13 +11,10 @@ from __future__ import annotations
 import re
 import select
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,7 +25,7 @@ from core.db import session_factory
 from core.settings import Settings
 from tests.core.test_engines import config_with_targets
 from tests.factories import make_job
-from tests.utils import SettingsFactory, free_port
+from tests.utils import SettingsFactory, served_by_uvicorn
 
 KEY = "key-of-the-auth-test-tenant-0001"  # 32 characters: the shortest allowed
 GiB = 1024**3
@@ -79,17 +76,8 @@ def served(make_settings: SettingsFactory) -> Iterator[Served]:
     settings = make_settings(api_keys={KEY: "acme"})
     app = create_app(settings, sweeper=False)
     counter = BodyCounter(app)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(counter, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield Served(app, settings, counter, port)
-    server.should_exit = True
-    thread.join(10)
+    with served_by_uvicorn(counter) as port:
+        yield Served(app, settings, counter, port)
 
 
 @dataclass

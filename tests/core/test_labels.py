@@ -16,7 +16,7 @@ from core.config import MAX_CLASSES, JobConfig
 from core.errors import DataImportError
 from core.inputs.archive import inspect_archive, open_image_archive
 from core.inputs.images import load_image_archive
-from core.pipeline import JobInputs, label_warnings, run_quantization
+from core.pipeline import JobInputs, SilentReporter, label_warnings, run_quantization
 from tests.factories import CLASSES, VALID_CONFIG, export_tiny_cnn, image_zip
 
 
@@ -154,17 +154,6 @@ def test_label_warnings(
 # ---- through a job
 
 
-class Reporter:
-    def stage(self, stage: str) -> None:
-        pass
-
-    def progress(self, progress: dict[str, Any]) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-
 @pytest.fixture(scope="module")
 def job_inputs(tmp_path_factory: pytest.TempPathFactory) -> JobInputs:
     tmp = tmp_path_factory.mktemp("labels")
@@ -176,7 +165,7 @@ def run_job(inputs: JobInputs, workdir: Path, **config: Any) -> dict[str, Any]:
     job_config = JobConfig.model_validate(
         {**settings, "steps": 1, "export": {"onnx": False}, **config}
     )
-    return run_quantization(inputs, job_config, workdir, Reporter()).metrics
+    return run_quantization(inputs, job_config, workdir, SilentReporter()).metrics
 
 
 def test_job_class_names_apply_to_held_out_data(job_inputs: JobInputs, tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from sqlalchemy import select
 
 from api.main import create_app
@@ -27,7 +26,7 @@ from core.models import Job
 from core.settings import Settings
 from core.storage import Storage
 from tests.factories import VALID_CONFIG, make_job
-from tests.utils import SettingsFactory, free_port
+from tests.utils import SettingsFactory, served_by_uvicorn
 from worker import device_agent
 
 AGENT = Path(device_agent.__file__)
@@ -184,19 +183,8 @@ def real_api(make_settings: SettingsFactory, tmp_path: Path) -> Iterator[tuple[s
         source.write_bytes(b"onnx bytes of the job")
         stored = Storage(settings.data_dir).store_artifact(job.id, "model_qdq.onnx", source)
         jobs.record_artifact(session, settings, job.id, stored)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, sweeper=False), port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", settings
-    server.should_exit = True
-    thread.join(10)
+    with served_by_uvicorn(create_app(settings, sweeper=False)) as port:
+        yield f"http://127.0.0.1:{port}", settings
 
 
 def job_of(settings: Settings) -> dict[str, Any]:
