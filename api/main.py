@@ -12,6 +12,8 @@ from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from sqlalchemy.exc import OperationalError as DBAPIOperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -76,6 +78,21 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         problems.append(f"{where}: {error['msg']}")
     return error_response(
         status.HTTP_422_UNPROCESSABLE_CONTENT, "invalid_request", "; ".join(problems)
+    )
+
+
+DATABASE_RETRY_AFTER_S = 5
+
+
+async def _database_busy(_: Request, exc: Exception) -> JSONResponse:
+    """No database connection in time: the pool is exhausted (overload) or the database is
+    away. The server's state, not a bug and not the caller's fault: 503, try again."""
+    log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
+    return error_response(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        "database_unavailable",
+        "the database is busy or unreachable; try again shortly",
+        {"Retry-After": str(DATABASE_RETRY_AFTER_S)},
     )
 
 
@@ -189,6 +206,8 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
     app.add_exception_handler(InputError, _input_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(PoolTimeout, _database_busy)
+    app.add_exception_handler(DBAPIOperationalError, _database_busy)
     app.add_exception_handler(Exception, _unexpected_error)
     # Keyless mode: refuse requests from web pages and re-bound DNS names (api/local_guard.py).
     app.add_middleware(LocalGuard, settings=settings)

@@ -27,16 +27,21 @@ class ValidationGate:
         self._limiter: anyio.CapacityLimiter | None = None  # made inside the event loop
         self._admitted = 0  # running or waiting
 
-    async def run(self, function: Callable[[], T]) -> T:
-        """``function()`` in a thread once a slot is free; 429 when the line is full."""
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.concurrency)
+    def check_room(self) -> None:
+        """429 when the line is full: also called before an upload's body is read, so that a
+        client retrying in a loop costs the API its headers, not its bytes."""
         if self._admitted >= self.concurrency + self.queue:
             raise QuotaExceeded(
                 "validation_busy",
                 f"{self._admitted} uploads are being validated or waiting; try again shortly",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
+                headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"},
             )
+
+    async def run(self, function: Callable[[], T]) -> T:
+        """``function()`` in a thread once a slot is free; 429 when the line is full."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.concurrency)
+        self.check_room()
         self._admitted += 1
         try:
             return await anyio.to_thread.run_sync(function, limiter=self._limiter)

@@ -86,6 +86,8 @@ async def create_job(
     ONNX Runtime, in a child process with memory, CPU and time limits) before the job exists:
     a rejected request leaves nothing behind.
     """
+    gate: ValidationGate = request.app.state.validation_gate
+    gate.check_room()
     await run_in_threadpool(
         jobs.check_quota, session, settings, tenant, incoming_bytes=declared_body_bytes(request)
     )
@@ -93,7 +95,6 @@ async def create_job(
     # uploads would otherwise take the whole pool from every other request.
     await run_in_threadpool(session.commit)
     upload = await receive_job_upload(request, settings)
-    gate: ValidationGate = request.app.state.validation_gate
     try:
         job, created = await gate.run(
             lambda: jobs.submit_job(

@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.main import create_app
 from core.db import session_factory
 from core.housekeeping import run_housekeeping
 from core.models import Artifact, Job, utcnow
@@ -184,3 +186,32 @@ def test_orphan_sweep_removes_stale_uploads_and_jobless_folders_only(
         assert not orphan.exists() and young_orphan.exists()
         assert storage.job_dir(kept.id).exists()
         assert session.scalars(select(Job.id)).all() == [kept.id]
+
+
+def test_a_full_validation_line_answers_429_before_the_body_is_read(
+    make_settings: SettingsFactory, onnx_model: Path, image_archive: Path
+) -> None:
+    settings = make_settings(validation_concurrency=1, validation_queue=0)
+    app = create_app(settings, sweeper=False)
+    gate = app.state.validation_gate
+    gate._admitted = 1  # one upload is being validated: the line has no room
+
+    response = post_job(TestClient(app, base_url="http://localhost"), model=onnx_model,
+                        data=image_archive)  # fmt: skip
+
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "validation_busy"
+    assert int(response.headers["Retry-After"]) > 0
+    assert not Storage(settings.data_dir).uploads_dir.exists()  # not a byte was stored
+
+
+def test_an_unreachable_database_is_a_503_not_a_500(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url="postgresql://nobody@127.0.0.1:1/none"
+    )
+
+    response = make_client(settings).get("/v1/jobs")
+
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "database_unavailable"
+    assert "Retry-After" in response.headers
