@@ -84,9 +84,16 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 DATABASE_RETRY_AFTER_S = 5
 
 
-async def _database_busy(_: Request, exc: Exception) -> JSONResponse:
+async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
     """No database connection in time: the pool is exhausted (overload) or the database is
-    away. The server's state, not a bug and not the caller's fault: 503, try again."""
+    away. The server's state, not a bug and not the caller's fault: 503, try again. Other
+    operational errors (a statement the database refused: a missing table) stay 500s."""
+    unreachable = isinstance(exc, PoolTimeout) or (
+        isinstance(exc, DBAPIOperationalError)
+        and (exc.connection_invalidated or exc.statement is None)  # lost, or never connected
+    )
+    if not unreachable:
+        return await _unexpected_error(request, exc)
     log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
     return error_response(
         status.HTTP_503_SERVICE_UNAVAILABLE,
