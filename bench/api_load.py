@@ -317,7 +317,9 @@ def main() -> None:
             f"{HOSTILE_IN_FLIGHT} uploads in flight, each validated in a child process (a "
             "model whose verification costs seconds of CPU, with 20,000 one-pixel PNGs past "
             "the pixel budget) and refused. Pollers, API, worker and validators share the "
-            "machine's cores.",
+            "machine's cores. Errors are requests not answered within 10 s of the window's end "
+            "(a saturated server's backlog). A hostile upload refused with 429 before its body "
+            "is read is closed under the client, which sees a ReadError and retries at once.",
             table(
                 [
                     "target req/s",
