@@ -54,13 +54,16 @@ def engine_for(settings: Settings | None = None) -> Engine:
 
 
 @lru_cache(maxsize=8)
-def _sessionmaker(url: str) -> sessionmaker[Session]:
+def _sessionmaker(url: str, broker_url: str) -> sessionmaker[Session]:
     # expire_on_commit=False: rows returned by service functions stay readable after commit.
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+    # The broker's URL rides along in ``Session.info``: core.events publishes on it, after a
+    # commit, that a job has new events.
+    return sessionmaker(get_engine(url), expire_on_commit=False, info={"broker_url": broker_url})
 
 
 def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
-    return _sessionmaker((settings or get_settings()).sqlalchemy_url)
+    settings = settings or get_settings()
+    return _sessionmaker(settings.sqlalchemy_url, settings.celery_broker_url)
 
 
 @contextmanager

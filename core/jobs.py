@@ -18,7 +18,6 @@ import binascii
 import datetime as dt
 import json
 import logging
-import math
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,8 +30,10 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core import events
 from core.config import JobConfig
 from core.errors import InputError, QuotaExceeded, TooLargeError
+from core.json_values import json_safe
 from core.models import Artifact, Job, utcnow
 from core.settings import Settings
 from core.storage import Storage, StoredFile, human_bytes
@@ -165,8 +166,8 @@ def submit_job(
             job.eval_data_path = stored(upload.eval_data)
             job.eval_data_sha256 = upload.eval_data.sha256
             job.eval_data_size = upload.eval_data.size
-        session.add(job)
         try:
+            add_job(session, job)
             session.commit()
         except IntegrityError:
             # A concurrent request with the same idempotency key won the race.
@@ -186,6 +187,17 @@ def submit_job(
         storage.remove_tree(upload.directory)
         if adopted is not None and not committed:
             storage.remove_tree(adopted.parent)
+
+
+def add_job(session: Session, job: Job) -> None:
+    """Add a new queued job to the session with its first event; the caller commits.
+
+    Every way of making a job (multipart, JSON, a sweep) goes through here, so that every
+    job's event log starts with ``queued``.
+    """
+    session.add(job)
+    session.flush()  # the row must exist for its event to be numbered
+    events.record(session, job.id, events.EventType.STATUS, {"status": JobStatus.QUEUED})
 
 
 def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
@@ -413,14 +425,21 @@ def claim_job(
 
 
 def _owned_update(
-    session: Session, job_id: str, owner: str, values: dict[str, Any], *, now: dt.datetime
+    session: Session,
+    job_id: str,
+    owner: str,
+    values: dict[str, Any],
+    *,
+    now: dt.datetime,
+    commit: bool = True,
 ) -> bool:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
         .values(updated_at=now, **values)
     )
-    session.commit()
+    if commit:
+        session.commit()
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
@@ -444,6 +463,24 @@ def report_progress(
     now = utcnow()
     values = {"progress": json_safe(progress), "lease_expires_at": _lease_until(lease_seconds, now)}
     return _owned_update(session, job_id, owner, values, now=now)
+
+
+def report_metrics(session: Session, job_id: str, owner: str, point: dict[str, Any]) -> bool:
+    """A training-curve point: an event of type ``metrics``, and the job's ``latest_metrics``."""
+    point = json_safe(point)
+    if not _owned_update(
+        session, job_id, owner, {"latest_metrics": point}, now=utcnow(), commit=False
+    ):
+        session.rollback()
+        return False
+    events.record(session, job_id, events.EventType.METRICS, point)
+    session.commit()
+    return True
+
+
+def report_warning(session: Session, job_id: str, code: str, message: str) -> None:
+    events.record(session, job_id, events.EventType.WARNING, {"code": code, "message": message})
+    session.commit()
 
 
 def record_artifact(session: Session, settings: Settings, job_id: str, stored: StoredFile) -> None:
@@ -549,21 +586,3 @@ def mark_enqueued(session: Session, job_ids: Iterable[str]) -> None:
     if ids:
         session.execute(update(Job).where(Job.id.in_(ids)).values(enqueued_at=utcnow()))
         session.commit()
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def json_safe(value: Any) -> Any:
-    """JSON the database accepts: NaN and infinities (PostgreSQL refuses them) become null."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy / torch scalars
-        return json_safe(value.item())
-    if isinstance(value, Iterable):
-        return [json_safe(item) for item in value]
-    return str(value)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
@@ -29,6 +30,10 @@ from sqlalchemy.types import TypeDecorator
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 # An engine build waits for a worker (or device agent) serving its target's queue, then builds.
 ENGINE_STATUSES = ("waiting", "building", "succeeded", "failed")
+# What a tenant uploads once and names by id in later jobs and sweeps.
+RESOURCE_KINDS = ("model", "dataset")
+# A webhook message is delivered, or given up after its retries.
+WEBHOOK_MESSAGE_STATUSES = ("pending", "delivered", "failed")
 
 # Stable constraint names, so Alembic batch migrations on SQLite can find them again.
 NAMING_CONVENTION = {
@@ -82,6 +87,11 @@ class Job(Base):
         Index("ix_jobs_tenant_created_at_id", "tenant", "created_at", "id"),
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_tenant_status", "tenant", "status"),  # per-tenant quotas
+        Index("ix_jobs_sweep_id", "sweep_id"),
+        # Is a resource still used (DELETE answers 409 while a queued or running job uses it)?
+        Index("ix_jobs_model_id", "model_id"),
+        Index("ix_jobs_data_id", "data_id"),
+        Index("ix_jobs_eval_data_id", "eval_data_id"),
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
 
@@ -115,6 +125,23 @@ class Job(Base):
     enqueued_at: Mapped[dt.datetime | None]
     # Set when the retention sweep (or a deletion) removed the uploaded inputs of a finished job.
     inputs_deleted_at: Mapped[dt.datetime | None]
+    # The stored resources the job was made from (POST /v1/jobs as JSON, or a sweep); null for
+    # a multipart job, which owns its inputs. Then the *_path columns name the resources' files:
+    # jobs share them, nothing is copied.
+    model_id: Mapped[str | None] = mapped_column(ForeignKey("resources.id", ondelete="SET NULL"))
+    data_id: Mapped[str | None] = mapped_column(ForeignKey("resources.id", ondelete="SET NULL"))
+    eval_data_id: Mapped[str | None] = mapped_column(
+        ForeignKey("resources.id", ondelete="SET NULL")
+    )
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"))
+    # The user's own strings (``metadata`` in the API; the name is SQLAlchemy's own here).
+    user_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    # Seconds spent in each finished stage, in order of entry: where the time went.
+    stage_seconds: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Id of the job's newest event (core.events): each event takes the next number.
+    last_event_id: Mapped[int] = mapped_column(Integer, default=0)
+    # The newest training-curve point (an event of type ``metrics``).
+    latest_metrics: Mapped[dict[str, Any] | None]
 
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -183,3 +210,114 @@ class EngineBuild(Base):
     finished_at: Mapped[dt.datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="engines")
+
+
+class JobEvent(Base):
+    """One entry of a job's event log (core.events). ``id`` counts from 1 within the job, with
+    no gaps: it is taken from ``jobs.last_event_id`` under the job row's lock."""
+
+    __tablename__ = "job_events"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Resource(Base):
+    """A model or dataset uploaded once (``POST /v1/models``, ``POST /v1/datasets``) and used by
+    any number of jobs. The same bytes from the same tenant are one resource."""
+
+    __tablename__ = "resources"
+    __table_args__ = (
+        CheckConstraint("kind IN ('model', 'dataset')", name="kind"),
+        UniqueConstraint("tenant", "kind", "sha256", name="uq_resources_tenant_kind_sha256"),
+        Index("ix_resources_tenant_kind_created_at_id", "tenant", "kind", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    filename: Mapped[str | None] = mapped_column(String(255))  # the client's, for display only
+    path: Mapped[str] = mapped_column(String(500))  # relative to data_dir
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    info: Mapped[dict[str, Any]]  # what validation found (input shape, image count, ...)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Sweep(Base):
+    """One job per configuration of a grid, over the same resources; when all are final, a
+    report (``report.html``, ``pareto.svg``) compares them."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_tenant_created_at_id", "tenant", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(200))
+    model_id: Mapped[str | None] = mapped_column(ForeignKey("resources.id", ondelete="SET NULL"))
+    data_id: Mapped[str | None] = mapped_column(ForeignKey("resources.id", ondelete="SET NULL"))
+    eval_data_id: Mapped[str | None] = mapped_column(
+        ForeignKey("resources.id", ondelete="SET NULL")
+    )
+    request: Mapped[dict[str, Any]]  # base_config with grid and tie, or configs, as sent
+    user_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The report's files, [{name, size, sha256, created_at}], under sweeps/<id>/ once complete.
+    artifacts: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[dt.datetime | None]  # all jobs final and the report stored
+
+    jobs: Mapped[list[Job]] = relationship(order_by="Job.created_at", lazy="selectin")
+
+
+class Webhook(Base):
+    """A tenant's endpoint for events (Standard Webhooks): each matching event becomes a
+    ``WebhookMessage``, delivered and retried by Celery tasks."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (Index("ix_webhooks_tenant_created_at_id", "tenant", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(200))
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list[Any]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(100))  # whsec_<base64>; shown once
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WebhookMessage(Base):
+    """One event for one webhook: the exact body signed and sent on every attempt."""
+
+    __tablename__ = "webhook_messages"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="status"),
+        Index("ix_webhook_messages_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # msg_<hex>: webhook-id
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(40))
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class WebhookAttempt(Base):
+    """One try at delivering a message: ``GET /v1/webhooks/{id}/deliveries`` lists these."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("ix_webhook_attempts_webhook_id_id", "webhook_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    message_id: Mapped[str] = mapped_column(ForeignKey("webhook_messages.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)  # None: no HTTP answer
+    error: Mapped[str | None] = mapped_column(String(500))
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -71,21 +71,36 @@ class Reporter(Protocol):
     def progress(self, progress: dict[str, Any]) -> None:
         """Training progress: step, total_steps, epoch(s), loss, eta_seconds, images_per_second."""
 
+    def metrics(self, point: dict[str, Any]) -> None:
+        """A training-curve point: step, loss and learning rates; agreement and KL on probes."""
+
+    def warning(self, code: str, message: str) -> None:
+        """Something the user should know that does not fail the job."""
+
     def should_stop(self) -> bool:
         """True once the user canceled the job."""
 
 
 class SilentReporter:
-    """A ``Reporter`` for scripts and tests: records the stages, drops progress, never stops."""
+    """A ``Reporter`` for scripts and tests: records stages, curve points and warnings, drops
+    progress, never stops."""
 
     def __init__(self) -> None:
         self.stages: list[str] = []
+        self.points: list[dict[str, Any]] = []
+        self.warnings: list[tuple[str, str]] = []
 
     def stage(self, stage: str) -> None:
         self.stages.append(stage)
 
     def progress(self, progress: dict[str, Any]) -> None:
         pass
+
+    def metrics(self, point: dict[str, Any]) -> None:
+        self.points.append(point)
+
+    def warning(self, code: str, message: str) -> None:
+        self.warnings.append((code, message))
 
     def should_stop(self) -> bool:
         return False

@@ -118,6 +118,16 @@ class DbReporter:
             )
         )
 
+    def metrics(self, point: dict[str, Any]) -> None:
+        self._write(lambda s: jobs.report_metrics(s, self.job_id, self.owner, point))
+
+    def warning(self, code: str, message: str) -> None:
+        def write(session: Session) -> bool:
+            jobs.report_warning(session, self.job_id, code, message)
+            return True
+
+        self._write(write)
+
     def should_stop(self) -> bool:
         if self.lease_lost.is_set() or self.out_of_time:
             return True
