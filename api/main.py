@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.auth import ApiKeyAuth
 from api.deps import current_settings
 from api.local_guard import LocalGuard
-from api.routes import engines, health, jobs
+from api.routes import engines, events, health, jobs, resources, sweeps, webhooks
 from api.validation import ValidationGate
 from core import jobs as job_service
 from core.db import session_scope
@@ -209,7 +209,11 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
     app.state.validation_gate = ValidationGate(settings or get_settings())
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(events.router)
+    app.include_router(resources.router)
+    app.include_router(sweeps.router)
     app.include_router(engines.router)
+    app.include_router(webhooks.router)
     app.add_exception_handler(InputError, _input_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

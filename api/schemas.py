@@ -42,6 +42,7 @@ class ArtifactPublic(BaseModel):
 class FilePublic(BaseModel):
     size: int
     sha256: str
+    id: str | None = None  # the stored model or dataset (/v1/models, /v1/datasets), if any
 
 
 class JobInputsPublic(BaseModel):
@@ -126,6 +127,10 @@ class JobPublic(BaseModel):
     inputs: JobInputsPublic
     cancel_requested: bool
     attempts: int  # deliveries that ran the job; more than 1 after a worker died
+    metadata: dict[str, str]  # the user's own strings, given at submission
+    sweep_id: str | None  # the sweep that made the job, if any
+    stage_seconds: dict[str, float]  # seconds spent in each finished stage
+    latest_metrics: dict[str, Any] | None  # the newest training-curve point (events: metrics)
     created_at: dt.datetime
     updated_at: dt.datetime
     started_at: dt.datetime | None
@@ -134,7 +139,7 @@ class JobPublic(BaseModel):
     @classmethod
     def from_row(cls, job: Job) -> JobPublic:
         eval_data = (
-            FilePublic(size=job.eval_data_size, sha256=job.eval_data_sha256)
+            FilePublic(size=job.eval_data_size, sha256=job.eval_data_sha256, id=job.eval_data_id)
             if job.eval_data_size is not None and job.eval_data_sha256 is not None
             else None
         )
@@ -149,12 +154,16 @@ class JobPublic(BaseModel):
             engines=[EnginePublic.from_row(build) for build in job.engines],
             config=job.config,
             inputs=JobInputsPublic(
-                model=FilePublic(size=job.model_size, sha256=job.model_sha256),
-                data=FilePublic(size=job.data_size, sha256=job.data_sha256),
+                model=FilePublic(size=job.model_size, sha256=job.model_sha256, id=job.model_id),
+                data=FilePublic(size=job.data_size, sha256=job.data_sha256, id=job.data_id),
                 eval_data=eval_data,
             ),
             cancel_requested=job.cancel_requested,
             attempts=job.attempts,
+            metadata=job.user_metadata or {},
+            sweep_id=job.sweep_id,
+            stage_seconds=job.stage_seconds or {},
+            latest_metrics=job.latest_metrics,
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,

@@ -61,6 +61,7 @@ def test_submit_stores_inputs_and_enqueues_after_commit(
     assert job["inputs"]["model"] == {
         "size": onnx_model.stat().st_size,
         "sha256": hashlib.sha256(onnx_model.read_bytes()).hexdigest(),
+        "id": None,  # uploaded with the job, not a stored model
     }
     assert queue_length(queued_settings) == 1
     storage = Storage(queued_settings.data_dir)

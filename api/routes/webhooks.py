@@ -1,0 +1,7 @@
+"""/v1/webhooks: signed deliveries of job, sweep and engine events."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
