@@ -13,14 +13,12 @@ message never trains a job twice at once, and a finished job is never run again.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from core.config import JobConfig
 from core.errors import InputError, QuotaExceeded, TooLargeError
 from core.json_values import json_safe
 from core.models import Artifact, Job, utcnow
+from core.pages import Page, newest_first
 from core.settings import Settings
 from core.storage import Storage, StoredFile, human_bytes
 
@@ -270,46 +269,12 @@ def get_job(session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
-@dataclass
-class JobPage:
-    items: list[Job] = field(default_factory=list)
-    next_cursor: str | None = None
-
-
-def _encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, job_id = json.loads(raw)
-        when = dt.datetime.fromisoformat(created_at)
-    except (ValueError, TypeError, binascii.Error, RecursionError) as exc:
-        raise InputError("invalid_cursor", "cursor is not one this API returned") from exc
-    if when.tzinfo is None:  # ours always carry their offset; a naive one was made by hand
-        raise InputError("invalid_cursor", "cursor is not one this API returned")
-    return when, str(job_id)
-
-
 def list_jobs(
     session: Session, tenant: str, *, limit: int = 20, cursor: str | None = None
-) -> JobPage:
-    """The tenant's jobs, newest first, ``limit`` at a time; keyset pagination (created_at, id)."""
+) -> Page[Job]:
+    """The tenant's jobs, newest first, ``limit`` at a time (see ``core.pages``)."""
     query = select(Job).where(Job.tenant == tenant)
-    if cursor is not None:
-        created_at, job_id = _decode_cursor(cursor)
-        query = query.where(
-            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
-        )
-    rows = list(
-        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
-    )
-    page = JobPage(items=rows[:limit])
-    if len(rows) > limit:
-        page.next_cursor = _encode_cursor(rows[limit - 1])
-    return page
+    return newest_first(session, query, Job, limit=limit, cursor=cursor)
 
 
 def get_artifact(session: Session, tenant: str, job_id: str, name: str) -> Artifact:
