@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # Per-tenant quotas (queued + running jobs; bytes of inputs and artifacts on disk).
     max_active_jobs_per_tenant: int = Field(20, ge=1)
     max_stored_bytes_per_tenant: int = Field(200 * GiB, ge=1)
+    max_sweep_jobs: int = Field(
+        24, ge=1, description="Configurations (jobs) of one sweep (POST /v1/sweeps)."
+    )
     max_job_seconds: int = Field(
         24 * 3600, ge=60, description="A running job is stopped and failed after this long."
     )
