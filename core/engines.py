@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from core import events
 from core.config import JobConfig
 from core.errors import InputError
 from core.jobs import record_artifact
@@ -76,6 +77,21 @@ def artifact_names(target: str) -> tuple[str, str]:
     return f"engine-{target}{PLAN_SUFFIX}", f"engine-{target}.json"
 
 
+def _record_change(
+    session: Session,
+    job_id: str,
+    build_id: str,
+    target: str,
+    status: EngineStatus,
+    error: dict[str, str] | None = None,
+) -> None:
+    """An ``engine`` event in the job's log, in the caller's transaction."""
+    data: dict[str, Any] = {"build_id": build_id, "target": target, "status": status}
+    if error is not None:
+        data["error"] = error
+    events.record(session, job_id, events.EventType.ENGINE, data)
+
+
 def create_builds(session: Session, job: Job) -> list[EngineBuild]:
     """A ``waiting`` build for each target the job's config asks for (none twice)."""
     targets = JobConfig.model_validate(job.config).export.tensorrt_targets
@@ -86,6 +102,8 @@ def create_builds(session: Session, job: Job) -> list[EngineBuild]:
         if target not in existing
     ]
     session.add_all(builds)
+    for build in builds:
+        _record_change(session, job.id, build.id, build.target, EngineStatus.WAITING)
     session.commit()
     return builds
 
@@ -117,10 +135,13 @@ def claim_build(
             updated_at=now,
             error=None,
         )
-    )
-    session.commit()
-    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        .returning(EngineBuild.job_id, EngineBuild.target)
+    ).one_or_none()
+    if claimed is None:
+        session.rollback()
         return None
+    _record_change(session, claimed.job_id, build_id, claimed.target, EngineStatus.BUILDING)
+    session.commit()
     return session.get(EngineBuild, build_id, populate_existing=True)
 
 
@@ -214,22 +235,26 @@ def finish_build(
     failed (code, message); the token dies with the claim."""
     now = utcnow()
     status = EngineStatus.FAILED if error is not None else EngineStatus.SUCCEEDED
+    error_body = {"code": error[0], "message": error[1]} if error else None
     finished = session.execute(
         update(EngineBuild)
         .where(_held_by(build_id, builder, lease_token))
         .values(
             status=status,
             report=report,
-            error={"code": error[0], "message": error[1]} if error else None,
+            error=error_body,
             lease_expires_at=None,
             lease_token=None,
             finished_at=now,
             updated_at=now,
         )
-    )
-    session.commit()
-    if finished.rowcount != 1:  # type: ignore[attr-defined]
+        .returning(EngineBuild.job_id, EngineBuild.target)
+    ).one_or_none()
+    if finished is None:
+        session.rollback()
         raise EngineBuildNotClaimed(build_id)
+    _record_change(session, finished.job_id, build_id, finished.target, status, error_body)
+    session.commit()
     build = session.get(EngineBuild, build_id, populate_existing=True)
     assert build is not None
     return build

@@ -17,14 +17,14 @@ import datetime as dt
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ValidationError
-from sqlalchemy import and_, delete, func, or_, select, update
+from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,7 +32,7 @@ from core import events
 from core.config import JobConfig
 from core.errors import InputError, QuotaExceeded, TooLargeError
 from core.json_values import json_safe
-from core.models import Artifact, Job, utcnow
+from core.models import Artifact, Job, JobEvent, utcnow
 from core.pages import Page, newest_first
 from core.settings import Settings
 from core.storage import Storage, StoredFile, human_bytes
@@ -96,12 +96,56 @@ def parse_config(text: str) -> JobConfig:
         raise InputError("invalid_config", f"config is not valid JSON: {exc}") from exc
     except RecursionError as exc:  # the C scanner recurses once per nesting level
         raise InputError("invalid_config", "config is nested too deeply") from exc
+    return validate_config(raw)
+
+
+def validate_config(raw: object) -> JobConfig:
+    """The job config from its parsed JSON (a JSON request's ``config``); 422 invalid_config."""
     if not isinstance(raw, dict):
         raise InputError("invalid_config", "config must be a JSON object")
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
         raise InputError("invalid_config", describe_validation_error(exc, "config")) from exc
+
+
+# A job's ``metadata``: the user's own strings, bounded as OpenAI bounds its objects' metadata.
+# Keys keep to a plain alphabet: the list filter looks them up as JSON paths (SQLite's
+# JSON_EXTRACT cannot name every key).
+MAX_METADATA_KEYS = 16
+METADATA_KEY_PATTERN = r"^[A-Za-z0-9_.:/-]{1,64}$"
+MAX_METADATA_VALUE_CHARS = 512
+Metadata = Annotated[
+    dict[
+        Annotated[str, StringConstraints(pattern=METADATA_KEY_PATTERN)],
+        Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS)],
+    ],
+    Field(
+        max_length=MAX_METADATA_KEYS,
+        description=f"Up to {MAX_METADATA_KEYS} strings of up to {MAX_METADATA_VALUE_CHARS} "
+        "characters, by keys of 1..64 letters, digits and _ . : / -; GET /v1/jobs filters by "
+        "them (metadata[key]=value).",
+        examples=[{"experiment": "resnet18-w4", "owner": "ana"}],
+    ),
+]
+_METADATA = TypeAdapter(Metadata)
+
+
+def validate_metadata(raw: object) -> dict[str, str]:
+    """A job's metadata map, or 422 invalid_metadata naming what is wrong."""
+    try:
+        return _METADATA.validate_python(raw)
+    except ValidationError as exc:
+        raise InputError("invalid_metadata", describe_validation_error(exc, "metadata")) from exc
+
+
+def parse_metadata(text: str) -> dict[str, str]:
+    """A job's metadata from its JSON text (the multipart field ``metadata``)."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InputError("invalid_metadata", "metadata is not a JSON object of strings") from exc
+    return validate_metadata(raw)
 
 
 def describe_validation_error(exc: ValidationError, prefix: str) -> str:
@@ -223,8 +267,11 @@ def stored_bytes(session: Session, tenant: str) -> int:
     return int(inputs or 0) + int(artifacts or 0)
 
 
-def check_quota(session: Session, settings: Settings, tenant: str, *, incoming_bytes: int) -> None:
-    """Refuse a new job beyond the tenant's quotas: 429 (active jobs) or 413 (stored bytes).
+def check_quota(
+    session: Session, settings: Settings, tenant: str, *, incoming_bytes: int, new_jobs: int = 1
+) -> None:
+    """Refuse ``new_jobs`` new jobs (a sweep makes several) beyond the tenant's quotas: 429
+    (active jobs) or 413 (stored bytes).
 
     Checked before the body is read (``incoming_bytes`` from Content-Length) and again with the
     real sizes. Two uploads racing can both pass; the next one is refused.
@@ -232,11 +279,12 @@ def check_quota(session: Session, settings: Settings, tenant: str, *, incoming_b
     active = session.scalar(
         select(func.count()).where(Job.tenant == tenant, Job.status.in_(ACTIVE))
     )
-    if (active or 0) >= settings.max_active_jobs_per_tenant:
+    if (active or 0) + new_jobs > settings.max_active_jobs_per_tenant:
+        adding = f"; {new_jobs} more would pass it" if new_jobs > 1 else ""
         raise QuotaExceeded(
             "too_many_active_jobs",
             f"{active} jobs are queued or running, the limit of this API key's tenant is "
-            f"{settings.max_active_jobs_per_tenant}; retry when one has finished",
+            f"{settings.max_active_jobs_per_tenant}{adding}; retry when one has finished",
             headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
         )
     used = stored_bytes(session, tenant)
@@ -277,6 +325,28 @@ def list_jobs(
     return newest_first(session, query, Job, limit=limit, cursor=cursor)
 
 
+@dataclass
+class EventPage:
+    job_status: JobStatus
+    items: Sequence[JobEvent]
+    has_more: bool
+
+
+def job_events(
+    session: Session, tenant: str, job_id: str, *, after: int = 0, limit: int = 100
+) -> EventPage:
+    """The tenant's job's events with ids above ``after``, oldest first, ``limit`` at a time.
+
+    The status is read before the events: when it is final, the events of the transaction
+    that made it final are in this page or, with ``has_more``, in the next ones.
+    """
+    status = session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant == tenant))
+    if status is None:
+        raise JobNotFound(job_id)
+    items, has_more = events.list_events(session, job_id, after=after, limit=limit)
+    return EventPage(JobStatus(status), items, has_more)
+
+
 def get_artifact(session: Session, tenant: str, job_id: str, name: str) -> Artifact:
     job = get_job(session, tenant, job_id)
     for artifact in job.artifacts:
@@ -308,7 +378,9 @@ def request_cancel(session: Session, tenant: str, job_id: str) -> Job:
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELED, cancel_requested=True, finished_at=now, updated_at=now)
     )
-    if canceled.rowcount == 0:  # type: ignore[attr-defined]
+    if canceled.rowcount == 1:  # type: ignore[attr-defined]
+        events.record(session, job_id, events.EventType.STATUS, {"status": JobStatus.CANCELED})
+    else:  # a running job's worker stops at its next step, and records ``canceled`` then
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
@@ -361,9 +433,12 @@ def _lease_until(lease_seconds: int, now: dt.datetime | None = None) -> dt.datet
 def claim_job(
     session: Session, job_id: str, owner: str, lease_seconds: int, *, now: dt.datetime | None = None
 ) -> Job | None:
-    """Take the lease of a queued job, or of a running one whose lease expired; None otherwise."""
+    """Take the lease of a queued job, or of a running one whose lease expired; None otherwise.
+
+    The claim and its ``running`` event (with the attempt's number) are one transaction.
+    """
     now = now or utcnow()
-    claimed = session.execute(
+    attempt = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
@@ -382,70 +457,154 @@ def claim_job(
             started_at=func.coalesce(Job.started_at, now),
             updated_at=now,
         )
+        .returning(Job.attempts)
+    ).scalar_one_or_none()
+    if attempt is None:
+        session.rollback()
+        return None
+    events.record(
+        session, job_id, events.EventType.STATUS, {"status": JobStatus.RUNNING, "attempt": attempt}
     )
     session.commit()
-    if claimed.rowcount != 1:  # type: ignore[attr-defined]
-        return None
     return session.get(Job, job_id, populate_existing=True)
 
 
-def _owned_update(
+JobEventData = tuple[events.EventType, dict[str, Any]]
+
+
+def _owned(job_id: str, owner: str) -> ColumnElement[bool]:
+    """The WHERE clause of every write of a worker: the job runs under its lease."""
+    return and_(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
+
+
+def _owned_write(
     session: Session,
     job_id: str,
     owner: str,
     values: dict[str, Any],
     *,
     now: dt.datetime,
-    commit: bool = True,
+    recorded: Sequence[JobEventData] = (),
 ) -> bool:
+    """One write of the lease's owner and the events it tells of, in one transaction.
+
+    The UPDATE comes first and takes the row's lock: when it finds the lease gone (False),
+    the transaction is rolled back, so a worker that lost its job records nothing.
+    """
     result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
-        .values(updated_at=now, **values)
+        update(Job).where(_owned(job_id, owner)).values(updated_at=now, **values)
     )
-    if commit:
-        session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    for event_type, data in recorded:
+        events.record(session, job_id, event_type, data)
+    session.commit()
+    return True
+
+
+def _owned_stage(session: Session, job_id: str, owner: str) -> tuple[str | None, dict] | None:
+    """(stage, stage_seconds) of a job ``owner`` runs, locked on PostgreSQL until the commit
+    (on SQLite the UPDATE that follows takes the lock); None when the lease is gone.
+
+    Only the owner writes these two columns, so what is read here is still true when its
+    owned UPDATE succeeds.
+    """
+    row = session.execute(
+        select(Job.stage, Job.stage_seconds).where(_owned(job_id, owner)).with_for_update()
+    ).one_or_none()
+    if row is None:
+        session.rollback()
+        return None
+    return row.stage, dict(row.stage_seconds or {})
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
+def _with_seconds(
+    stage_seconds: dict[str, float], stage: str | None, seconds: float | None
+) -> dict[str, float]:
+    """``stage_seconds`` with ``seconds`` more in ``stage``: a job resumed after its worker died
+    adds the second attempt's time to the first's."""
+    if stage is None or seconds is None:
+        return stage_seconds
+    return stage_seconds | {stage: round(stage_seconds.get(stage, 0.0) + seconds, 1)}
 
 
 def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: int) -> bool:
     """Heartbeat; False when the lease was lost (expired and taken, or the job finished)."""
     now = utcnow()
-    return _owned_update(
+    return _owned_write(
         session, job_id, owner, {"lease_expires_at": _lease_until(lease_seconds, now)}, now=now
     )
 
 
-def report_stage(session: Session, job_id: str, owner: str, stage: str, lease_seconds: int) -> bool:
+def report_stage(
+    session: Session,
+    job_id: str,
+    owner: str,
+    stage: str,
+    lease_seconds: int,
+    *,
+    previous_seconds: float | None = None,
+) -> bool:
+    """The job entered ``stage``; the stage it left took ``previous_seconds`` (the worker's
+    monotonic clock), added to ``stage_seconds``. Event: ``stage``."""
     now = utcnow()
-    values = {"stage": stage, "lease_expires_at": _lease_until(lease_seconds, now)}
-    return _owned_update(session, job_id, owner, values, now=now)
+    current = _owned_stage(session, job_id, owner)
+    if current is None:
+        return False
+    previous, stage_seconds = current
+    values = {
+        "stage": stage,
+        "stage_seconds": _with_seconds(stage_seconds, previous, previous_seconds),
+        "lease_expires_at": _lease_until(lease_seconds, now),
+    }
+    data = {"stage": stage, "previous": previous, "previous_seconds": _rounded(previous_seconds)}
+    return _owned_write(
+        session, job_id, owner, values, now=now, recorded=[(events.EventType.STAGE, data)]
+    )
 
 
 def report_progress(
-    session: Session, job_id: str, owner: str, progress: dict[str, Any], lease_seconds: int
+    session: Session,
+    job_id: str,
+    owner: str,
+    progress: dict[str, Any],
+    lease_seconds: int,
+    *,
+    event: bool = False,
 ) -> bool:
+    """The job row's progress; with ``event``, also an event of type ``progress`` (the worker
+    writes the row every half second, the event every ``progress_event_seconds``)."""
     now = utcnow()
-    values = {"progress": json_safe(progress), "lease_expires_at": _lease_until(lease_seconds, now)}
-    return _owned_update(session, job_id, owner, values, now=now)
+    progress = json_safe(progress)
+    values = {"progress": progress, "lease_expires_at": _lease_until(lease_seconds, now)}
+    recorded = [(events.EventType.PROGRESS, progress)] if event else []
+    return _owned_write(session, job_id, owner, values, now=now, recorded=recorded)
 
 
 def report_metrics(session: Session, job_id: str, owner: str, point: dict[str, Any]) -> bool:
     """A training-curve point: an event of type ``metrics``, and the job's ``latest_metrics``."""
     point = json_safe(point)
-    if not _owned_update(
-        session, job_id, owner, {"latest_metrics": point}, now=utcnow(), commit=False
-    ):
-        session.rollback()
-        return False
-    events.record(session, job_id, events.EventType.METRICS, point)
-    session.commit()
-    return True
+    return _owned_write(
+        session,
+        job_id,
+        owner,
+        {"latest_metrics": point},
+        now=utcnow(),
+        recorded=[(events.EventType.METRICS, point)],
+    )
 
 
-def report_warning(session: Session, job_id: str, code: str, message: str) -> None:
-    events.record(session, job_id, events.EventType.WARNING, {"code": code, "message": message})
-    session.commit()
+def report_warning(session: Session, job_id: str, owner: str, code: str, message: str) -> bool:
+    """Something the user should know that does not fail the job: an event of type ``warning``."""
+    data = {"code": code, "message": message}
+    return _owned_write(
+        session, job_id, owner, {}, now=utcnow(), recorded=[(events.EventType.WARNING, data)]
+    )
 
 
 def record_artifact(session: Session, settings: Settings, job_id: str, stored: StoredFile) -> None:
@@ -465,36 +624,95 @@ def record_artifact(session: Session, settings: Settings, job_id: str, stored: S
 
 
 def _finish(
-    session: Session, job_id: str, owner: str, status: JobStatus, values: dict[str, Any]
+    session: Session,
+    job_id: str,
+    owner: str,
+    status: JobStatus,
+    values: dict[str, Any],
+    *,
+    last_stage_seconds: float | None,
+    error: dict[str, str] | None = None,
 ) -> bool:
+    """End a job ``owner`` runs: its status, the last stage's seconds, and the events (an
+    ``error`` first for a failure, then the final ``status`` with ``stage_seconds``)."""
     now = utcnow()
-    finished = _owned_update(
-        session,
-        job_id,
-        owner,
-        {"status": status, "finished_at": now, "lease_owner": None, "lease_expires_at": None}
-        | values,
-        now=now,
-    )
+    current = _owned_stage(session, job_id, owner)
+    finished = False
+    if current is not None:
+        stage, stage_seconds = current
+        stage_seconds = _with_seconds(stage_seconds, stage, last_stage_seconds)
+        status_event: dict[str, Any] = {"status": status}
+        recorded: list[JobEventData] = []
+        if error is not None:
+            recorded.append((events.EventType.ERROR, error))
+            status_event["error"] = error
+            values = values | {"error": error}
+        recorded.append((events.EventType.STATUS, status_event | {"stage_seconds": stage_seconds}))
+        finished = _owned_write(
+            session,
+            job_id,
+            owner,
+            {
+                "status": status,
+                "stage_seconds": stage_seconds,
+                "finished_at": now,
+                "lease_owner": None,
+                "lease_expires_at": None,
+            }
+            | values,
+            now=now,
+            recorded=recorded,
+        )
     if not finished:
         log.warning("job %s: lease of %s lost before it could be marked %s", job_id, owner, status)
     return finished
 
 
-def succeed(session: Session, job_id: str, owner: str, metrics: dict[str, Any]) -> bool:
+def succeed(
+    session: Session,
+    job_id: str,
+    owner: str,
+    metrics: dict[str, Any],
+    *,
+    last_stage_seconds: float | None = None,
+) -> bool:
     return _finish(
-        session, job_id, owner, JobStatus.SUCCEEDED, {"metrics": json_safe(metrics), "stage": None}
+        session,
+        job_id,
+        owner,
+        JobStatus.SUCCEEDED,
+        {"metrics": json_safe(metrics), "stage": None},
+        last_stage_seconds=last_stage_seconds,
     )
 
 
-def fail(session: Session, job_id: str, owner: str, code: str, message: str) -> bool:
-    error = {"code": code, "message": message}
-    return _finish(session, job_id, owner, JobStatus.FAILED, {"error": error})
+def fail(
+    session: Session,
+    job_id: str,
+    owner: str,
+    code: str,
+    message: str,
+    *,
+    last_stage_seconds: float | None = None,
+) -> bool:
+    return _finish(
+        session,
+        job_id,
+        owner,
+        JobStatus.FAILED,
+        {},
+        last_stage_seconds=last_stage_seconds,
+        error={"code": code, "message": message},
+    )
 
 
-def cancel(session: Session, job_id: str, owner: str) -> bool:
+def cancel(
+    session: Session, job_id: str, owner: str, *, last_stage_seconds: float | None = None
+) -> bool:
     """The worker stopped a job whose cancel was requested."""
-    return _finish(session, job_id, owner, JobStatus.CANCELED, {})
+    return _finish(
+        session, job_id, owner, JobStatus.CANCELED, {}, last_stage_seconds=last_stage_seconds
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,36 +723,53 @@ def requeue_expired(session: Session, *, now: dt.datetime | None = None) -> list
     """Put running jobs whose lease expired (their worker died) back in the queue.
 
     Returns their ids, to be enqueued again; a job that used up ``MAX_ATTEMPTS`` fails instead.
-    Clearing the owner makes a worker that was only stalled, not dead, lose the job.
+    Clearing the owner makes a worker that was only stalled, not dead, lose the job. Each job
+    changed gets its events in the same transaction: ``queued`` (reason ``worker_lost``), or an
+    ``error`` and ``failed``.
     """
     now = now or utcnow()
     expired = and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
-    session.execute(
+    error = {
+        "code": "worker_lost",
+        "message": f"the worker running this job stopped {MAX_ATTEMPTS} times",
+    }
+    failed = session.scalars(
         update(Job)
         .where(expired, Job.attempts >= MAX_ATTEMPTS)
         .values(
             status=JobStatus.FAILED,
-            error={
-                "code": "worker_lost",
-                "message": f"the worker running this job stopped {MAX_ATTEMPTS} times",
-            },
+            error=error,
             lease_owner=None,
             lease_expires_at=None,
             finished_at=now,
             updated_at=now,
         )
-    )
-    ids = list(session.scalars(select(Job.id).where(expired)))
-    if ids:
-        session.execute(
+        .returning(Job.id)
+    ).all()
+    for job_id in failed:
+        events.record(session, job_id, events.EventType.ERROR, error)
+        events.record(
+            session, job_id, events.EventType.STATUS, {"status": JobStatus.FAILED, "error": error}
+        )
+    requeued = list(
+        session.scalars(
             update(Job)
-            .where(Job.id.in_(ids), expired)
+            .where(expired)
             .values(
                 status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None, updated_at=now
             )
+            .returning(Job.id)
+        ).all()
+    )
+    for job_id in requeued:
+        events.record(
+            session,
+            job_id,
+            events.EventType.STATUS,
+            {"status": JobStatus.QUEUED, "reason": "worker_lost"},
         )
     session.commit()
-    return ids
+    return requeued
 
 
 def queued_job_ids(session: Session, *, sent_before: dt.datetime | None = None) -> list[str]:

@@ -182,6 +182,7 @@ def run_quantization(
     )
     for warning in metrics["warnings"]:
         log.warning("%s: %s", warning["code"], warning["message"])
+        reporter.warning(warning["code"], warning["message"])
 
     reporter.stage("exporting")
     student = student.cpu()

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         3600, ge=60, description="An upload folder untouched this long, with no request, goes."
     )
     maintenance_interval_seconds: float = Field(600, gt=0)
+    # Job events (core.events): progress is written to the job row every 0.5 s, but becomes
+    # an event of the job's log only this often; an event stream that has nothing to send
+    # says so with a comment this often (proxies close silent connections).
+    progress_event_seconds: float = Field(5, gt=0)
+    sse_heartbeat_seconds: float = Field(15, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 

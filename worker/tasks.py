@@ -51,9 +51,12 @@ class DbReporter:
     """``core.pipeline.Reporter`` that writes to the job row, and owns the lease while it does.
 
     Progress is written at most every ``progress_interval`` seconds (the latest value wins;
-    ``flush`` writes the last one), the cancel flag read at most every ``cancel_interval``
-    seconds: a training loop may call both per step, thousands of times a minute. Every write
-    renews the lease; a write that finds the lease gone makes ``should_stop`` say True.
+    ``flush`` writes the last one), and becomes an event of the job's log at most every
+    ``settings.progress_event_seconds`` (the last one before a stage change or the end always
+    does); the cancel flag is read at most every ``cancel_interval`` seconds: a training loop
+    may call both per step, thousands of times a minute. Every write renews the lease; a write
+    that finds the lease gone makes ``should_stop`` say True. Each stage is timed on ``clock``
+    (monotonic): its seconds go with the next stage's write, the last stage's with the end.
     """
 
     def __init__(
@@ -78,7 +81,11 @@ class DbReporter:
         self.clock = clock
         self.lease_lost = threading.Event()
         self._pending: dict[str, Any] | None = None
+        self._unannounced: dict[str, Any] | None = None  # written to the row, not an event yet
         self._last_write = -float("inf")
+        self._last_event = -float("inf")
+        self._stage: str | None = None
+        self._stage_started = 0.0
         self._last_poll = -float("inf")
         self._cancel_requested = False
 
@@ -95,26 +102,47 @@ class DbReporter:
     def stage(self, stage: str) -> None:
         self.flush()
         log.info("job %s: stage %s", self.job_id, stage)
+        previous_seconds = self.stage_seconds()
+        self._stage, self._stage_started = stage, self.clock()
         self._write(
             lambda s: jobs.report_stage(
-                s, self.job_id, self.owner, stage, self.settings.lease_seconds
+                s,
+                self.job_id,
+                self.owner,
+                stage,
+                self.settings.lease_seconds,
+                previous_seconds=previous_seconds,
             )
         )
+
+    def stage_seconds(self) -> float | None:
+        """Seconds in the current stage so far; None before the first stage."""
+        return None if self._stage is None else self.clock() - self._stage_started
 
     def progress(self, progress: dict[str, Any]) -> None:
         self._pending = dict(progress)
         if self.clock() - self._last_write >= self.progress_interval:
-            self.flush()
+            self._write_progress(final=False)
 
     def flush(self) -> None:
-        """Write the latest progress not written yet."""
-        if self._pending is None:
+        """Write the latest progress not written yet, as an event too: called when a stage ends
+        and when the job does, so the log always holds a stage's last progress."""
+        self._write_progress(final=True)
+
+    def _write_progress(self, *, final: bool) -> None:
+        progress = self._pending or (self._unannounced if final else None)
+        if progress is None:
             return
-        progress, self._pending = self._pending, None
-        self._last_write = self.clock()
+        now = self.clock()
+        event = final or now - self._last_event >= self.settings.progress_event_seconds
+        self._pending = None
+        self._unannounced = None if event else progress
+        self._last_write = now
+        if event:
+            self._last_event = now
         self._write(
             lambda s: jobs.report_progress(
-                s, self.job_id, self.owner, progress, self.settings.lease_seconds
+                s, self.job_id, self.owner, progress, self.settings.lease_seconds, event=event
             )
         )
 
@@ -122,11 +150,7 @@ class DbReporter:
         self._write(lambda s: jobs.report_metrics(s, self.job_id, self.owner, point))
 
     def warning(self, code: str, message: str) -> None:
-        def write(session: Session) -> bool:
-            jobs.report_warning(session, self.job_id, code, message)
-            return True
-
-        self._write(write)
+        self._write(lambda s: jobs.report_warning(s, self.job_id, self.owner, code, message))
 
     def should_stop(self) -> bool:
         if self.lease_lost.is_set() or self.out_of_time:
@@ -237,17 +261,18 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
     if reporter.lease_lost.is_set():
         log.warning("job %s: lease lost to another worker; leaving the job alone", job.id)
         return
+    last_stage_seconds = reporter.stage_seconds()
     with session_scope(settings) as session:
         if canceled:
             log.info("job %s: canceled", job.id)
-            jobs.cancel(session, job.id, owner)
+            jobs.cancel(session, job.id, owner, last_stage_seconds=last_stage_seconds)
         elif error is not None:
             log.info("job %s: failed: %s: %s", job.id, *error)
-            jobs.fail(session, job.id, owner, *error)
+            jobs.fail(session, job.id, owner, *error, last_stage_seconds=last_stage_seconds)
         else:
             for file in stored:
                 jobs.record_artifact(session, settings, job.id, file)
-            if jobs.succeed(session, job.id, owner, metrics):
+            if jobs.succeed(session, job.id, owner, metrics, last_stage_seconds=last_stage_seconds):
                 log.info("job %s: succeeded", job.id)
                 announce_engine_builds(settings, session, job.id)
     if not canceled and error is None:  # only an unfinished job resumes from its checkpoint
