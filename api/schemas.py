@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.config import TARGET_NAME
 from core.engines import engine_queue
+from core.events import EventType
 from core.jobs import JobStatus
 from core.models import EngineBuild, Job
 
@@ -178,6 +179,48 @@ class JobList(BaseModel):
 
 class ArtifactList(BaseModel):
     items: list[ArtifactPublic]
+
+
+class JobEventPublic(BaseModel):
+    """One entry of a job's event log; ``id`` counts from 1 within the job, without gaps. The
+    ``data`` of each type: ``status`` {status, attempt (running), error (failed), reason
+    (queued again: worker_lost), stage_seconds (final)}; ``stage`` {stage, previous,
+    previous_seconds}; ``progress`` {step, total_steps, epoch, loss, eta_seconds,
+    images_per_second, ...}; ``metrics`` a training-curve point; ``warning`` and ``error``
+    {code, message}; ``engine`` {build_id, target, status, error}."""
+
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 3,
+                    "type": "stage",
+                    "data": {
+                        "stage": "calibrating",
+                        "previous": "validating",
+                        "previous_seconds": 1.4,
+                    },
+                    "created_at": "2026-12-06T09:30:02.512000Z",
+                }
+            ]
+        },
+    )
+
+    id: int
+    type: EventType
+    data: dict[str, Any]
+    created_at: dt.datetime
+
+
+class JobEventPage(BaseModel):
+    """Events after ``after``, oldest first; ``has_more``: ask again with the last id. A job
+    whose ``job_status`` is final and ``has_more`` false has nothing more to tell (but engine
+    builds of a succeeded job, which come later)."""
+
+    items: list[JobEventPublic]
+    has_more: bool
+    job_status: JobStatus
 
 
 class Health(BaseModel):
