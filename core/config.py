@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.errors import ModelImportError
+
 TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # a TensorRT target: the queue engine.<it>
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,6 +33,37 @@ learnable step (lsq), learnable interval (ewgs), learnable activation clip with 
 def input_size_in_range(size: Sequence[int]) -> bool:
     """Whether every side of an [H, W] size lies in ``MIN_INPUT_SIDE..MAX_INPUT_SIDE``."""
     return all(MIN_INPUT_SIDE <= side <= MAX_INPUT_SIDE for side in size)
+
+
+def model_input_size(
+    input_shape: Sequence[int | str | None], input_size: Sequence[int] | None
+) -> tuple[int, int]:
+    """The [H, W] a job feeds a model of ``input_shape`` ([N, 3, H, W]; a dynamic dimension is
+    None or its symbolic name): ``preprocessing.input_size`` where given, else the model's own.
+
+    Refuses an input_size that contradicts a static side, and a dynamic side without one: on
+    upload (``core.inputs.onnx_model``) and for stored models (``core.resources``) alike.
+    """
+    channels = input_shape[1]
+    height, width = (side if isinstance(side, int) else None for side in input_shape[2:4])
+    if input_size is not None and any(
+        static is not None and static != wanted
+        for static, wanted in zip((height, width), input_size, strict=True)
+    ):
+        raise ModelImportError(
+            "input_shape_mismatch",
+            f"model input is {channels}x{height or '?'}x{width or '?'} but "
+            f"preprocessing.input_size is {list(input_size)}",
+        )
+    if input_size is not None:
+        return int(input_size[0]), int(input_size[1])
+    if height is None or width is None:
+        raise ModelImportError(
+            "unsupported_model",
+            f"model input has a dynamic size ({channels}x{height or '?'}x{width or '?'}); "
+            "set preprocessing.input_size to [H, W]",
+        )
+    return height, width
 
 
 class _Strict(BaseModel):

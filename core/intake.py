@@ -10,13 +10,16 @@ while the forkserver preloads the parsers (``PRELOAD``), so each child starts wa
 
 from __future__ import annotations
 
-import json
 import logging
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from core.config import JobConfig
+from core.config import JobConfig, model_input_size
 from core.errors import InputError
+from core.inputs.budget import check_pixel_budget
 from core.isolation import ChildLimits, run_isolated
 from core.jobs import JobUpload, parse_config
 from core.settings import Settings
@@ -25,6 +28,12 @@ log = logging.getLogger(__name__)
 
 PRELOAD = ("core.intake", "core.inputs.onnx_model", "core.inputs.archive", "core.inputs.images")
 """What the validation forkserver imports once (torch, onnx, onnxruntime come with them)."""
+
+DYNAMIC_SIDE_CHECKED = 224
+"""Height or width at which a stored model with a dynamic one is verified (ImageNet's)."""
+SIZE_SAMPLE = 1000
+"""Images of a stored dataset whose headers are read for the sizes it reports."""
+MAX_SIZES_REPORTED = 10
 
 
 @dataclass(frozen=True)
@@ -43,17 +52,11 @@ class UploadPaths:
 def validate_upload(upload: UploadPaths) -> dict[str, object]:
     """Check an upload; return its job config as JSON, with a default input size filled in."""
     from core.inputs.archive import inspect_archive  # heavy: imported in the child only
-    from core.inputs.images import check_pixel_budget
     from core.inputs.onnx_model import load_onnx_model
 
     config = parse_config(upload.config_text)
     model = load_onnx_model(upload.model, input_size=config.preprocessing.input_size)
-    if config.preprocessing.input_size is None:
-        # load_onnx_model refused a dynamic height or width without an input_size.
-        height, width = model.input_shape[2], model.input_shape[3]
-        raw = config.model_dump(mode="json")
-        raw["preprocessing"]["input_size"] = [height, width]
-        config = parse_config(json.dumps(raw))
+    config = with_input_size(config, model.input_shape)
     # class_names label the evaluation images: eval_data's, or else the data's held-out part.
     class_names = config.class_names
     data = inspect_archive(
@@ -74,6 +77,84 @@ def validate_upload(upload: UploadPaths) -> dict[str, object]:
     # decodes them all into one tensor, checks the same budget again before allocating it.
     check_pixel_budget(image_count, config.preprocessing.input_size, upload.max_dataset_pixels)
     return config.model_dump(mode="json")
+
+
+def with_input_size(config: JobConfig, input_shape: Sequence[int | str | None]) -> JobConfig:
+    """``config`` with ``preprocessing.input_size`` filled in from a model of ``input_shape``
+    (see ``core.config.model_input_size``: a dynamic model needs it given)."""
+    size = model_input_size(input_shape, config.preprocessing.input_size)
+    if config.preprocessing.input_size is not None:
+        return config
+    raw = config.model_dump(mode="json")
+    raw["preprocessing"]["input_size"] = list(size)
+    return JobConfig.model_validate(raw)
+
+
+def inspect_model(path: str) -> dict[str, Any]:
+    """What a stored model offers (``POST /v1/models``): imported and verified against ONNX
+    Runtime as a job's model is. A dynamic height or width is verified at
+    ``DYNAMIC_SIDE_CHECKED`` pixels; a job states its own size, and its worker verifies the
+    model again at that size."""
+    from core.inputs.onnx_model import load_onnx_model  # heavy: the child only
+
+    model = load_onnx_model(Path(path), dynamic_side=DYNAMIC_SIDE_CHECKED)
+    return {
+        "input_name": model.input_name,
+        "input_shape": list(model.input_shape),
+        "num_outputs": model.num_outputs,
+        "opset": model.opset,
+        "parameters": sum(parameter.numel() for parameter in model.module.parameters()),
+    }
+
+
+def inspect_dataset(path: str) -> dict[str, Any]:
+    """What a stored dataset holds (``POST /v1/datasets``): the archive checked as a job's data
+    is, plus the image sizes seen in an evenly spread sample of ``SIZE_SAMPLE`` images, read from
+    their headers alone (nothing is decoded)."""
+    from core.inputs.archive import open_image_archive  # heavy: the child only
+    from core.inputs.images import image_size
+
+    with open_image_archive(Path(path)) as archive:
+        summary = archive.summary
+        step = max(1, -(-len(archive.members) // SIZE_SAMPLE))  # ceiling division
+        sample = archive.members[::step]
+        sizes: Counter[tuple[int, int]] = Counter()
+        unreadable = 0
+        for _, stream in archive.stream(sample):
+            size = image_size(stream)
+            if size is None:
+                unreadable += 1
+            else:
+                sizes[size] += 1
+    formats = Counter(member.rpartition(".")[2].lower() for member in archive.members)
+    return {
+        "archive_format": summary.format,
+        "image_count": summary.image_count,
+        "image_bytes": summary.total_bytes,
+        "class_names": summary.class_names,
+        "formats": dict(formats.most_common()),
+        "image_sizes": [
+            {"width": width, "height": height, "count": count}
+            for (width, height), count in sizes.most_common(MAX_SIZES_REPORTED)
+        ],
+        "images_sampled": len(sample),
+        "unreadable_in_sample": unreadable,
+    }
+
+
+def inspect_isolated(kind: str, path: Path, settings: Settings) -> dict[str, Any]:
+    """``inspect_model`` or ``inspect_dataset`` (``kind``: model, dataset) in a child process
+    under the settings' limits, as ``validate_isolated`` runs a job's upload."""
+    function = {"model": "inspect_model", "dataset": "inspect_dataset"}[kind]
+    info: dict[str, Any] = run_isolated(
+        "core.intake",
+        function,
+        str(path),
+        validation_limits(settings),
+        what=f"the {kind}'s validation",
+        preload=PRELOAD,
+    )
+    return info
 
 
 def validation_limits(settings: Settings) -> ChildLimits:

@@ -18,7 +18,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,7 +32,7 @@ from core import events
 from core.config import JobConfig
 from core.errors import InputError, QuotaExceeded, TooLargeError
 from core.json_values import json_safe
-from core.models import Artifact, Job, JobEvent, utcnow
+from core.models import Artifact, Job, JobEvent, Resource, utcnow
 from core.pages import Page, newest_first
 from core.settings import Settings
 from core.storage import Storage, StoredFile, human_bytes
@@ -81,6 +81,7 @@ class JobUpload:
     model: StoredFile
     data: StoredFile
     eval_data: StoredFile | None = None
+    metadata: dict[str, str] = field(default_factory=dict)  # the user's own strings
 
     @property
     def size(self) -> int:
@@ -201,6 +202,7 @@ def submit_job(
             data_path=stored(upload.data),
             data_sha256=upload.data.sha256,
             data_size=upload.data.size,
+            user_metadata=upload.metadata,
             cancel_requested=False,
             attempts=0,
             enqueued_at=utcnow(),
@@ -209,22 +211,9 @@ def submit_job(
             job.eval_data_path = stored(upload.eval_data)
             job.eval_data_sha256 = upload.eval_data.sha256
             job.eval_data_size = upload.eval_data.size
-        try:
-            add_job(session, job)
-            session.commit()
-        except IntegrityError:
-            # A concurrent request with the same idempotency key won the race.
-            session.rollback()
-            existing = (
-                find_by_idempotency_key(session, tenant, idempotency_key)
-                if idempotency_key is not None
-                else None
-            )
-            if existing is None:
-                raise
-            return existing, False
-        committed = True
-        return job, True
+        job, created = commit_new_job(session, job)
+        committed = created
+        return job, created
     finally:
         # Whatever a committed job did not adopt is garbage now.
         storage.remove_tree(upload.directory)
@@ -243,6 +232,22 @@ def add_job(session: Session, job: Job) -> None:
     events.record(session, job.id, events.EventType.STATUS, {"status": JobStatus.QUEUED})
 
 
+def commit_new_job(session: Session, job: Job) -> tuple[Job, bool]:
+    """``add_job`` and commit: (job, True); or, when a concurrent request with the same
+    Idempotency-Key won the race, (its job, False) and nothing written."""
+    try:
+        add_job(session, job)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        key = job.idempotency_key
+        existing = find_by_idempotency_key(session, job.tenant, key) if key is not None else None
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
 def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
 
@@ -252,19 +257,28 @@ QUOTA_RETRY_AFTER_S = 60
 
 
 def stored_bytes(session: Session, tenant: str) -> int:
-    """Bytes the tenant keeps on disk: inputs not yet deleted, and artifacts."""
-    live_inputs = Job.tenant == tenant, Job.inputs_deleted_at.is_(None)
-    inputs = session.scalar(
+    """Bytes the tenant keeps on disk: its stored models and datasets (each once, however many
+    jobs use them), the inputs of jobs that own theirs (multipart) not yet deleted, and
+    artifacts."""
+    resources = session.scalar(
+        select(func.coalesce(func.sum(Resource.size), 0)).where(Resource.tenant == tenant)
+    )
+    own_inputs = session.scalar(
         select(
             func.coalesce(
                 func.sum(Job.model_size + Job.data_size + func.coalesce(Job.eval_data_size, 0)), 0
             )
-        ).where(*live_inputs)
+        ).where(
+            Job.tenant == tenant,
+            Job.inputs_deleted_at.is_(None),
+            Job.model_id.is_(None),  # a job made from stored resources names their files
+            Job.data_id.is_(None),
+        )
     )
     artifacts = session.scalar(
         select(func.coalesce(func.sum(Artifact.size), 0)).join(Job).where(Job.tenant == tenant)
     )
-    return int(inputs or 0) + int(artifacts or 0)
+    return int(resources or 0) + int(own_inputs or 0) + int(artifacts or 0)
 
 
 def check_quota(
@@ -287,13 +301,22 @@ def check_quota(
             f"{settings.max_active_jobs_per_tenant}{adding}; retry when one has finished",
             headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
         )
+    check_storage_quota(session, settings, tenant, incoming_bytes=incoming_bytes)
+
+
+def check_storage_quota(
+    session: Session, settings: Settings, tenant: str, *, incoming_bytes: int
+) -> None:
+    """413 when ``incoming_bytes`` more would pass the tenant's stored-bytes quota (a job's
+    upload, or a model or dataset to store)."""
     used = stored_bytes(session, tenant)
     if used + incoming_bytes > settings.max_stored_bytes_per_tenant:
         raise TooLargeError(
             "storage_quota_exceeded",
             f"this tenant stores {human_bytes(used)}; {human_bytes(incoming_bytes)} more would "
             f"pass its quota of {human_bytes(settings.max_stored_bytes_per_tenant)}: "
-            "delete finished jobs (DELETE /v1/jobs/{id})",
+            "delete finished jobs (DELETE /v1/jobs/{id}) or stored models and datasets "
+            "(DELETE /v1/models/{id}, /v1/datasets/{id})",
         )
 
 
@@ -318,10 +341,22 @@ def get_job(session: Session, tenant: str, job_id: str) -> Job:
 
 
 def list_jobs(
-    session: Session, tenant: str, *, limit: int = 20, cursor: str | None = None
+    session: Session,
+    tenant: str,
+    *,
+    limit: int = 20,
+    cursor: str | None = None,
+    statuses: Iterable[JobStatus] = (),
+    metadata: dict[str, str] | None = None,
 ) -> Page[Job]:
-    """The tenant's jobs, newest first, ``limit`` at a time (see ``core.pages``)."""
+    """The tenant's jobs, newest first, ``limit`` at a time (see ``core.pages``); only those in
+    one of ``statuses`` (when given) whose metadata holds every pair of ``metadata``."""
     query = select(Job).where(Job.tenant == tenant)
+    if wanted := list(statuses):
+        query = query.where(Job.status.in_(wanted))
+    for key, value in validate_metadata(metadata or {}).items():
+        # JSON element comparison, the same on SQLite (JSON_EXTRACT) and PostgreSQL (->>).
+        query = query.where(Job.user_metadata[key].as_string() == value)
     return newest_first(session, query, Job, limit=limit, cursor=cursor)
 
 

@@ -6,6 +6,9 @@ Layout (every path the database stores is relative to ``data_dir``)::
     jobs/<job id>/inputs/    the job's accepted uploads (moved here in one rename)
     jobs/<job id>/work/      the pipeline's working directory (checkpoints, exports)
     jobs/<job id>/artifacts/ the files clients download
+    resources/<id>/          a stored model or dataset (POST /v1/models, /v1/datasets), moved
+                             here in one rename once validated; the jobs made from it name
+                             this file (their *_path) and keep no copy
 
 An upload is never held in memory: it goes to disk chunk by chunk while its sha256 is computed
 and its size checked against a cap; a write that passes the cap deletes what it wrote.
@@ -173,6 +176,23 @@ class Storage:
         target.parent.mkdir(parents=True, exist_ok=True)
         upload_dir.rename(target)
         return target
+
+    @property
+    def resources_dir(self) -> Path:
+        return self.root / "resources"
+
+    def resource_dir(self, resource_id: str) -> Path:
+        return self.resources_dir / check_name(resource_id)
+
+    def adopt_resource(self, upload_dir: Path, resource_id: str) -> Path:
+        """Move a validated upload's staging folder to the resource's folder, in one rename."""
+        target = self.resource_dir(resource_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        upload_dir.rename(target)
+        return target
+
+    def remove_resource_files(self, resource_id: str) -> None:
+        self.remove_tree(self.resource_dir(resource_id))
 
     def store_artifact(self, job_id: str, name: str, source: Path) -> StoredFile:
         """Hash ``source`` and move it to the job's artifacts (a rename on the same disk)."""

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.errors import DataImportError, TooLargeError
+from core.errors import DataImportError
 from core.inputs.archive import DEFAULT_LIMITS, ArchiveLimits, open_image_archive
-from core.storage import human_bytes
+from core.inputs.budget import check_pixel_budget
 
 # Only the formats we advertise: PIL would otherwise also parse EPS, PSD and friends, and a file
 # named .jpg that is really a PNG still decodes.
@@ -37,6 +39,9 @@ _MAX_THREADS = 8
 # Decode tasks: about 30 small images or 4 MiB of files each.
 _CHUNK_IMAGES = 32
 _CHUNK_BYTES = 4 * 2**20
+
+# Enough of a file for PIL to find its size: past a JPEG's EXIF and ICC segments.
+HEADER_BYTES = 2**20
 
 # A small PNG or WebP can claim an enormous canvas; refuse before allocating it.
 MAX_IMAGE_PIXELS = 64 * 2**20
@@ -74,22 +79,18 @@ class ImageSet:
         return ImageSet(self.pixels[indices], labels, self.class_names)
 
 
-def check_pixel_budget(image_count: int, size: tuple[int, int], budget: int) -> None:
-    """Refuse a dataset whose decoded tensor, N x H x W pixels of 3 bytes, exceeds ``budget``.
-
-    Tiny files can stand for any number of pixels (40,000 one-colour PNGs zip to 6 MB and decode
-    to 117 GiB at 1024 x 1024), so the image count and input size are checked before anything
-    is decoded: by the API on upload (``core.intake``) and by the worker before it allocates.
-    """
-    height, width = size
-    pixels = image_count * height * width
-    if pixels > budget:
-        raise TooLargeError(
-            "pixel_budget_exceeded",
-            f"{image_count:,} images at input_size {height}x{width} are {pixels:,} pixels "
-            f"({human_bytes(3 * pixels)} decoded), over the budget of {budget:,} pixels per job "
-            "(MAX_DATASET_PIXELS): upload fewer images or choose a smaller input_size",
-        )
+def image_size(stream: IO[bytes]) -> tuple[int, int] | None:
+    """(width, height) from the first ``HEADER_BYTES`` of an image file, without decoding its
+    pixels; None when those bytes are not a JPEG, PNG or WebP header."""
+    head = stream.read(HEADER_BYTES)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(head), formats=_PIL_FORMATS) as image:
+                width, height = image.size
+                return width, height
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def load_image_archive(

@@ -24,7 +24,7 @@ from onnx2torch.node_converters import get_converter
 from onnx2torch.node_converters.matmul import OnnxMatMul
 from torch import fx, nn
 
-from core.config import MAX_INPUT_SIDE, MIN_INPUT_SIDE, input_size_in_range
+from core.config import MAX_INPUT_SIDE, MIN_INPUT_SIDE, input_size_in_range, model_input_size
 from core.errors import ModelImportError
 
 # onnx2torch 1.5 has converters up to opset 17 (e.g. no ReduceMean-18, Reshape-19, Identity-19).
@@ -48,17 +48,22 @@ def load_onnx_model(
     path: Path,
     *,
     input_size: tuple[int, int] | None = None,
+    dynamic_side: int | None = None,
     verify_batches: int = 2,
     seed: int = 0,
 ) -> ImportedModel:
     """Read, normalise, convert and verify an image classifier exported to ONNX.
 
     ``input_size`` is ``preprocessing.input_size`` (H, W): it must match a static model input
-    and is required when the model's height or width is dynamic.
+    and is required when the model's height or width is dynamic, unless ``dynamic_side`` gives
+    the side to verify a dynamic one at (a model stored before any job names its size).
     """
     original = _read(path)
     input_name, input_shape = _image_input(original.graph)
     num_outputs = _single_output_classes(original.graph)
+    if input_size is None and dynamic_side is not None:
+        height, width = (side or dynamic_side for side in input_shape[2:])
+        input_size = (height, width)
     verify_shape = _verification_shape(input_shape, input_size)
     opset = _default_opset(original)
     module = _convert(_normalise(original, opset))
@@ -196,23 +201,7 @@ def _verification_shape(
             "input_size_out_of_range",
             f"preprocessing.input_size is {list(input_size)}; its sides must lie in {sides}",
         )
-    if input_size is not None and any(
-        static is not None and static != wanted
-        for static, wanted in zip((height, width), input_size, strict=True)
-    ):
-        raise ModelImportError(
-            "input_shape_mismatch",
-            f"model input is {channels}x{height or '?'}x{width or '?'} but "
-            f"preprocessing.input_size is {list(input_size)}",
-        )
-    if height is None or width is None:
-        if input_size is None:
-            raise ModelImportError(
-                "unsupported_model",
-                f"model input has a dynamic size ({channels}x{height or '?'}x{width or '?'}); "
-                "set preprocessing.input_size to [H, W]",
-            )
-        height, width = input_size
+    height, width = model_input_size(input_shape, input_size)
     return VERIFY_BATCH_SIZE, 3, height, width
 
 
