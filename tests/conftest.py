@@ -7,12 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from core.db import migrate, session_factory
+from core.db import engine_for, migrate, session_factory
 from core.settings import Settings
 from tests.factories import export_tiny_cnn, image_zip
 from tests.fixtures_paths import unavailable
@@ -55,6 +56,25 @@ def session(settings: Settings) -> Iterator[Session]:
 @pytest.fixture
 def client(settings: Settings) -> TestClient:
     return make_client(settings)
+
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """URL of a fresh database on the machine's PostgreSQL, dropped afterwards."""
+    name = f"sqakd_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError:
+        unavailable("no PostgreSQL at 127.0.0.1:5432")
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    yield url
+    engine_for(Settings(database_url=url)).dispose()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
