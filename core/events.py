@@ -24,6 +24,7 @@ import redis
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
+from core import webhooks
 from core.json_values import json_safe
 from core.models import Job, JobEvent, utcnow
 
@@ -52,23 +53,36 @@ def record(session: Session, job_id: str, type: EventType, data: dict[str, Any])
 
     Returns the event's id, or None when the job does not exist (deleted meanwhile).
     """
-    event_id = session.execute(
+    numbered = session.execute(
         update(Job)
         .where(Job.id == job_id)
         # updated_at kept: an event tells of a change, it is not one.
         .values(last_event_id=Job.last_event_id + 1, updated_at=Job.updated_at)
-        .returning(Job.last_event_id)
+        .returning(Job.last_event_id, Job.tenant)
         .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
-    if event_id is None:
+    ).one_or_none()
+    if numbered is None:
         return None
+    event_id, tenant = numbered
     session.add(
         JobEvent(
             job_id=job_id, id=event_id, type=str(type), data=json_safe(data), created_at=utcnow()
         )
     )
     session.info.setdefault(_PENDING, set()).add(job_id)
+    _announce_outcome(session, tenant, job_id, type, data)
     return event_id
+
+
+def _announce_outcome(
+    session: Session, tenant: str, job_id: str, type: EventType, data: dict[str, Any]
+) -> None:
+    """A job's final status and an engine build's outcome go to the tenant's webhooks."""
+    status = str(data.get("status"))
+    if type == EventType.STATUS and status in ("succeeded", "failed", "canceled"):
+        webhooks.announce(session, tenant, f"job.{status}", job_id)
+    elif type == EventType.ENGINE and status in ("succeeded", "failed"):
+        webhooks.announce(session, tenant, f"engine.{status}", str(data["build_id"]))
 
 
 def list_events(

@@ -2,6 +2,7 @@
 
 Keyset pagination on (created_at, id): a page's cursor is the last row's pair, so inserts and
 deletes between two requests neither repeat nor skip rows. Cursors are opaque to clients.
+Ids are strings (uuids) or integers (autoincrement keys); a cursor keeps the id's JSON type.
 """
 
 from __future__ import annotations
@@ -27,21 +28,27 @@ class Page(Generic[Row]):
     next_cursor: str | None = None
 
 
-def encode_cursor(created_at: dt.datetime, row_id: str) -> str:
+RowId = str | int
+
+
+def encode_cursor(created_at: dt.datetime, row_id: RowId) -> str:
     raw = json.dumps([created_at.isoformat(), row_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+def decode_cursor(cursor: str, id_type: type[RowId] = str) -> tuple[dt.datetime, RowId]:
+    """The (created_at, id) pair of a cursor whose id is of ``id_type`` (the table's)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, row_id = json.loads(raw)
         when = dt.datetime.fromisoformat(created_at)
     except (ValueError, TypeError, binascii.Error, RecursionError) as exc:
         raise InputError("invalid_cursor", "cursor is not one this API returned") from exc
-    if when.tzinfo is None:  # ours always carry their offset; a naive one was made by hand
+    # Ours always carry their offset; a naive one was made by hand. An id of another type
+    # (bool is an int too) would compare a column with a value of another type.
+    if when.tzinfo is None or type(row_id) is not id_type:
         raise InputError("invalid_cursor", "cursor is not one this API returned")
-    return when, str(row_id)
+    return when, row_id
 
 
 def newest_first(
@@ -49,7 +56,7 @@ def newest_first(
 ) -> Page[Any]:
     """Run ``query`` (a ``select`` of ``table``, filtered) as one page of ``limit`` rows."""
     if cursor is not None:
-        created_at, row_id = decode_cursor(cursor)
+        created_at, row_id = decode_cursor(cursor, table.id.type.python_type)
         query = query.where(
             or_(
                 table.created_at < created_at,

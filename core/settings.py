@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, NonNegativeFloat, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024**2
@@ -96,6 +96,20 @@ class Settings(BaseSettings):
     # says so with a comment this often (proxies close silent connections).
     progress_event_seconds: float = Field(5, gt=0)
     sse_heartbeat_seconds: float = Field(15, gt=0)
+    # Webhooks (core.webhooks): deliveries are Celery tasks on their own queue.
+    webhook_queue: str = Field("webhooks", min_length=1)
+    webhook_allow_private: bool = Field(
+        False, description="Let webhooks target private addresses (10/8, 192.168/16, fc00::/7)."
+    )
+    webhook_allow_loopback: bool | None = Field(
+        None, description="Let webhooks target loopback; default: only in the keyless mode."
+    )
+    webhook_timeout_seconds: float = Field(10, gt=0, le=60)
+    webhook_retry_schedule_seconds: list[NonNegativeFloat] = Field(
+        [5, 300, 1800, 7200, 18000, 36000, 36000],
+        max_length=20,
+        description="Delays between a webhook message's attempts (Standard Webhooks' schedule).",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
@@ -163,6 +177,13 @@ class Settings(BaseSettings):
     @property
     def auth_required(self) -> bool:
         return bool(self.api_keys)
+
+    @property
+    def webhook_loopback_allowed(self) -> bool:
+        """Explicitly set, or else exactly in the keyless mode (its receivers are local)."""
+        if self.webhook_allow_loopback is not None:
+            return self.webhook_allow_loopback
+        return not self.auth_required
 
     def check_exposure(self) -> None:
         """Refuse to serve beyond this machine without keys (DESIGN: only embedded is keyless)."""

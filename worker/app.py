@@ -7,14 +7,19 @@ tasks themselves (``include`` loads ``worker.tasks`` only in worker processes).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 
-from celery import Celery
+from celery import Celery, signals
 
+from core import webhooks
 from core.settings import Settings, get_settings
 
 TRAIN_TASK = "worker.tasks.train_job"
 BUILD_ENGINE_TASK = "worker.tasks.build_engine"
+DELIVER_WEBHOOK_TASK = "worker.webhook_tasks.deliver_webhook"
+"""One attempt at one webhook message, on ``settings.webhook_queue``: a worker of its own
+(threads, several at once) consumes it, so deliveries never wait behind a training job."""
 """Sent to the queue ``engine.<target>`` of each build (``core.engines.engine_queue``), which
 only engine workers on that target consume: ``celery -A worker.app worker -Q engine.<target>``."""
 
@@ -34,12 +39,12 @@ TRAIN_TIME_LIMIT_S = 48 * 3600
 def create_celery_app(settings: Settings | None = None) -> Celery:
     """The app for these settings' broker and queue; one per process and broker."""
     settings = settings or get_settings()
-    return _create(settings.celery_broker_url, settings.train_queue)
+    return _create(settings.celery_broker_url, settings.train_queue, settings.webhook_queue)
 
 
 @lru_cache(maxsize=4)
-def _create(broker_url: str, train_queue: str) -> Celery:
-    app = Celery("sqakd", broker=broker_url, include=["worker.tasks"])
+def _create(broker_url: str, train_queue: str, webhook_queue: str) -> Celery:
+    app = Celery("sqakd", broker=broker_url, include=["worker.tasks", "worker.webhook_tasks"])
     app.conf.update(
         # IDs only, as JSON: nothing a broker peer sends is ever unpickled.
         task_serializer="json",
@@ -51,7 +56,10 @@ def _create(broker_url: str, train_queue: str) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # a worker holds no second job it cannot start
-        task_routes={TRAIN_TASK: {"queue": train_queue}},
+        task_routes={
+            TRAIN_TASK: {"queue": train_queue},
+            DELIVER_WEBHOOK_TASK: {"queue": webhook_queue},
+        },
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
         # The API must answer even when the broker is down: give up publishing quickly.
@@ -68,6 +76,32 @@ def enqueue_train(settings: Settings, job_id: str) -> None:
 def enqueue_engine_build(settings: Settings, build_id: str, queue: str) -> None:
     """Announce an engine build on its target's queue."""
     create_celery_app(settings).send_task(BUILD_ENGINE_TASK, args=[build_id], queue=queue)
+
+
+def enqueue_webhook_deliveries(
+    settings: Settings, message_ids: Sequence[str], countdown: float | None = None
+) -> None:
+    """Send each webhook message to delivery, after ``countdown`` seconds if given."""
+    app = create_celery_app(settings)
+    for message_id in message_ids:
+        app.send_task(
+            DELIVER_WEBHOOK_TASK,
+            args=[message_id],
+            queue=settings.webhook_queue,
+            countdown=countdown,
+        )
+
+
+def dispatch_webhooks_with(settings: Settings) -> None:
+    """Make this process send committed webhook messages (core.webhooks) to these settings'
+    broker: the API calls it at startup; worker processes do below."""
+    webhooks.set_dispatcher(lambda message_ids: enqueue_webhook_deliveries(settings, message_ids))
+
+
+@signals.worker_init.connect
+def _dispatch_from_worker(**_: object) -> None:
+    # Workers finish jobs and engine builds: their webhook messages leave from here.
+    dispatch_webhooks_with(get_settings())
 
 
 _JOB_ID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
