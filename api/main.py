@@ -23,6 +23,7 @@ from api.local_guard import LocalGuard
 from api.routes import engines, events, health, jobs, resources, sweeps, webhooks
 from api.validation import ValidationGate
 from core import jobs as job_service
+from core import webhooks as webhook_service
 from core.db import session_scope
 from core.errors import InputError
 from core.housekeeping import run_housekeeping
@@ -31,7 +32,12 @@ from core.isolation import shut_down as shut_down_validation
 from core.isolation import warm_up
 from core.models import utcnow
 from core.settings import Settings, get_settings
-from worker.app import enqueue_train, job_ids_in_broker
+from worker.app import (
+    dispatch_webhooks_with,
+    enqueue_train,
+    enqueue_webhook_deliveries,
+    job_ids_in_broker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +142,15 @@ def sweep(settings: Settings, *, include_queued: bool) -> None:
         log.info("sweep: enqueued %d job(s) again", len(ids))
 
 
+def redispatch_webhooks(settings: Settings) -> None:
+    """Send again the webhook messages whose delivery task the broker lost (long overdue)."""
+    with session_scope(settings) as session:
+        message_ids = webhook_service.overdue_message_ids(session)
+    if message_ids:
+        enqueue_webhook_deliveries(settings, message_ids)
+        log.info("sweep: sent %d webhook message(s) again", len(message_ids))
+
+
 async def _every(interval_s: float, name: str, step: Callable[[bool], None]) -> None:
     """Run ``step(first)`` in a thread now and every ``interval_s``; log failures, go on."""
     first = True
@@ -167,6 +182,13 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
                         current.lease_seconds / 2,
                         "recovery sweep",
                         lambda first: sweep(current, include_queued=first),
+                    )
+                ),
+                asyncio.create_task(
+                    _every(
+                        webhook_service.REDISPATCH_AFTER.total_seconds(),
+                        "webhook redelivery",
+                        lambda _first: redispatch_webhooks(current),
                     )
                 ),
                 asyncio.create_task(
@@ -207,6 +229,8 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
 
         app.dependency_overrides[current_settings] = given_settings
     app.state.validation_gate = ValidationGate(settings or get_settings())
+    # Webhook messages committed in this process leave through this app's broker.
+    dispatch_webhooks_with(settings or get_settings())
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(events.router)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from core import jobs
+from core import events, jobs
+from core.db import session_factory
 from core.models import Job
 from core.settings import Settings
 from tests.factories import make_job
+from tests.utils import SettingsFactory
 from worker.tasks import DbReporter
 
 
@@ -89,3 +91,37 @@ def test_lost_lease_stops_the_job(settings: Settings, session: Session) -> None:
 
     assert reporter.lease_lost.is_set()
     assert reporter.should_stop()
+
+
+def test_stages_are_timed_and_progress_becomes_an_event_every_few_seconds(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings(progress_event_seconds=5)
+    with session_factory(settings)() as session:
+        job = running_job(session, settings)
+    clock = FakeClock()
+    reporter = DbReporter(settings, job.id, "me", clock=clock)
+
+    reporter.stage("calibrating")
+    clock.now += 1.26
+    reporter.stage("training")
+    for step in range(1, 21):  # a step every 0.5 s: the row each time, an event every 5 s
+        reporter.progress({"step": step})
+        clock.now += 0.5
+    reporter.stage("evaluating")  # the stage's last progress is always an event
+
+    with session_factory(settings)() as session:
+        items, _ = events.list_events(session, job.id)
+        row = session.get(Job, job.id)
+    logged = [(event.type, event.data) for event in items]
+    assert logged == [
+        ("status", {"status": "running", "attempt": 1}),
+        ("stage", {"stage": "calibrating", "previous": None, "previous_seconds": None}),
+        ("stage", {"stage": "training", "previous": "calibrating", "previous_seconds": 1.3}),
+        ("progress", {"step": 1}),
+        ("progress", {"step": 11}),
+        ("progress", {"step": 20}),
+        ("stage", {"stage": "evaluating", "previous": "training", "previous_seconds": 10.0}),
+    ]
+    assert row is not None and row.stage_seconds == {"calibrating": 1.3, "training": 10.0}
+    assert reporter.stage_seconds() == 0.0
