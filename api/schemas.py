@@ -4,15 +4,16 @@ file paths, no lease (a build's lease token goes only to its claimant, in ``Engi
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.config import TARGET_NAME
 from core.engines import engine_queue
 from core.events import EventType
-from core.jobs import JobStatus
+from core.jobs import JobStatus, Metadata
 from core.models import EngineBuild, Job
+from core.sweeps import SweepView
 
 
 class ErrorDetail(BaseModel):
@@ -230,3 +231,233 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: str
     checks: dict[str, str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+
+SWEEP_ID_EXAMPLE = "3f6d2a10-8c4b-4e7a-9d15-2b7e0c9a4f68"
+
+
+class SweepCreate(BaseModel):
+    """``POST /v1/sweeps``: one job per configuration, over stored resources. Give ``grid``
+    (tied keys advance together, the others multiply) or an explicit ``configs`` list."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "5b0e7c1a-2f4d-4c7e-9a51-0d6f3b8e2c11",
+                    "data_id": "9c3f1e20-7a6b-4d85-b1e2-4f0a6c9d8e73",
+                    "eval_data_id": "1d7e4b92-3c5a-4f60-8e2d-6a9b0c1f7e45",
+                    "base_config": {"epochs": 3, "batch_size": 64},
+                    "grid": {"weight_bits": [8, 4, 2], "activation_bits": [8, 4, 2]},
+                    "metadata": {"experiment": "bit-widths"},
+                },
+                {
+                    "model_id": "5b0e7c1a-2f4d-4c7e-9a51-0d6f3b8e2c11",
+                    "data_id": "9c3f1e20-7a6b-4d85-b1e2-4f0a6c9d8e73",
+                    "base_config": {"epochs": 3},
+                    "configs": [
+                        {"weight_bits": 4, "activation_bits": 8},
+                        {"weight_bits": 4, "activation_bits": 4, "method": "ewgs"},
+                    ],
+                },
+            ]
+        },
+    )
+
+    model_id: str = Field(max_length=36, description="A stored model (POST /v1/models).")
+    data_id: str = Field(max_length=36, description="A stored dataset (POST /v1/datasets).")
+    eval_data_id: str | None = Field(
+        None, max_length=36, description="A stored dataset labelled by class folders, for top-1."
+    )
+    base_config: dict[str, Any] = Field(
+        default_factory=dict, description="What every job's config starts from (README)."
+    )
+    grid: dict[str, list[Any]] | None = Field(
+        None,
+        max_length=16,
+        description="Config field -> values; a dotted key reaches a nested field "
+        "(preprocessing.augment). Each point is deep-merged over base_config.",
+    )
+    tie: list[str] | None = Field(
+        None,
+        max_length=16,
+        description="Grid keys that advance together (lists of one length); the others form "
+        "the cartesian product. Default: weight_bits and activation_bits, where the grid has "
+        "them; [] ties nothing.",
+    )
+    configs: list[dict[str, Any]] | None = Field(
+        None, description="Instead of grid: each entry deep-merged over base_config."
+    )
+    metadata: Metadata | None = Field(
+        None, description="The sweep's own strings; each job gets them too, with sweep_id."
+    )
+
+
+class SweepRowPublic(BaseModel):
+    """One job of a sweep, as the table shows it."""
+
+    job_id: str
+    label: str = Field(description='The configuration in short: "W4A4 lsq".')
+    config: dict[str, Any] = Field(description="The job's values of the sweep's grid keys.")
+    status: JobStatus
+    agreement: float | None = Field(description="Teacher/student top-1 agreement, 0..1.")
+    student_top1: float | None = Field(description="Top-1 on the labelled images, 0..1.")
+    packed_bytes: int | None = Field(description="Weights at their bit-width (metrics).")
+    int8_latency_ms: float | None = Field(
+        description="model_qdq_cpu.onnx under OpenVINO on the worker's CPU, batch 1, ms per "
+        "image (metrics.inference); null where not measured."
+    )
+    error: ErrorDetail | None
+    pareto: bool = Field(description="On the Pareto front of packed size and pareto_metric.")
+
+
+class SweepPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": SWEEP_ID_EXAMPLE,
+                    "status": "completed",
+                    "counts": {
+                        "queued": 0,
+                        "running": 0,
+                        "succeeded": 2,
+                        "failed": 0,
+                        "canceled": 0,
+                    },
+                    "rows": [
+                        {
+                            "job_id": "0a4f2c6e-1b3d-4e5f-8a7b-9c0d1e2f3a4b",
+                            "label": "W8A8 lsq",
+                            "config": {"weight_bits": 8, "activation_bits": 8},
+                            "status": "succeeded",
+                            "agreement": 0.997,
+                            "student_top1": 0.989,
+                            "packed_bytes": 25_412,
+                            "int8_latency_ms": 0.21,
+                            "error": None,
+                            "pareto": True,
+                        },
+                        {
+                            "job_id": "7e1d3b5f-2a4c-4d6e-9f8a-0b1c2d3e4f5a",
+                            "label": "W4A4 lsq",
+                            "config": {"weight_bits": 4, "activation_bits": 4},
+                            "status": "succeeded",
+                            "agreement": 0.991,
+                            "student_top1": 0.986,
+                            "packed_bytes": 14_131,
+                            "int8_latency_ms": 0.2,
+                            "error": None,
+                            "pareto": True,
+                        },
+                    ],
+                    "pareto_metric": "student_top1",
+                    "recommended_job_id": "7e1d3b5f-2a4c-4d6e-9f8a-0b1c2d3e4f5a",
+                    "artifacts": [
+                        {
+                            "name": "report.html",
+                            "size": 21_034,
+                            "sha256": "5d41402abc4b2a76b9719d911017c592"
+                            "5d41402abc4b2a76b9719d911017c592",
+                            "created_at": "2026-12-06T10:02:11Z",
+                        },
+                        {
+                            "name": "pareto.svg",
+                            "size": 6_120,
+                            "sha256": "7d793037a0760186574b0282f2f435e7"
+                            "7d793037a0760186574b0282f2f435e7",
+                            "created_at": "2026-12-06T10:02:11Z",
+                        },
+                    ],
+                    "model_id": "5b0e7c1a-2f4d-4c7e-9a51-0d6f3b8e2c11",
+                    "data_id": "9c3f1e20-7a6b-4d85-b1e2-4f0a6c9d8e73",
+                    "eval_data_id": "1d7e4b92-3c5a-4f60-8e2d-6a9b0c1f7e45",
+                    "base_config": {"epochs": 3},
+                    "grid": {"weight_bits": [8, 4], "activation_bits": [8, 4]},
+                    "tie": None,
+                    "configs": None,
+                    "metadata": {"experiment": "bit-widths"},
+                    "cancel_requested": False,
+                    "created_at": "2026-12-06T09:58:40Z",
+                    "completed_at": "2026-12-06T10:02:11Z",
+                }
+            ]
+        }
+    )
+
+    id: str
+    status: Literal["running", "completed", "canceled"] = Field(
+        description="running while a job is queued or running, then completed; canceled once "
+        "a cancel was asked for."
+    )
+    counts: dict[str, int] = Field(description="The sweep's jobs by status.")
+    rows: list[SweepRowPublic]
+    pareto_metric: Literal["student_top1", "agreement"] = Field(
+        description="The accuracy of the front: student_top1 where every succeeded job has "
+        "it (labelled images), else agreement."
+    )
+    recommended_job_id: str | None = Field(
+        description="The smallest front job within 1 point of the best accuracy."
+    )
+    artifacts: list[ArtifactPublic] = Field(
+        description="report.html and pareto.svg, once every job is final."
+    )
+    model_id: str | None
+    data_id: str | None
+    eval_data_id: str | None
+    base_config: dict[str, Any]
+    grid: dict[str, list[Any]] | None
+    tie: list[str] | None
+    configs: list[dict[str, Any]] | None
+    metadata: dict[str, str]
+    cancel_requested: bool
+    created_at: dt.datetime
+    completed_at: dt.datetime | None = Field(description="When the report was stored.")
+
+    @classmethod
+    def from_view(cls, view: SweepView) -> SweepPublic:
+        sweep, table = view.sweep, view.table
+        request = sweep.request
+        return cls(
+            id=sweep.id,
+            status=table.status,  # type: ignore[arg-type]
+            counts=table.counts,
+            rows=[
+                SweepRowPublic(
+                    job_id=row.job_id,
+                    label=row.label,
+                    config=row.config,
+                    status=JobStatus(row.status),
+                    agreement=row.agreement,
+                    student_top1=row.student_top1,
+                    packed_bytes=row.packed_bytes,
+                    int8_latency_ms=row.int8_latency_ms,
+                    error=ErrorDetail.model_validate(row.error) if row.error else None,
+                    pareto=row.pareto,
+                )
+                for row in table.rows
+            ],
+            pareto_metric=table.pareto_metric,  # type: ignore[arg-type]
+            recommended_job_id=table.recommended.job_id if table.recommended else None,
+            artifacts=[ArtifactPublic.model_validate(a) for a in sweep.artifacts or []],
+            model_id=sweep.model_id,
+            data_id=sweep.data_id,
+            eval_data_id=sweep.eval_data_id,
+            base_config=request.get("base_config", {}),
+            grid=request.get("grid"),
+            tie=request.get("tie"),
+            configs=request.get("configs"),
+            metadata=sweep.user_metadata or {},
+            cancel_requested=sweep.cancel_requested,
+            created_at=sweep.created_at,
+            completed_at=sweep.completed_at,
+        )
+
+
+class SweepList(BaseModel):
+    items: list[SweepPublic]
+    next_cursor: str | None

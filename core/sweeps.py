@@ -1,0 +1,627 @@
+"""Sweeps: one ordinary job per configuration of a grid, over the same stored model and data,
+and what compares them once they are final: a table, its Pareto front and a report.
+
+A grid's tied keys advance together (``weight_bits`` and ``activation_bits`` by default, so
+``[8, 4, 2]`` means W8A8, W4A4 and W2A2); the other keys form the cartesian product. Each
+configuration is the sweep's ``base_config`` deep-merged with its values, and becomes a job
+through ``core.resources.prepare_job`` and ``core.jobs.add_job``, like any job made from stored
+resources.
+
+A sweep completes when its last job is final: whoever finishes that job (the worker, a cancel,
+the API's recovery loop for jobs that ended any other way) renders ``report.html`` and
+``pareto.svg`` under ``<data_dir>/sweeps/<id>/artifacts/``. The claim is one conditional UPDATE
+(``completed_at IS NULL``) that holds the row until the files are in place and the commit
+lands, so two processes finishing at once store the report once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from core import jobs, webhooks
+from core.errors import InputError
+from core.jobs import ACTIVE, JobStatus
+from core.models import Job, Resource, Sweep, utcnow
+from core.pages import Page, newest_first
+from core.resources import prepare_job
+from core.settings import Settings
+from core.storage import Storage, check_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIE = ("weight_bits", "activation_bits")
+REPORT_FILES = ("report.html", "pareto.svg")
+# The recommendation: the smallest front point within this much accuracy of the best one.
+RECOMMEND_WITHIN = 0.01
+BITS_KEYS = ("weight_bits", "activation_bits", "method")  # what a label always shows
+
+
+class SweepNotFound(InputError):
+    status_code = 404
+
+    def __init__(self, sweep_id: str) -> None:
+        super().__init__("sweep_not_found", f"no sweep {sweep_id!r}")
+
+
+class SweepArtifactNotFound(InputError):
+    status_code = 404
+
+    def __init__(self, sweep_id: str, name: str) -> None:
+        super().__init__(
+            "artifact_not_found",
+            f"sweep {sweep_id!r} has no artifact {name!r} (the report is stored once every job "
+            "of the sweep is final)",
+        )
+
+
+class SweepRunning(InputError):
+    status_code = 409
+
+    def __init__(self, sweep_id: str) -> None:
+        super().__init__(
+            "sweep_running",
+            f"a job of sweep {sweep_id!r} is running: cancel the sweep "
+            f"(POST /v1/sweeps/{sweep_id}/cancel) and delete it once its jobs have stopped",
+        )
+
+
+def invalid_sweep(message: str) -> InputError:
+    return InputError("invalid_sweep", message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s values; nested objects merge key by key, the rest replace."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def nested(path: str, value: Any) -> dict[str, Any]:
+    """``"preprocessing.augment", False`` -> ``{"preprocessing": {"augment": False}}``."""
+    head, _, rest = path.partition(".")
+    return {head: nested(rest, value) if rest else value}
+
+
+def lookup(config: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted ``path`` of ``config``; None where it has none."""
+    value: Any = config
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def grid_points(
+    grid: Mapping[str, Sequence[Any]], tie: Sequence[str] | None, max_jobs: int
+) -> list[dict[str, Any]]:
+    """Each point of ``grid`` as ``{key: value}``, in grid order (the first key varies slowest).
+
+    ``tie``: keys that advance together (equal lengths); None ties whichever of
+    ``DEFAULT_TIE`` the grid has. More than ``max_jobs`` points is refused before any is made.
+    """
+    if not grid:
+        raise invalid_sweep("grid is empty: give at least one key with a list of values")
+    for key, values in grid.items():
+        if not key or any(not part for part in key.split(".")):
+            raise invalid_sweep(f"grid key {key!r} is not a config field name")
+        if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+            raise invalid_sweep(f"grid.{key} must be a non-empty list of values")
+    if tie is None:
+        tied = [key for key in DEFAULT_TIE if key in grid]
+    else:
+        missing = [key for key in tie if key not in grid]
+        if missing:
+            raise invalid_sweep(f"tie names {', '.join(missing)}, which the grid does not have")
+        tied = list(dict.fromkeys(tie))
+    lengths = {key: len(grid[key]) for key in tied}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{key} has {n}" for key, n in lengths.items())
+        raise invalid_sweep(f"tied keys need lists of one length: {described}")
+    # One axis per untied key, one for the tied group, at its first key's place.
+    axes: list[list[dict[str, Any]]] = []
+    for key in grid:
+        if key in tied:
+            if key == tied[0]:
+                columns = zip(*(grid[k] for k in tied), strict=True)  # lengths checked above
+                axes.append([dict(zip(tied, values, strict=True)) for values in columns])
+        else:
+            axes.append([{key: value} for value in grid[key]])
+    count = math.prod(len(axis) for axis in axes)
+    check_size(count, max_jobs)
+    return [
+        {key: value for part in combination for key, value in part.items()}
+        for combination in itertools.product(*axes)
+    ]
+
+
+def check_size(count: int, max_jobs: int) -> None:
+    if count > max_jobs:
+        raise InputError(
+            "sweep_too_large",
+            f"the sweep has {count} configurations; at most {max_jobs} (MAX_SWEEP_JOBS) run "
+            "as one sweep",
+        )
+
+
+def expand(
+    base_config: Mapping[str, Any],
+    *,
+    grid: Mapping[str, Sequence[Any]] | None,
+    tie: Sequence[str] | None,
+    configs: Sequence[Mapping[str, Any]] | None,
+    max_jobs: int,
+) -> list[dict[str, Any]]:
+    """The job config of each configuration: ``base_config`` deep-merged with a grid point
+    (dotted keys reach into nested fields) or with one of ``configs``."""
+    if (grid is None) == (configs is None):
+        raise invalid_sweep("give either grid or configs, not both and not neither")
+    if configs is not None:
+        if not configs:
+            raise invalid_sweep("configs is empty: give at least one configuration")
+        if tie is not None:
+            raise invalid_sweep("tie applies to a grid only")
+        check_size(len(configs), max_jobs)
+        overrides = [dict(config) for config in configs]
+    else:
+        assert grid is not None
+        overrides = [
+            deep_merge({}, _nested_all(point)) for point in grid_points(grid, tie, max_jobs)
+        ]
+    merged = [deep_merge(base_config, override) for override in overrides]
+    seen: dict[str, int] = {}
+    for index, config in enumerate(merged):
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key in seen:
+            raise invalid_sweep(
+                f"configurations {seen[key] + 1} and {index + 1} are the same job config"
+            )
+        seen[key] = index
+    return merged
+
+
+def _nested_all(point: Mapping[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for key, value in point.items():
+        merged = deep_merge(merged, nested(key, value))
+    return merged
+
+
+def swept_keys(request: Mapping[str, Any]) -> list[str]:
+    """The config fields a sweep chose per job: its grid's keys, or each configuration's
+    top-level keys, in order of first appearance."""
+    if request.get("grid"):
+        return list(request["grid"])
+    keys: dict[str, None] = {}
+    for config in request.get("configs") or []:
+        keys.update(dict.fromkeys(config))
+    return list(keys)
+
+
+def _value_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def label(config: Mapping[str, Any], swept: Mapping[str, Any]) -> str:
+    """A configuration's short name: "W4A4 lsq", then any other swept value ("epochs=3")."""
+    parts = [
+        f"W{config.get('weight_bits', '?')}A{config.get('activation_bits', '?')}",
+        str(config.get("method", "?")),
+    ]
+    parts += [
+        f"{key.rsplit('.', 1)[-1]}={_value_text(value)}"
+        for key, value in swept.items()
+        if key not in BITS_KEYS
+    ]
+    text = " ".join(parts)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# The table and its Pareto front
+
+
+@dataclass
+class SweepRow:
+    job_id: str
+    label: str
+    config: dict[str, Any]  # the swept values of this job
+    status: str
+    agreement: float | None = None
+    student_top1: float | None = None
+    packed_bytes: int | None = None
+    int8_latency_ms: float | None = None
+    error: dict[str, str] | None = None
+    pareto: bool = False
+
+    def accuracy(self, metric: str) -> float | None:
+        value = getattr(self, metric)
+        return None if value is None else float(value)
+
+
+@dataclass
+class SweepTable:
+    status: str  # running | completed | canceled
+    counts: dict[str, int]
+    rows: list[SweepRow]
+    pareto_metric: str  # student_top1 or agreement
+    recommended: SweepRow | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.counts[JobStatus.QUEUED] == 0 and self.counts[JobStatus.RUNNING] == 0
+
+
+def int8_latency_ms(metrics: Mapping[str, Any]) -> float | None:
+    """Milliseconds per image of ``model_qdq_cpu.onnx`` at batch 1 under OpenVINO on the
+    worker's CPU (``metrics.inference``): OpenVINO fuses Q/DQ into int8 kernels as TensorRT
+    does, where ONNX Runtime's CPU int8 kernels are often slower than its float ones."""
+    inference = metrics.get("inference")
+    if not isinstance(inference, Mapping):
+        return None
+    ms = lookup(inference, "openvino.qdq_cpu_ms")
+    value = ms.get("1") if isinstance(ms, Mapping) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def row_of(job: Job, keys: Sequence[str]) -> SweepRow:
+    swept = {key: lookup(job.config, key) for key in keys}
+    metrics = job.metrics or {}
+    packed = metrics.get("packed_bytes")
+    return SweepRow(
+        job_id=job.id,
+        label=label(job.config, swept),
+        config=swept,
+        status=job.status,
+        agreement=_number(metrics.get("agreement")),
+        student_top1=_number(metrics.get("student_top1")),
+        packed_bytes=int(packed) if _number(packed) is not None else None,
+        int8_latency_ms=int8_latency_ms(metrics),
+        error=job.error,
+    )
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> set[int]:
+    """Indices of the (size, accuracy) points no other point beats: smaller-or-equal size and
+    greater-or-equal accuracy, strictly better in one. Equal points are all on the front."""
+
+    def beats(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
+
+    return {i for i, point in enumerate(points) if not any(beats(other, point) for other in points)}
+
+
+def comparable(rows: Iterable[SweepRow], metric: str) -> list[SweepRow]:
+    """Succeeded rows with a size and an accuracy: the ones on the plot."""
+    return [
+        row
+        for row in rows
+        if row.status == JobStatus.SUCCEEDED
+        and row.packed_bytes is not None
+        and row.accuracy(metric) is not None
+    ]
+
+
+def pareto_metric(rows: Sequence[SweepRow]) -> str:
+    """student_top1 where every succeeded row has it (labels existed), else agreement."""
+    succeeded = [row for row in rows if row.status == JobStatus.SUCCEEDED]
+    if succeeded and all(row.student_top1 is not None for row in succeeded):
+        return "student_top1"
+    return "agreement"
+
+
+def recommend(rows: Sequence[SweepRow], metric: str) -> SweepRow | None:
+    """The smallest front row within ``RECOMMEND_WITHIN`` of the best accuracy."""
+    front = [row for row in rows if row.pareto]
+    if not front:
+        return None
+    best = max(row.accuracy(metric) or 0.0 for row in front)
+    near = [row for row in front if (row.accuracy(metric) or 0.0) >= best - RECOMMEND_WITHIN]
+    return min(near, key=lambda row: (row.packed_bytes or 0, -(row.accuracy(metric) or 0.0)))
+
+
+def build_table(
+    rows: list[SweepRow], *, cancel_requested: bool = False, counts: dict[str, int] | None = None
+) -> SweepTable:
+    """Flag the Pareto front of ``rows`` and summarise them."""
+    if counts is None:
+        counts = {str(status): 0 for status in JobStatus}
+        for row in rows:
+            counts[row.status] += 1
+    metric = pareto_metric(rows)
+    plotted = comparable(rows, metric)
+    front = pareto_front([(row.packed_bytes or 0, row.accuracy(metric) or 0.0) for row in plotted])
+    for index, row in enumerate(plotted):
+        row.pareto = index in front
+    active = counts[JobStatus.QUEUED] + counts[JobStatus.RUNNING]
+    status = "canceled" if cancel_requested else "running" if active else "completed"
+    table = SweepTable(status=status, counts=counts, rows=rows, pareto_metric=metric)
+    table.recommended = recommend(rows, metric)
+    return table
+
+
+def sweep_table(sweep: Sweep) -> SweepTable:
+    keys = swept_keys(sweep.request)
+    return build_table(
+        [row_of(job, keys) for job in sweep.jobs], cancel_requested=sweep.cancel_requested
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Creating, reading, canceling, deleting
+
+
+@dataclass
+class SweepView:
+    """A sweep with its table, read in one go (the API's answer is built from it)."""
+
+    sweep: Sweep
+    table: SweepTable
+    names: dict[str, str | None] = field(default_factory=dict)  # model/data/eval_data filenames
+
+
+def describe(sweep: Sweep) -> SweepView:
+    return SweepView(sweep, sweep_table(sweep))
+
+
+def create_sweep(
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    *,
+    model_id: str,
+    data_id: str,
+    eval_data_id: str | None,
+    base_config: Mapping[str, Any],
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    tie: Sequence[str] | None = None,
+    configs: Sequence[Mapping[str, Any]] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Sweep:
+    """A sweep and its queued jobs, committed together; the caller enqueues ``sweep.jobs``.
+
+    Every configuration is validated (``prepare_job``: 404 for a resource the tenant does not
+    have, 422 for a bad config, naming the configuration) and the tenant's quotas checked for
+    all of them before anything is written.
+    """
+    configurations = expand(
+        base_config, grid=grid, tie=tie, configs=configs, max_jobs=settings.max_sweep_jobs
+    )
+    jobs.check_quota(session, settings, tenant, incoming_bytes=0, new_jobs=len(configurations))
+    metadata = jobs.validate_metadata(metadata or {})
+    if "sweep_id" not in metadata and len(metadata) >= jobs.MAX_METADATA_KEYS:
+        raise InputError(
+            "invalid_metadata",
+            f"a sweep's metadata holds at most {jobs.MAX_METADATA_KEYS - 1} keys: each of its "
+            "jobs gets sweep_id as well",
+        )
+    sweep_id = str(uuid.uuid4())
+    job_metadata = {**metadata, "sweep_id": sweep_id}
+    prepared = []
+    for index, config in enumerate(configurations):
+        try:
+            job = prepare_job(
+                session,
+                settings,
+                tenant,
+                model_id=model_id,
+                data_id=data_id,
+                eval_data_id=eval_data_id,
+                config=config,
+                metadata=job_metadata,
+                sweep_id=sweep_id,
+            )
+        except InputError as exc:
+            if exc.status_code == 404:
+                raise
+            where = f"configuration {index + 1} of {len(configurations)}"
+            raise InputError(
+                exc.code, f"{where}: {exc.message}", status_code=exc.status_code
+            ) from exc
+        prepared.append(job)
+    request: dict[str, Any] = {"base_config": dict(base_config)}
+    if grid is not None:
+        request |= {"grid": dict(grid), "tie": list(tie) if tie is not None else None}
+    else:
+        request["configs"] = [dict(config) for config in configs or []]
+    sweep = Sweep(
+        id=sweep_id,
+        tenant=tenant,
+        model_id=model_id,
+        data_id=data_id,
+        eval_data_id=eval_data_id,
+        request=request,
+        user_metadata=metadata,
+        cancel_requested=False,
+        artifacts=[],
+    )
+    session.add(sweep)
+    session.flush()
+    for job in prepared:
+        jobs.add_job(session, job)
+    session.commit()
+    return get_sweep(session, tenant, sweep_id)
+
+
+def get_sweep(session: Session, tenant: str, sweep_id: str) -> Sweep:
+    """The tenant's sweep with its jobs, fresh; another tenant's is as unknown as none."""
+    sweep = session.scalar(
+        select(Sweep)
+        .where(Sweep.id == sweep_id, Sweep.tenant == tenant)
+        .execution_options(populate_existing=True)
+    )
+    if sweep is None:
+        raise SweepNotFound(sweep_id)
+    return sweep
+
+
+def list_sweeps(
+    session: Session, tenant: str, *, limit: int = 20, cursor: str | None = None
+) -> Page[Sweep]:
+    """The tenant's sweeps, newest first (``core.pages``)."""
+    query = select(Sweep).where(Sweep.tenant == tenant)
+    return newest_first(session, query, Sweep, limit=limit, cursor=cursor)
+
+
+def cancel_sweep(session: Session, settings: Settings, tenant: str, sweep_id: str) -> Sweep:
+    """Cancel every unfinished job of the sweep (queued ones at once, running ones at their
+    next step); the sweep completes, with a report of what finished, when the last stops."""
+    sweep = get_sweep(session, tenant, sweep_id)
+    session.execute(update(Sweep).where(Sweep.id == sweep.id).values(cancel_requested=True))
+    session.commit()
+    for job_id in [job.id for job in sweep.jobs if job.status in ACTIVE]:
+        jobs.request_cancel(session, tenant, job_id)
+    complete_if_final(session, settings, sweep_id)
+    return get_sweep(session, tenant, sweep_id)
+
+
+def delete_sweep(session: Session, settings: Settings, tenant: str, sweep_id: str) -> None:
+    """Delete the sweep, its jobs (with their files) and its report; 409 while a job runs."""
+    sweep = get_sweep(session, tenant, sweep_id)
+    if any(job.status == JobStatus.RUNNING for job in sweep.jobs):
+        raise SweepRunning(sweep_id)
+    for job_id in [job.id for job in sweep.jobs]:
+        try:
+            jobs.delete_job(session, settings, tenant, job_id)
+        except jobs.JobRunning as exc:  # started since the check above
+            raise SweepRunning(sweep_id) from exc
+        except jobs.JobNotFound:  # deleted meanwhile
+            pass
+    session.delete(get_sweep(session, tenant, sweep_id))
+    session.commit()
+    Storage.remove_tree(sweep_dir(Storage(settings.data_dir), sweep_id))
+
+
+def get_artifact(
+    session: Session, settings: Settings, tenant: str, sweep_id: str, name: str
+) -> tuple[Path, dict[str, Any]]:
+    """The stored file of one report artifact, and its record (name, size, sha256)."""
+    sweep = get_sweep(session, tenant, sweep_id)
+    for artifact in sweep.artifacts or []:
+        if artifact["name"] == name:
+            return artifacts_dir(Storage(settings.data_dir), sweep.id) / name, artifact
+    raise SweepArtifactNotFound(sweep_id, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Completion
+
+
+def sweep_dir(storage: Storage, sweep_id: str) -> Path:
+    return storage.root / "sweeps" / check_name(sweep_id)
+
+
+def artifacts_dir(storage: Storage, sweep_id: str) -> Path:
+    return sweep_dir(storage, sweep_id) / "artifacts"
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    try:
+        partial.write_bytes(content)
+        os.replace(partial, path)  # a reader sees the old file or the whole new one
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def input_names(session: Session, sweep: Sweep) -> dict[str, str | None]:
+    """The client's file names of the sweep's model and data, for the report's title."""
+    ids = {"model": sweep.model_id, "data": sweep.data_id, "eval_data": sweep.eval_data_id}
+    names: dict[str, str | None] = {}
+    for role, resource_id in ids.items():
+        resource = session.get(Resource, resource_id) if resource_id else None
+        names[role] = resource.filename if resource is not None else None
+    return names
+
+
+def complete_if_final(session: Session, settings: Settings, sweep_id: str) -> bool:
+    """Store the sweep's report and mark it complete if all its jobs are final; True if this
+    call did. Safe to call any number of times, from any number of processes at once."""
+    from core.sweep_report import render_html, render_svg  # noqa: PLC0415 - import cycle
+
+    sweep = session.get(Sweep, sweep_id, populate_existing=True)
+    if sweep is None or sweep.completed_at is not None:
+        return False
+    session.refresh(sweep, ["jobs"])
+    view = SweepView(sweep, sweep_table(sweep), input_names(session, sweep))
+    if not view.table.final:
+        return False
+    now = utcnow()
+    svg = render_svg(view.table)
+    contents = {"pareto.svg": svg, "report.html": render_html(view, svg, generated_at=now)}
+    encoded = {name: text.encode() for name, text in contents.items()}
+    records = [
+        {
+            "name": name,
+            "size": len(content),
+            "sha256": hashlib.sha256(content).hexdigest(),
+            "created_at": now.isoformat(),
+        }
+        for name, content in encoded.items()
+    ]
+    # The claim: the row stays locked until the commit, so a second claimant waits, then finds
+    # completed_at set and writes nothing.
+    claimed = session.execute(
+        update(Sweep)
+        .where(Sweep.id == sweep_id, Sweep.completed_at.is_(None))
+        .values(completed_at=now, artifacts=records)
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    try:
+        folder = artifacts_dir(Storage(settings.data_dir), sweep_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in encoded.items():
+            _write_atomically(folder / name, content)
+        webhooks.announce(session, sweep.tenant, "sweep.completed", sweep_id)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    log.info("sweep %s: completed, report stored", sweep_id)
+    return True
+
+
+def complete_finished(session: Session, settings: Settings) -> int:
+    """Complete every sweep whose jobs are all final but has no report yet: those whose last
+    job ended outside a worker's hands (lost worker, deletion, a crash before the hook ran)."""
+    open_ids = list(session.scalars(select(Sweep.id).where(Sweep.completed_at.is_(None))))
+    busy = set(
+        session.scalars(
+            select(Job.sweep_id).where(Job.sweep_id.in_(open_ids), Job.status.in_(ACTIVE))
+        )
+    )
+    done = 0
+    for sweep_id in open_ids:
+        if sweep_id not in busy:
+            try:
+                done += complete_if_final(session, settings, sweep_id)
+            except Exception:
+                log.exception("sweep %s: report not stored; retried later", sweep_id)
+    return done
