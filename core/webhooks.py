@@ -318,11 +318,10 @@ def list_deliveries(
     query = select(WebhookAttempt).where(WebhookAttempt.webhook_id == webhook_id)
     page = newest_first(session, query, WebhookAttempt, limit=limit, cursor=cursor)
     message_ids = {attempt.message_id for attempt in page.items}
-    types = dict(
-        session.execute(
-            select(WebhookMessage.id, WebhookMessage.type).where(WebhookMessage.id.in_(message_ids))
-        ).tuples()
+    query_types = select(WebhookMessage.id, WebhookMessage.type).where(
+        WebhookMessage.id.in_(message_ids)
     )
+    types = {message_id: event_type for message_id, event_type in session.execute(query_types)}
     items = [Delivery(attempt, types.get(attempt.message_id, "")) for attempt in page.items]
     return Page(items=items, next_cursor=page.next_cursor)
 
