@@ -224,6 +224,104 @@ class JobEventPage(BaseModel):
     job_status: JobStatus
 
 
+class ImageSizeSeen(BaseModel):
+    width: int
+    height: int
+    count: int  # images of this size in the sample
+
+
+class ModelInfo(BaseModel):
+    """What a stored model's validation found (it was imported and checked against ONNX
+    Runtime as a job's model is)."""
+
+    input_name: str
+    input_shape: list[int | str | None] = Field(
+        description="[N, 3, H, W]; a dynamic dimension is null: a job then names its "
+        "preprocessing.input_size"
+    )
+    num_outputs: int | None = Field(description="class scores the model outputs (null: dynamic)")
+    opset: int
+    parameters: int
+
+
+class DatasetInfo(BaseModel):
+    """What a stored dataset's validation found, from the archive's member list and the
+    headers of a sample of its images (nothing is decoded)."""
+
+    archive_format: str  # zip | tar
+    image_count: int
+    image_bytes: int  # uncompressed bytes of the images
+    class_names: list[str] | None = Field(
+        description="the model outputs the class folders label, in order (README, the data); "
+        "null: not labelled"
+    )
+    formats: dict[str, int]  # images by file extension
+    image_sizes: list[ImageSizeSeen] = Field(
+        description="distinct sizes in the sample, most common first (at most 10)"
+    )
+    images_sampled: int  # images whose header was read, evenly spread (at most 1,000)
+    unreadable_in_sample: int  # sampled files whose header is no JPEG, PNG or WebP
+
+
+class ResourcePublic(BaseModel):
+    """A model (``/v1/models``) or dataset (``/v1/datasets``) stored once, for any number of
+    jobs: name it in ``POST /v1/jobs`` as JSON (``model_id``, ``data_id``, ``eval_data_id``)."""
+
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "5b0e7c1a-2f4d-4c7e-9a51-0d6f3b8e2c11",
+                    "kind": "model",
+                    "filename": "resnet18.onnx",
+                    "sha256": "9f2c5e0b7d1a4c3e8b6f0a2d4c6e8f1a3b5d7c9e0f2a4b6c8d0e1f3a5b7c9d1e",
+                    "size": 44_700_000,
+                    "created_at": "2026-12-06T09:30:00Z",
+                    "info": {
+                        "input_name": "input",
+                        "input_shape": [None, 3, 224, 224],
+                        "num_outputs": 1000,
+                        "opset": 17,
+                        "parameters": 11_689_512,
+                    },
+                },
+                {
+                    "id": "9c3f1e20-7a6b-4d85-b1e2-4f0a6c9d8e73",
+                    "kind": "dataset",
+                    "filename": "train.zip",
+                    "sha256": "3e1f5a7c9b0d2e4f6a8c0b1d3f5e7a9c2b4d6f8e0a1c3e5f7b9d0c2e4a6f8b1d",
+                    "size": 4_718_592,
+                    "created_at": "2026-12-06T09:31:00Z",
+                    "info": {
+                        "archive_format": "zip",
+                        "image_count": 1437,
+                        "image_bytes": 4_600_000,
+                        "class_names": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+                        "formats": {"png": 1437},
+                        "image_sizes": [{"width": 16, "height": 16, "count": 1000}],
+                        "images_sampled": 1000,
+                        "unreadable_in_sample": 0,
+                    },
+                },
+            ]
+        },
+    )
+
+    id: str
+    kind: Literal["model", "dataset"]
+    filename: str | None  # the client's file name, for display only
+    sha256: str
+    size: int
+    created_at: dt.datetime
+    info: ModelInfo | DatasetInfo
+
+
+class ResourceList(BaseModel):
+    items: list[ResourcePublic]
+    next_cursor: str | None
+
+
 class Health(BaseModel):
     status: str
 

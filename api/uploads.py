@@ -27,11 +27,12 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from core.errors import InputError, TooLargeError
-from core.jobs import JobUpload
+from core.jobs import JobUpload, parse_metadata
 from core.settings import Settings
 from core.storage import CappedWriter, Storage, StoredFile, human_bytes
 
 CONFIG_MAX_BYTES = 64 * 1024
+METADATA_MAX_BYTES = 16 * 1024  # 16 keys of 64 and values of 512 characters, escaped
 JSON_MAX_BYTES = 64 * 1024  # a JSON request body (an engine build's claim or failure)
 MAX_BOUNDARY_CHARS = 70  # RFC 2046; python-multipart itself fails past 256, as a 500
 MULTIPART_OVERHEAD_BYTES = 16 * 1024  # boundaries and part headers, generously
@@ -81,6 +82,7 @@ class ReceivedForm:
     directory: Path
     files: dict[str, StoredFile]
     texts: dict[str, bytes]
+    filenames: dict[str, str | None]  # the client's name of each file, for display only
 
 
 def _archive_name(field_name: str) -> Callable[[str | None], str]:
@@ -99,7 +101,16 @@ def job_form(settings: Settings) -> tuple[FormField, ...]:
         FormField("data", settings.max_data_bytes, _archive_name("data")),
         FormField("config", CONFIG_MAX_BYTES),
         FormField("eval_data", settings.max_data_bytes, _archive_name("eval_data"), required=False),
+        FormField("metadata", METADATA_MAX_BYTES, required=False),
     )
+
+
+def resource_form(kind: str, settings: Settings) -> tuple[FormField, ...]:
+    """The one field of ``POST /v1/models`` or ``/v1/datasets`` (``kind``: model, dataset):
+    ``file``, as OpenAI's files API names it."""
+    if kind == "model":
+        return (FormField("file", settings.max_model_bytes, lambda _: "model.onnx"),)
+    return (FormField("file", settings.max_data_bytes, _archive_name("data")),)
 
 
 def max_body_bytes(form: Sequence[FormField]) -> int:
@@ -123,6 +134,7 @@ class _Receiver:
         self.directory = directory
         self.files: dict[str, StoredFile] = {}
         self.texts: dict[str, bytes] = {}
+        self.filenames: dict[str, str | None] = {}
         self.seen: set[str] = set()
         self._header_name = b""
         self._header_value = b""
@@ -166,6 +178,7 @@ class _Receiver:
             options[b"filename"].decode("utf-8", "replace") if b"filename" in options else None
         )
         self._part = _Part(name, filename)
+        self.filenames[name] = filename
         if form_field.stored_as is not None:
             path = self.directory / form_field.stored_as(filename)
             self._part.writer = CappedWriter(path, form_field.max_bytes, label=f"field {name!r}")
@@ -308,7 +321,7 @@ async def receive_form(
                 raise InputError(
                     "missing_field", f"multipart field {form_field.name!r} is required"
                 )
-        return ReceivedForm(directory, receiver.files, receiver.texts)
+        return ReceivedForm(directory, receiver.files, receiver.texts, receiver.filenames)
     except BaseException:
         for writer in receiver.writers:
             writer.abort()
@@ -324,16 +337,25 @@ async def receive_job_upload(request: Request, settings: Settings) -> JobUpload:
     """
     form = await receive_form(request, job_form(settings), settings)
     try:
-        config_text = codecs.decode(form.texts["config"], "utf-8")
-    except UnicodeDecodeError as exc:
+        try:
+            config_text = codecs.decode(form.texts["config"], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError("invalid_config", "config is not UTF-8 text") from exc
+        metadata = form.texts.get("metadata")
+        try:
+            user_metadata = parse_metadata(codecs.decode(metadata, "utf-8")) if metadata else {}
+        except UnicodeDecodeError as exc:
+            raise InputError("invalid_metadata", "metadata is not UTF-8 text") from exc
+    except BaseException:
         Storage.remove_tree(form.directory)
-        raise InputError("invalid_config", "config is not UTF-8 text") from exc
+        raise
     return JobUpload(
         directory=form.directory,
         config_text=config_text,
         model=form.files["model"],
         data=form.files["data"],
         eval_data=form.files.get("eval_data"),
+        metadata=user_metadata,
     )
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from core.jobs import FINISHED
-from core.models import Job, utcnow
+from core.models import Job, Resource, utcnow
 from core.settings import Settings
 from core.storage import Storage
 
@@ -28,6 +28,7 @@ class HousekeepingReport:
     inputs_deleted: int = 0
     orphan_uploads: int = 0
     orphan_job_dirs: int = 0
+    orphan_resource_dirs: int = 0
 
 
 def delete_expired_inputs(
@@ -36,6 +37,8 @@ def delete_expired_inputs(
     """Delete the uploaded inputs and work folder of jobs finished over the retention ago.
 
     The row, its metrics and its artifacts stay; ``inputs_deleted_at`` records the deletion.
+    Only the job's own folders go: a job made from stored models and datasets names their files
+    under ``resources/``, which stay for as long as the resources do.
     """
     if settings.input_retention_days is None:
         return 0
@@ -67,12 +70,13 @@ def _untouched_for(path: Path, seconds: float, now: float) -> bool:
     return now - max(stamps) > seconds
 
 
-def delete_orphans(session: Session, settings: Settings) -> tuple[int, int]:
+def delete_orphans(session: Session, settings: Settings) -> tuple[int, int, int]:
     """Remove upload folders that no request is writing any more (the API died mid-upload),
-    and job folders without a row (a crash between a job's files and its row). Returns counts.
+    and job and resource folders without a row (a crash between the files and their row).
+    Returns the three counts.
 
     A folder counts only once untouched for ``orphan_upload_seconds``: an upload still arriving
-    writes into its folder, and a job's row is committed a moment after its folder is made.
+    writes into its folder, and a row is committed a moment after its folder is made.
     """
     storage = Storage(settings.data_dir)
     now = time.time()
@@ -82,21 +86,32 @@ def delete_orphans(session: Session, settings: Settings) -> tuple[int, int]:
             if _untouched_for(folder, settings.orphan_upload_seconds, now):
                 storage.remove_tree(folder)
                 uploads += 1
-    job_dirs = 0
-    jobs_root = storage.root / "jobs"
-    if jobs_root.is_dir():
-        folders = {folder.name: folder for folder in jobs_root.iterdir()}
-        known = set(session.scalars(select(Job.id).where(Job.id.in_(list(folders)))))
-        for name, folder in folders.items():
-            if name not in known and _untouched_for(folder, settings.orphan_upload_seconds, now):
-                storage.remove_tree(folder)
-                job_dirs += 1
-    return uploads, job_dirs
+    job_dirs = _delete_rowless(session, storage.root / "jobs", Job.id, settings, now)
+    resource_dirs = _delete_rowless(session, storage.resources_dir, Resource.id, settings, now)
+    return uploads, job_dirs, resource_dirs
+
+
+def _delete_rowless(
+    session: Session, root: Path, ids: InstrumentedAttribute[str], settings: Settings, now: float
+) -> int:
+    """Remove the folders under ``root`` named by no row's ``ids`` column; returns how many."""
+    if not root.is_dir():
+        return 0
+    folders = {folder.name: folder for folder in root.iterdir()}
+    known = set(session.scalars(select(ids).where(ids.in_(list(folders)))))
+    removed = 0
+    for name, folder in folders.items():
+        if name not in known and _untouched_for(folder, settings.orphan_upload_seconds, now):
+            Storage.remove_tree(folder)
+            removed += 1
+    return removed
 
 
 def run_housekeeping(session: Session, settings: Settings) -> HousekeepingReport:
     report = HousekeepingReport(inputs_deleted=delete_expired_inputs(session, settings))
-    report.orphan_uploads, report.orphan_job_dirs = delete_orphans(session, settings)
+    (report.orphan_uploads, report.orphan_job_dirs, report.orphan_resource_dirs) = delete_orphans(
+        session, settings
+    )
     if report != HousekeepingReport():
         log.info("housekeeping: %s", report)
     return report

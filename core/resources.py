@@ -180,6 +180,12 @@ def delete_resource(
     # committed before this lock, and is seen below, or waits on it and then fails its
     # foreign key (core.resources.submit_job answers that with a 404).
     session.scalar(select(Resource.id).where(Resource.id == resource_id).with_for_update())
+    # Before the row goes: its foreign keys then set the jobs' *_id to null.
+    session.execute(
+        update(Job)
+        .where(_uses(resource_id), Job.inputs_deleted_at.is_(None), Job.status.not_in(ACTIVE))
+        .values(inputs_deleted_at=utcnow())
+    )
     in_use = exists().where(_uses(resource_id), Job.status.in_(ACTIVE))
     deleted = session.execute(
         delete(Resource).where(Resource.id == resource_id, Resource.tenant == tenant, ~in_use)
@@ -187,11 +193,6 @@ def delete_resource(
     if deleted.rowcount == 0:  # type: ignore[attr-defined]
         session.rollback()
         raise ResourceInUse(kind, resource_id)
-    session.execute(
-        update(Job)
-        .where(_uses(resource_id), Job.inputs_deleted_at.is_(None))
-        .values(inputs_deleted_at=utcnow())
-    )
     session.commit()
     Storage(settings.data_dir).remove_resource_files(resource_id)
 

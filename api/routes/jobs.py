@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import EnqueueDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.downloads import checksummed_file
 from api.schemas import (
     ArtifactList,
     ArtifactPublic,
@@ -19,16 +20,29 @@ from api.schemas import (
     JobPublic,
     error_responses,
 )
-from api.uploads import declared_body_bytes, receive_job_upload
+from api.uploads import (
+    CONFIG_MAX_BYTES,
+    METADATA_MAX_BYTES,
+    declared_body_bytes,
+    receive_job_upload,
+    receive_json,
+)
 from api.validation import ValidationGate
-from core import jobs
+from core import jobs, resources, sweeps
 from core.errors import InputError
 from core.intake import validate_isolated
+from core.jobs import JobStatus
+from core.models import Job
+from core.resources import ResourceJobRequest
+from core.settings import Settings
 from core.storage import Storage
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# A JSON job: its config and metadata at their caps, plus the ids.
+JOB_JSON_MAX_BYTES = CONFIG_MAX_BYTES + METADATA_MAX_BYTES + 1024
 
 ERRORS = error_responses(
     status.HTTP_401_UNAUTHORIZED, status.HTTP_404_NOT_FOUND, status.HTTP_422_UNPROCESSABLE_CONTENT
@@ -55,6 +69,7 @@ class BrokerUnavailable(InputError):
         "requestBody": {
             "required": True,
             "content": {
+                "application/json": {"schema": ResourceJobRequest.model_json_schema()},
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
@@ -64,9 +79,14 @@ class BrokerUnavailable(InputError):
                             "data": {"type": "string", "format": "binary"},
                             "eval_data": {"type": "string", "format": "binary"},
                             "config": {"type": "string", "description": "JobConfig as JSON"},
+                            "metadata": {
+                                "type": "string",
+                                "description": "the job's metadata: a JSON object of strings "
+                                '(at most 16), e.g. {"experiment": "w4a4"}',
+                            },
                         },
                     }
-                }
+                },
             },
         }
     },
@@ -80,12 +100,52 @@ async def create_job(
     enqueue: EnqueueDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
-    """Upload a model (ONNX), an image archive and a config; start quantizing.
+    """Start quantizing: from a stored model and dataset (JSON), or from files (multipart).
 
-    The files stream to disk and are validated (the model is imported and checked against
-    ONNX Runtime, in a child process with memory, CPU and time limits) before the job exists:
-    a rejected request leaves nothing behind.
+    JSON (`Content-Type: application/json`): `model_id` and `data_id` name a model and dataset
+    stored with `POST /v1/models` and `/v1/datasets` (`eval_data_id` optionally, a labelled
+    dataset), with the `config` and optional `metadata`; the job shares their files.
+
+    Multipart: the files `model` (ONNX) and `data` (image archive), `config` as a JSON string,
+    optionally `eval_data` and `metadata`. The files stream to disk and are validated (the
+    model is imported and checked against ONNX Runtime, in a child process with memory, CPU and
+    time limits) before the job exists: a rejected request leaves nothing behind.
     """
+    if _media_type(request) == "application/json":
+        body = await receive_json(request, ResourceJobRequest, JOB_JSON_MAX_BYTES)
+        job, created = await run_in_threadpool(
+            resources.submit_job, session, settings, tenant, body, idempotency_key
+        )
+    else:
+        job, created = await _submit_upload(request, session, settings, tenant, idempotency_key)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        return JobPublic.from_row(job)
+    try:
+        # After the commit: the worker must find the row the message names.
+        await run_in_threadpool(enqueue, job.id)
+    except Exception as exc:
+        log.exception("job %s: enqueue failed", job.id)
+        await run_in_threadpool(jobs.discard_unqueued, session, settings, job.id)
+        raise BrokerUnavailable(
+            "broker_unavailable", "the job queue is unavailable; try again later"
+        ) from exc
+    return JobPublic.from_row(job)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+async def _submit_upload(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """The multipart branch of ``POST /v1/jobs``: stream, validate in the isolated child, and
+    create the job (``core.jobs.submit_job``)."""
     gate: ValidationGate = request.app.state.validation_gate
     gate.check_room()
     await run_in_threadpool(
@@ -109,31 +169,80 @@ async def create_job(
     except BaseException:
         Storage.remove_tree(upload.directory)  # submit_job removes it too, unless never called
         raise
-    if not created:
-        response.status_code = status.HTTP_200_OK
-        return JobPublic.from_row(job)
-    try:
-        # After the commit: the worker must find the row the message names.
-        await run_in_threadpool(enqueue, job.id)
-    except Exception as exc:
-        log.exception("job %s: enqueue failed", job.id)
-        await run_in_threadpool(jobs.discard_unqueued, session, settings, job.id)
-        raise BrokerUnavailable(
-            "broker_unavailable", "the job queue is unavailable; try again later"
-        ) from exc
-    return JobPublic.from_row(job)
+    return job, created
 
 
-@router.get("", response_model=JobList, responses=ERRORS)
+@router.get(
+    "",
+    response_model=JobList,
+    responses=ERRORS,
+    openapi_extra={
+        "parameters": [
+            {
+                "name": "metadata",
+                "in": "query",
+                "required": False,
+                "style": "deepObject",
+                "explode": True,
+                "description": "only jobs whose metadata holds each pair: "
+                "`metadata[experiment]=w4a4&metadata[owner]=ana`",
+                "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+            }
+        ]
+    },
+)
 def list_jobs(
+    request: Request,
     session: SessionDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
+    statuses: Annotated[
+        list[str] | None,
+        Query(
+            alias="status",
+            description="only jobs in one of these statuses (queued, running, succeeded, "
+            "failed, canceled): repeat the parameter or separate them by commas",
+            examples=["queued,running"],
+        ),
+    ] = None,
 ) -> JobList:
-    """The caller's jobs, newest first; pass ``next_cursor`` back as ``cursor`` for more."""
-    page = jobs.list_jobs(session, tenant, limit=limit, cursor=cursor)
+    """The caller's jobs, newest first; pass ``next_cursor`` back as ``cursor`` for more (with
+    the same filters)."""
+    page = jobs.list_jobs(
+        session,
+        tenant,
+        limit=limit,
+        cursor=cursor,
+        statuses=_statuses(statuses or []),
+        metadata=_metadata_filter(request),
+    )
     return JobList(items=[JobPublic.from_row(j) for j in page.items], next_cursor=page.next_cursor)
+
+
+def _statuses(values: list[str]) -> list[JobStatus]:
+    """``?status=queued&status=running`` and ``?status=queued,running`` alike."""
+    wanted = []
+    for value in (part.strip() for text in values for part in text.split(",")):
+        if not value:
+            continue
+        try:
+            wanted.append(JobStatus(value))
+        except ValueError:
+            raise InputError(
+                "invalid_status",
+                f"status {value[:50]!r} is none of {', '.join(JobStatus)}",
+            ) from None
+    return wanted
+
+
+def _metadata_filter(request: Request) -> dict[str, str]:
+    """``metadata[key]=value`` query parameters (Stripe's form) as {key: value}."""
+    return {
+        name[len("metadata[") : -1]: value
+        for name, value in request.query_params.multi_items()
+        if name.startswith("metadata[") and name.endswith("]")
+    }
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
@@ -142,9 +251,13 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS)
-def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+def cancel_job(
+    job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> JobPublic:
     """Queued: canceled at once. Running: stops at its next step. Finished: unchanged."""
-    return JobPublic.from_row(jobs.request_cancel(session, tenant, job_id))
+    job = jobs.request_cancel(session, tenant, job_id)
+    sweeps.finish_sweep_of(session, settings, job.sweep_id)  # a queued job was its last
+    return JobPublic.from_row(job)
 
 
 @router.delete(
@@ -175,15 +288,4 @@ def download_artifact(
 ) -> FileResponse:
     """The file, streamed from disk; ``Range`` requests are answered with 206."""
     artifact = jobs.get_artifact(session, tenant, job_id, name)
-    digest = base64.b64encode(bytes.fromhex(artifact.sha256)).decode()
-    return FileResponse(
-        storage.absolute(artifact.path),
-        filename=artifact.name,
-        media_type="application/octet-stream",
-        headers={
-            "X-Checksum-SHA256": artifact.sha256,
-            "Digest": f"sha-256={digest}",  # RFC 3230: base64 of the digest
-            "Repr-Digest": f"sha-256=:{digest}:",  # RFC 9530, its successor
-            "ETag": f'"{artifact.sha256}"',
-        },
-    )
+    return checksummed_file(storage.absolute(artifact.path), artifact.name, artifact.sha256)
