@@ -23,6 +23,7 @@ from api.local_guard import LocalGuard
 from api.routes import engines, events, health, jobs, resources, sweeps, webhooks
 from api.validation import ValidationGate
 from core import jobs as job_service
+from core import sweeps as sweep_service
 from core import webhooks as webhook_service
 from core.db import session_scope
 from core.errors import InputError
@@ -140,6 +141,10 @@ def sweep(settings: Settings, *, include_queued: bool) -> None:
         with session_scope(settings) as session:
             job_service.mark_enqueued(session, ids)
         log.info("sweep: enqueued %d job(s) again", len(ids))
+    # Sweeps whose last job ended outside a worker (lost worker, deletion, a crash before the
+    # worker's hook) get their report here.
+    with session_scope(settings) as session:
+        sweep_service.complete_finished(session, settings)
 
 
 def redispatch_webhooks(settings: Settings) -> None:

@@ -496,7 +496,7 @@ def cancel_sweep(session: Session, settings: Settings, tenant: str, sweep_id: st
     session.commit()
     for job_id in [job.id for job in sweep.jobs if job.status in ACTIVE]:
         jobs.request_cancel(session, tenant, job_id)
-    complete_if_final(session, settings, sweep_id)
+    finish_sweep_of(session, settings, sweep_id)
     return get_sweep(session, tenant, sweep_id)
 
 
@@ -606,6 +606,19 @@ def complete_if_final(session: Session, settings: Settings, sweep_id: str) -> bo
         raise
     log.info("sweep %s: completed, report stored", sweep_id)
     return True
+
+
+def finish_sweep_of(session: Session, settings: Settings, sweep_id: str | None) -> None:
+    """For whoever just made a job final: complete the job's sweep if that was its last job.
+    A failure is logged, not raised: the job's own outcome stands, and the API's recovery loop
+    (``complete_finished``) tries again."""
+    if sweep_id is None:
+        return
+    try:
+        complete_if_final(session, settings, sweep_id)
+    except Exception:
+        session.rollback()
+        log.exception("sweep %s: report not stored; retried later", sweep_id)
 
 
 def complete_finished(session: Session, settings: Settings) -> int:

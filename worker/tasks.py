@@ -23,7 +23,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from core import engines, jobs
+from core import engines, jobs, sweeps
 from core.config import JobConfig
 from core.db import session_scope
 from core.errors import InputError
@@ -275,6 +275,7 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
             if jobs.succeed(session, job.id, owner, metrics, last_stage_seconds=last_stage_seconds):
                 log.info("job %s: succeeded", job.id)
                 announce_engine_builds(settings, session, job.id)
+        sweeps.finish_sweep_of(session, settings, job.sweep_id)  # was it its sweep's last?
     if not canceled and error is None:  # only an unfinished job resumes from its checkpoint
         (storage.work_dir(job.id) / CHECKPOINT).unlink(missing_ok=True)
 
