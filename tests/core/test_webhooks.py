@@ -18,9 +18,11 @@ from core.db import session_factory
 from core.errors import InputError
 from core.models import WebhookAttempt, WebhookMessage, utcnow
 from core.settings import Settings
+from tests.core import test_events
 from tests.factories import make_job
 from tests.utils import SettingsFactory
 
+any_session = test_events.any_session  # the fixture: a session on SQLite, then PostgreSQL
 KEYED = {"key-of-tenant-a-0123456789abcdef": "tenant-a"}
 PUBLIC_URL = "http://93.184.216.34/hooks"  # a literal: resolves without a network
 
@@ -109,8 +111,9 @@ def test_retry_schedule_is_standard_webhooks_and_about_a_day() -> None:
 
 
 def test_announce_filters_by_type_and_tenant_and_dispatches_after_commit(
-    session: Session, settings: Settings, dispatched: list[str]
+    any_session: Session, settings: Settings, dispatched: list[str]
 ) -> None:
+    session = any_session
     on_success = webhooks.create_webhook(session, settings, "local", PUBLIC_URL, ["job.succeeded"])
     on_cancel = webhooks.create_webhook(
         session, settings, "local", PUBLIC_URL, ["job.canceled", "job.failed"]
@@ -154,7 +157,10 @@ def test_engine_outcomes_are_announced_with_the_build_id(
     assert json.loads(message.body)["data"] == {"id": "build-failed"}
 
 
-def test_an_attempt_is_claimed_once_and_only_when_due(session: Session, settings: Settings) -> None:
+def test_an_attempt_is_claimed_once_and_only_when_due(
+    any_session: Session, settings: Settings
+) -> None:
+    session = any_session
     webhooks.create_webhook(session, settings, "local", PUBLIC_URL, ["job.failed"])
     webhooks.announce(session, "local", "job.failed", "job-1")
     session.commit()
