@@ -41,6 +41,13 @@ REPORT_HEADERS = {
         429: {"model": ErrorBody, "description": "the tenant's active jobs would pass its quota"},
         **ERRORS,
     },
+    # The body is read by receive_json (bounded before it is parsed), not declared: say it.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": SweepCreate.model_json_schema()}},
+        }
+    },
 )
 async def create_sweep(
     request: Request,
@@ -145,7 +152,7 @@ def delete_sweep(
         **ERRORS,
     },
 )
-def download_artifact(
+def download_sweep_artifact(
     sweep_id: str, name: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> FileResponse:
     """``report.html`` or ``pareto.svg``, once every job of the sweep is final (404 before)."""
