@@ -209,7 +209,7 @@ def worker_argv(settings: Settings) -> list[str]:
 
 def webhook_worker_argv(settings: Settings) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+        sys.executable, "-m", "celery", "-A", "worker.webhook_app", "worker",
         "--queues", settings.webhook_queue,
         "--hostname", f"sqakd-webhooks-{os.getpid()}@%h",
         # Deliveries are network waits: threads, a few at once, in one process.

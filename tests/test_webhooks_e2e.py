@@ -97,7 +97,7 @@ def webhook_worker(webhook_settings: Settings, tmp_path: Path) -> Iterator[Path]
         "WEBHOOK_RETRY_SCHEDULE_SECONDS": json.dumps(settings.webhook_retry_schedule_seconds),
     }
     argv = [
-        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+        sys.executable, "-m", "celery", "-A", "worker.webhook_app", "worker",
         "--queues", settings.webhook_queue, "--hostname", f"{settings.webhook_queue}@%h",
         "--pool", "threads", "--concurrency", "4",
         "--without-mingle", "--without-gossip", "--loglevel", "INFO",

@@ -36,15 +36,26 @@ TRAIN_TIME_LIMIT_S = 48 * 3600
 """Hard limit of one training task: generous, a guard against a hung process, not a budget."""
 
 
-def create_celery_app(settings: Settings | None = None) -> Celery:
-    """The app for these settings' broker and queue; one per process and broker."""
+TASK_MODULES = ("worker.tasks", "worker.webhook_tasks")
+"""What a worker process imports: every task. A webhook worker imports only its own
+(``worker.webhook_app``): worker.tasks brings torch, 700 MB that a delivery never uses."""
+
+
+def create_celery_app(
+    settings: Settings | None = None, include: tuple[str, ...] = TASK_MODULES
+) -> Celery:
+    """The app for these settings' broker and queues; one per process and broker."""
     settings = settings or get_settings()
-    return _create(settings.celery_broker_url, settings.train_queue, settings.webhook_queue)
+    return _create(
+        settings.celery_broker_url, settings.train_queue, settings.webhook_queue, include
+    )
 
 
 @lru_cache(maxsize=4)
-def _create(broker_url: str, train_queue: str, webhook_queue: str) -> Celery:
-    app = Celery("sqakd", broker=broker_url, include=["worker.tasks", "worker.webhook_tasks"])
+def _create(
+    broker_url: str, train_queue: str, webhook_queue: str, include: tuple[str, ...]
+) -> Celery:
+    app = Celery("sqakd", broker=broker_url, include=list(include))
     app.conf.update(
         # IDs only, as JSON: nothing a broker peer sends is ever unpickled.
         task_serializer="json",

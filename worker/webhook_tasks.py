@@ -9,17 +9,18 @@ redelivered message, the API's maintenance sending a lost one again) sends nothi
 
 from __future__ import annotations
 
-from celery import Task
+from celery import Task, shared_task
 
 from core import webhooks
 from core.db import session_scope
 from core.settings import get_settings
-from worker.app import DELIVER_WEBHOOK_TASK, app, enqueue_webhook_deliveries
+from worker.app import DELIVER_WEBHOOK_TASK, enqueue_webhook_deliveries
 
 DELIVER_TIME_LIMIT_S = 120  # a guard: an attempt's own HTTP timeouts end it much sooner
 
 
-@app.task(name=DELIVER_WEBHOOK_TASK, bind=True, acks_late=True, time_limit=DELIVER_TIME_LIMIT_S)
+# Shared: registered on every app, worker.app's and worker.webhook_app's (which has no torch).
+@shared_task(name=DELIVER_WEBHOOK_TASK, bind=True, acks_late=True, time_limit=DELIVER_TIME_LIMIT_S)
 def deliver_webhook(self: Task, message_id: str) -> None:
     settings = get_settings()
     with session_scope(settings) as session:
