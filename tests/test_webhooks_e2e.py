@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 import standardwebhooks
 
+from core import webhooks
 from core.db import session_factory
 from core.settings import Settings
 from tests.factories import make_job
@@ -39,7 +41,8 @@ class Received:
 
 @dataclass
 class Receiver:
-    """An HTTP server on 127.0.0.1 that keeps every request; ``/flaky`` answers 500 once."""
+    """An HTTP server on 127.0.0.1 that keeps every request; ``/flaky`` answers 500 once,
+    ``/redirect`` 302 to ``/ok``."""
 
     port: int = 0
     requests: list[Received] = field(default_factory=list)
@@ -58,7 +61,10 @@ def receiver() -> Iterator[Receiver]:
             headers = {name.lower(): value for name, value in self.headers.items()}
             received.requests.append(Received(self.path, headers, body))
             first_flaky = self.path == "/flaky" and len(received.on("/flaky")) == 1
-            self.send_response(500 if first_flaky else 200)
+            redirect = self.path == "/redirect"
+            self.send_response(500 if first_flaky else 302 if redirect else 200)
+            if redirect:
+                self.send_header("Location", "/ok")
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -162,3 +168,20 @@ def test_a_canceled_job_is_delivered_signed_and_retried(
     assert [(d["attempt"], d["status_code"], d["event_type"]) for d in steady_log] == [
         (1, 200, "job.canceled")
     ]
+
+
+def test_a_post_goes_only_to_checked_addresses_and_follows_no_redirect(
+    receiver: Receiver,
+) -> None:
+    """127.0.0.2 refuses (the server listens on 127.0.0.1 only): the next checked address is
+    tried; a 302 is an answer (a failed attempt), not a way to another URL."""
+    url = httpx.URL(f"http://localhost:{receiver.port}/redirect")
+    target = webhooks.Target(url, ["127.0.0.2", "127.0.0.1"])
+
+    status_code, _ = webhooks.post_pinned(target, {"webhook-id": "msg_1"}, b"{}", 5)
+
+    assert status_code == 302
+    assert [r.path for r in receiver.requests] == ["/redirect"]
+    assert receiver.requests[0].headers["host"] == f"localhost:{receiver.port}"
+    with pytest.raises(httpx.ConnectError):
+        webhooks.post_pinned(webhooks.Target(url, ["127.0.0.2"]), {}, b"{}", 5)
