@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import redis
 import standardwebhooks
 from sqlalchemy import select
 
+from api.main import redispatch_webhooks
 from core import webhooks
 from core.db import session_factory
 from core.models import WebhookAttempt, WebhookMessage, utcnow
@@ -146,3 +148,30 @@ def test_openapi_documents_the_signature_and_errors(client: httpx.Client) -> Non
     assert "webhook-signature" in create_op["description"]
     assert {"201", "404", "422"} <= set(create_op["responses"])
     assert "/v1/webhooks/{webhook_id}/deliveries" in paths
+
+
+def test_maintenance_sends_long_overdue_messages_again(
+    make_settings: SettingsFactory, redis_db: str, queue_name: str
+) -> None:
+    """A message whose delivery task the broker lost is sent again; one on its way is not."""
+    settings = make_settings(broker_url=redis_db, webhook_queue=queue_name)
+    webhooks.set_dispatcher(None)  # the broker sees only what the maintenance sends
+    with session_factory(settings)() as session:
+        webhooks.create_webhook(session, settings, "local", PUBLIC_URL, ["job.failed"])
+        for job_id in ("job-lost", "job-recent"):
+            webhooks.announce(session, "local", "job.failed", job_id)
+        session.commit()
+        lost, recent = sorted(
+            session.scalars(select(WebhookMessage)), key=lambda m: "job-lost" not in m.body
+        )
+        lost.next_attempt_at = utcnow() - 2 * webhooks.REDISPATCH_AFTER
+        session.commit()
+
+    redispatch_webhooks(settings)
+
+    client = redis.Redis.from_url(redis_db)
+    try:
+        sent = client.lrange(queue_name, 0, -1)
+    finally:
+        client.close()
+    assert len(sent) == 1 and lost.id.encode() in sent[0] and recent.id.encode() not in sent[0]
