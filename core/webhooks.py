@@ -166,7 +166,7 @@ def resolve_target(url: str, settings: Settings) -> Target:
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(parsed.host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
+    except (OSError, UnicodeError, ValueError) as exc:  # gaierror is an OSError
         raise InputError(
             "webhook_target_unresolvable", f"cannot resolve {parsed.host!r}: {exc}"
         ) from None
@@ -457,8 +457,10 @@ def deliver(session: Session, settings: Settings, message_id: str) -> float | No
             error = f"HTTP {status_code}: {snippet.decode(errors='replace')}"
     except InputError as exc:  # the URL resolves elsewhere now, or not at all
         error = f"{exc.code}: {exc.message}"
-    except httpx.HTTPError as exc:
+    except Exception as exc:  # recorded and retried: an attempt always ends in a row
         error = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, httpx.HTTPError):
+            log.exception("webhook %s: %s attempt %d", webhook.id, message.id, attempt)
     duration_ms = round((time.monotonic() - started) * 1000)
     session.add(
         WebhookAttempt(
