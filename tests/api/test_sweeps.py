@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,11 @@ from core.models import Job, Sweep
 from core.resources import store_resource
 from core.settings import Settings
 from core.storage import Storage, hash_file
+from scripts.serve import worker_argv
 from tests.api import test_jobs
 from tests.core.test_sweeps import realistic_metrics
 from tests.factories import VALID_CONFIG
+from tests.fault_services import Process, stack_env
 from tests.utils import SettingsFactory, make_client
 
 # Settings whose broker is the machine's Redis, on a queue no worker consumes (test_jobs').
@@ -30,6 +34,7 @@ queue_length = test_jobs.queue_length
 
 BITS = {"weight_bits": [8, 4, 2], "activation_bits": [8, 4, 2]}
 OTHER_KEY = "b" * 40
+E2E_TIMEOUT_S = 120
 
 
 def store(session: Session, settings: Settings, kind: str, source: Path, tenant: str) -> str:
@@ -348,3 +353,41 @@ def test_a_broker_that_is_down_leaves_the_jobs_queued_for_the_recovery_loop(
     assert response.status_code == 202, response.text
     assert [row["status"] for row in response.json()["rows"]] == ["queued", "queued"]
     assert jobs.queued_job_ids(session) == [row["job_id"] for row in response.json()["rows"]]
+
+
+@pytest.fixture
+def real_worker(queued_settings: Settings, tmp_path: Path) -> Iterator[Process]:
+    """A Celery worker process on the test's queue, as ``make serve`` starts it; it boots
+    (seconds: torch) while the next fixtures run."""
+    worker = Process(
+        "worker", worker_argv(queued_settings), stack_env(queued_settings), tmp_path / "worker.log"
+    )
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+@pytest.mark.e2e
+def test_a_real_worker_runs_a_sweep_to_its_report(
+    real_worker: Process, api: httpx.Client, inputs: dict[str, Any]
+) -> None:
+    """The worker trains both configurations; its own hook stores the report when the last
+    job ends (this app runs no recovery loop)."""
+    base = {k: v for k, v in inputs["base_config"].items() if k != "epochs"} | {"steps": 2}
+    sweep = create(api, inputs | {"base_config": base}, grid={"weight_bits": [8, 4]})
+    deadline = time.monotonic() + E2E_TIMEOUT_S
+    while (done := api.get(f"/v1/sweeps/{sweep['id']}").json())["completed_at"] is None:
+        assert time.monotonic() < deadline, f"{done['counts']}\n{real_worker.log_tail()}"
+        time.sleep(0.2)
+
+    assert done["status"] == "completed", real_worker.log_tail()
+    assert [row["status"] for row in done["rows"]] == ["succeeded", "succeeded"]
+    assert [row["label"] for row in done["rows"]] == ["W8A4 lsq", "W4A4 lsq"]
+    assert all(row["packed_bytes"] and row["student_top1"] is not None for row in done["rows"])
+    assert done["rows"][0]["packed_bytes"] > done["rows"][1]["packed_bytes"]
+    assert any(row["pareto"] for row in done["rows"])
+    report = api.get(f"/v1/sweeps/{sweep['id']}/artifacts/report.html")
+    recorded = {a["name"]: a["sha256"] for a in done["artifacts"]}
+    assert hashlib.sha256(report.content).hexdigest() == recorded["report.html"]
+    assert sweep["id"] in report.text and "W4A4 lsq" in report.text
