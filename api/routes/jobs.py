@@ -111,13 +111,21 @@ async def create_job(
     model is imported and checked against ONNX Runtime, in a child process with memory, CPU and
     time limits) before the job exists: a rejected request leaves nothing behind.
     """
-    if _media_type(request) == "application/json":
+    media_type = _media_type(request)
+    if media_type == "application/json":
         body = await receive_json(request, ResourceJobRequest, JOB_JSON_MAX_BYTES)
         job, created = await run_in_threadpool(
             resources.submit_job, session, settings, tenant, body, idempotency_key
         )
-    else:
+    elif media_type == "multipart/form-data":
         job, created = await _submit_upload(request, session, settings, tenant, idempotency_key)
+    else:
+        raise InputError(
+            "unsupported_media_type",
+            "send application/json (model_id, data_id and config: stored resources) or "
+            "multipart/form-data (the files model and data, and config)",
+            status_code=status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+        )
     if not created:
         response.status_code = status.HTTP_200_OK
         return JobPublic.from_row(job)

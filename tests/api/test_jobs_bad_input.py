@@ -131,8 +131,10 @@ def test_unknown_field(client: httpx.Client, settings: Settings, onnx_model: Pat
 
 
 def test_not_multipart(client: httpx.Client, settings: Settings) -> None:
-    response = client.post("/v1/jobs", json=VALID_CONFIG)
-    assert_rejected(response, settings, 415, "unsupported_media_type", "multipart/form-data")
+    response = client.post("/v1/jobs", content=b"{}", headers={"Content-Type": "text/plain"})
+    assert_rejected(
+        response, settings, 415, "unsupported_media_type", "multipart/form-data", "application/json"
+    )
 
 
 def test_file_over_its_cap(
