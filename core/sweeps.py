@@ -492,6 +492,8 @@ def cancel_sweep(session: Session, settings: Settings, tenant: str, sweep_id: st
     """Cancel every unfinished job of the sweep (queued ones at once, running ones at their
     next step); the sweep completes, with a report of what finished, when the last stops."""
     sweep = get_sweep(session, tenant, sweep_id)
+    if sweep.completed_at is not None:  # as with a finished job: nothing changes
+        return sweep
     session.execute(update(Sweep).where(Sweep.id == sweep.id).values(cancel_requested=True))
     session.commit()
     for job_id in [job.id for job in sweep.jobs if job.status in ACTIVE]:

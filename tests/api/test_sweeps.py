@@ -232,8 +232,9 @@ def test_a_sweep_whose_jobs_finish_stores_its_report_once(
     report = api.get(f"/v1/sweeps/{sweep['id']}/artifacts/report.html")
     assert report.headers["content-type"].startswith("text/html")
     assert "W4A4 lsq" in report.text and "internal_error" in report.text
-    # Once: a second completion (the recovery loop) changes nothing.
+    # Once: a second completion (the recovery loop) changes nothing, nor does a late cancel.
     assert sweeps.complete_finished(session, queued_settings) == 0
+    assert api.post(f"/v1/sweeps/{sweep['id']}/cancel").json() == done
     assert api.get(f"/v1/sweeps/{sweep['id']}").json() == done
     missing = api.get(f"/v1/sweeps/{sweep['id']}/artifacts/model_qdq.onnx")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "artifact_not_found"
