@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -142,8 +143,12 @@ def test_a_canceled_job_is_delivered_signed_and_retried(
 
     assert client.post(f"/v1/jobs/{job.id}/cancel").json()["status"] == "canceled"
 
+    def deliveries(webhook: dict[str, str]) -> list[dict[str, Any]]:
+        return client.get(f"/v1/webhooks/{webhook['id']}/deliveries").json()["items"]
+
+    # Until the worker has recorded the attempts (each after its receiver answered).
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S
-    while len(receiver.on("/ok")) < 1 or len(receiver.on("/flaky")) < 2:
+    while len(deliveries(steady)) < 1 or len(deliveries(flaky)) < 2:
         assert time.monotonic() < deadline, webhook_worker.read_text(errors="replace")[-4000:]
         time.sleep(0.1)
 
@@ -160,11 +165,11 @@ def test_a_canceled_job_is_delivered_signed_and_retried(
     assert first.headers["webhook-id"] == second.headers["webhook-id"]  # one message, retried
     assert first.body == second.body
 
-    log = client.get(f"/v1/webhooks/{flaky['id']}/deliveries").json()["items"]
+    log = deliveries(flaky)
     assert [(d["attempt"], d["status_code"]) for d in log] == [(2, 200), (1, 500)]
     assert log[1]["error"].startswith("HTTP 500")
     assert {d["message_id"] for d in log} == {first.headers["webhook-id"]}
-    steady_log = client.get(f"/v1/webhooks/{steady['id']}/deliveries").json()["items"]
+    steady_log = deliveries(steady)
     assert [(d["attempt"], d["status_code"], d["event_type"]) for d in steady_log] == [
         (1, 200, "job.canceled")
     ]
