@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api.main import sweep as recovery_sweep
 from core import jobs, sweeps
 from core.intake import inspect_dataset, inspect_model
 from core.models import Job, Sweep
@@ -392,3 +393,17 @@ def test_a_real_worker_runs_a_sweep_to_its_report(
     recorded = {a["name"]: a["sha256"] for a in done["artifacts"]}
     assert hashlib.sha256(report.content).hexdigest() == recorded["report.html"]
     assert sweep["id"] in report.text and "W4A4 lsq" in report.text
+
+
+def test_the_api_recovery_loop_completes_a_sweep_whose_last_job_ended_elsewhere(
+    api: httpx.Client, session: Session, queued_settings: Settings, inputs: dict[str, Any]
+) -> None:
+    sweep = create(api, inputs, grid={"seed": [1]})
+    job_id = sweep["rows"][0]["job_id"]
+    assert jobs.claim_job(session, job_id, "w", 60) is not None
+    assert jobs.fail(session, job_id, "w", "worker_lost", "the worker died")  # no hook ran
+
+    recovery_sweep(queued_settings, include_queued=False)
+
+    done = api.get(f"/v1/sweeps/{sweep['id']}").json()
+    assert done["completed_at"] is not None and len(done["artifacts"]) == 2
