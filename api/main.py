@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.auth import ApiKeyAuth
 from api.deps import current_settings
+from api.event_stream import EventWakeups
 from api.local_guard import LocalGuard
 from api.routes import engines, events, health, jobs, resources, sweeps, webhooks
 from api.validation import ValidationGate
@@ -207,11 +208,13 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
         # Start the validation forkserver now: it imports torch, seconds the first upload
         # would otherwise wait.
         warming = asyncio.create_task(run_in_threadpool(warm_up, PRELOAD))
+        app.state.event_wakeups.start()
         yield
         for task in [*tasks, warming]:
             task.cancel()
             with suppress(asyncio.CancelledError, Exception):
                 await task
+        await app.state.event_wakeups.stop()
         await run_in_threadpool(shut_down_validation)
 
     app = FastAPI(
@@ -234,6 +237,8 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
 
         app.dependency_overrides[current_settings] = given_settings
     app.state.validation_gate = ValidationGate(settings or get_settings())
+    # One Redis subscription per process wakes every event stream (api/routes/events.py).
+    app.state.event_wakeups = EventWakeups((settings or get_settings()).celery_broker_url)
     # Webhook messages committed in this process leave through this app's broker.
     dispatch_webhooks_with(settings or get_settings())
     app.include_router(health.router)

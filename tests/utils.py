@@ -8,10 +8,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import httpx
 import uvicorn
@@ -99,10 +100,13 @@ def children(pid: int) -> dict[int, str]:
 
 
 @contextmanager
-def served_by_uvicorn(app: ASGIApp) -> Iterator[int]:
-    """``app`` served by a real uvicorn on a free port, in a thread of this process; the port."""
+def served_by_uvicorn(app: ASGIApp, *, lifespan: Literal["auto", "off"] = "auto") -> Iterator[int]:
+    """``app`` served by a real uvicorn on a free port, in a thread of this process; the port.
+
+    ``lifespan="off"`` skips the app's startup and shutdown: its shutdown waits up to ~10 s
+    for the validation forkserver that its startup warms up."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan=lifespan))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -114,3 +118,33 @@ def served_by_uvicorn(app: ASGIApp) -> Iterator[int]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@dataclass
+class SseMessage:
+    """One Server-Sent Event, or a comment (a heartbeat) when ``comment`` is set."""
+
+    id: str | None = None
+    event: str | None = None
+    data: str | None = None
+    comment: str | None = None
+
+
+def sse_messages(lines: Iterable[str]) -> Iterator[SseMessage]:
+    """Messages of an event stream from its lines (``httpx.Response.iter_lines()``), as the
+    HTML standard's parser reads them; each comment is a message of its own."""
+    message = SseMessage()
+    for line in lines:
+        if not line:
+            if message != SseMessage():
+                yield message
+            message = SseMessage()
+        elif line.startswith(":"):
+            yield SseMessage(comment=line[1:].strip())
+        else:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "data":
+                message.data = value if message.data is None else f"{message.data}\n{value}"
+            elif field in ("id", "event"):
+                setattr(message, field, value)
