@@ -406,13 +406,12 @@ def create_sweep(
     """A sweep and its queued jobs, committed together; the caller enqueues ``sweep.jobs``.
 
     Every configuration is validated (``prepare_job``: 404 for a resource the tenant does not
-    have, 422 for a bad config, naming the configuration) and the tenant's quotas checked for
-    all of them before anything is written.
+    have, 422 for a bad config, naming the configuration), then the tenant's quotas checked
+    for all of them (429, 413), before anything is written.
     """
     configurations = expand(
         base_config, grid=grid, tie=tie, configs=configs, max_jobs=settings.max_sweep_jobs
     )
-    jobs.check_quota(session, settings, tenant, incoming_bytes=0, new_jobs=len(configurations))
     metadata = jobs.validate_metadata(metadata or {})
     if "sweep_id" not in metadata and len(metadata) >= jobs.MAX_METADATA_KEYS:
         raise InputError(
@@ -444,6 +443,8 @@ def create_sweep(
                 exc.code, f"{where}: {exc.message}", status_code=exc.status_code
             ) from exc
         prepared.append(job)
+    # Its resources are stored (no new input bytes): what it adds is its jobs' artifacts.
+    jobs.check_quota(session, settings, tenant, incoming_bytes=0, new_jobs=len(prepared))
     request: dict[str, Any] = {"base_config": dict(base_config)}
     if grid is not None:
         request |= {"grid": dict(grid), "tie": list(tie) if tie is not None else None}
