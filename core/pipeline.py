@@ -37,7 +37,7 @@ from core.settings import get_settings
 from core.sqakd.metrics import compare, model_sizes, predict
 from core.sqakd.modules import describe_layers
 from core.sqakd.teacher import inference_teacher
-from core.sqakd.trainer import Checkpointer, TrainingCanceled, train
+from core.sqakd.trainer import Checkpointer, TrainingCanceled, choose_probe, train
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +151,21 @@ def run_quantization(
     resume_from = checkpoint if checkpoint.exists() else None
     if resume_from is not None:
         log.info("resuming training from %s", resume_from)
+    train_cfg = train_config(config, len(train_set))
     try:
         stats = train(
             frozen_teacher,
             student,
             train_set.pixels,
-            train_config(config, len(train_set)),
+            train_cfg,
             on_step=lambda p: reporter.progress(asdict(p)),
             should_stop=reporter.should_stop,
             checkpointer=Checkpointer(checkpoint, config.checkpoint_every),
             resume_from=resume_from,
+            on_metrics=reporter.metrics,
+            # the curve's probes: evaluation images, with the teacher's logits computed above
+            probe=choose_probe(eval_set.pixels, teacher_logits, train_cfg),
+            on_warning=reporter.warning,
         )
     except TrainingCanceled as stop:
         raise JobCanceled(str(stop)) from stop

@@ -1,8 +1,8 @@
 """The SQAKD training loop: a frozen teacher, a quantized student, the KL loss, no labels.
 
-Reads top to bottom: config, schedule, batches, checkpoints, the loop. Data arrives decoded once
-as a uint8 tensor ``[N, 3, H, W]``; augmentation and normalisation run on tensors, so no image
-is decoded per epoch.
+Reads top to bottom: config, schedule, batches, training curves, checkpoints, the loop. Data
+arrives decoded once as a uint8 tensor ``[N, 3, H, W]``; augmentation and normalisation run on
+tensors, so no image is decoded per epoch.
 
 Resuming is exact: a checkpoint holds everything the remaining steps depend on (the student's
 state dict, optimizer and schedule state, the augmentation generator and torch's global RNG),
@@ -33,8 +33,10 @@ from core.sqakd.hessian import (
     HUTCHINSON_IMAGES,
     estimate_ewgs_deltas,
     ewgs_quantizers,
+    max_delta,
     set_ewgs_deltas,
 )
+from core.sqakd.metrics import compare, predict
 from core.sqakd.modules import quant_layers, quantizers
 
 
@@ -83,6 +85,8 @@ class TrainStats:
     peak_memory_bytes: int  # CUDA: peak allocated in training; CPU: the process's peak RSS
     resumed_from_step: int = 0
     ewgs_deltas: dict[str, float] = field(default_factory=dict)  # EWGS: delta per quantizer
+    probe_points: int = 0  # curve points with a probe, in this call
+    probe_seconds: float = 0.0  # the probes' own time, part of ``seconds``
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ class Checkpointer:
 
 
 CHECKPOINT_VERSION = 1
+
+EWGS_DELTA_CAPPED = "ewgs_delta_capped"  # the warning ``on_warning`` gets, once per job
 
 
 class TrainingCanceled(Exception):
@@ -139,7 +145,8 @@ def batch_indices(
 
 
 def make_optimizer(student: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam with one group per quantized layer's weights and one per quantizer.
+    """Adam with one group per quantized layer's weights and one per quantizer, each named by
+    its kind (``name``: "weights", "quantizer", or "other" for the rest): the curves' rates.
 
     With ``lr_unit="step"`` each layer's weight learning rate is a multiple of its mean weight
     quantization step, so one update moves a weight by about ``lr`` of a step whatever the
@@ -157,7 +164,14 @@ def make_optimizer(student: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
         step = (grid.scale * grid.stride).mean().item() if by_step else 1.0
         steps.append(step)
         weights = [p for p in (layer.weight, layer.bias) if p is not None]
-        groups.append({"params": weights, "lr": cfg.lr * step, "weight_decay": cfg.weight_decay})
+        groups.append(
+            {
+                "params": weights,
+                "lr": cfg.lr * step,
+                "weight_decay": cfg.weight_decay,
+                "name": "weights",
+            }
+        )
         grouped.update(id(p) for p in weights)
     for quantizer in quantizers(student):  # the layers' and the residual additions'
         unit = quantizer.range_lr_unit() if by_step else 1.0
@@ -166,6 +180,7 @@ def make_optimizer(student: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
                 "params": list(quantizer.parameters()),
                 "lr": cfg.quantizer_lr * unit,
                 "weight_decay": 0.0,
+                "name": "quantizer",
             }
         )
         grouped.update(id(p) for p in quantizer.parameters())
@@ -173,9 +188,134 @@ def make_optimizer(student: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     if others:  # e.g. PReLU slopes: the typical step of the model's layers
         typical_step = sum(steps) / len(steps) if steps else 1.0
         groups.append(
-            {"params": others, "lr": cfg.lr * typical_step, "weight_decay": cfg.weight_decay}
+            {
+                "params": others,
+                "lr": cfg.lr * typical_step,
+                "weight_decay": cfg.weight_decay,
+                "name": "other",
+            }
         )
     return torch.optim.Adam(groups)
+
+
+# --- training curves ---------------------------------------------------------------------
+
+CURVE_POINTS = 200  # about this many loss-and-rates points a job (``on_metrics``)
+PROBE_POINTS = 20  # of them with a probe: the student against the teacher on ``Probe``
+# Probe images per image the job trains on, and the bounds: the probes' share of the training
+# time stays under 3% (``probe_size``; measured in BENCHMARKS.md, section probe-cost).
+PROBE_FRACTION = 1 / 500
+PROBE_MIN_IMAGES, PROBE_MAX_IMAGES = 16, 512
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A fixed subset of the evaluation images (uint8) and the teacher's logits on them."""
+
+    pixels: Tensor
+    teacher_logits: Tensor
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+
+def probe_size(images_trained: int) -> int:
+    """Probe images for a job that trains on ``images_trained`` images (steps x batch).
+
+    A step costs a teacher forward and a student forward and backward on its batch, about four
+    student forwards per image (the fake quantizers make the student the dearer model), so the
+    job costs ~4 x ``images_trained`` forwards and ``PROBE_POINTS`` probes of P images cost 20 P
+    forwards (eval mode, no autograd: cheaper still). P = ``images_trained`` / 1000 is then
+    under 1% of the training, leaving room for a probe's fixed costs; the floor keeps
+    agreement meaningful (in 1/16 steps) and costs more than 3% only in jobs shorter than about
+    8,000 images (a minute of CPU); the cap bounds long jobs' probes to a few seconds.
+    """
+    return min(max(round(images_trained * PROBE_FRACTION), PROBE_MIN_IMAGES), PROBE_MAX_IMAGES)
+
+
+def choose_probe(pixels: Tensor, teacher_logits: Tensor, cfg: TrainConfig) -> Probe:
+    """The probe subset of evaluation ``pixels``: ``probe_size`` images drawn once by
+    ``cfg.seed`` (the same for a resumed job), in their original order, with the rows of
+    ``teacher_logits`` (the teacher's logits on ``pixels``, computed once) that belong to them."""
+    count = min(probe_size(cfg.steps * cfg.batch_size), len(pixels))
+    order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(cfg.seed))
+    chosen = order[:count].sort().values
+    return Probe(pixels[chosen], teacher_logits[chosen])
+
+
+def curve_steps(total_steps: int) -> tuple[int, set[int]]:
+    """(every, probe steps): a point every ``every`` steps and at the last one, and a probe at
+    steps ceil(k * total / PROBE_POINTS), k = 1..PROBE_POINTS (every step of a shorter job)."""
+    every = max(1, total_steps // CURVE_POINTS)
+    probes = {math.ceil(k * total_steps / PROBE_POINTS) for k in range(1, PROBE_POINTS + 1)}
+    return every, probes
+
+
+class TrainingCurve:
+    """The training curve ``train`` reports through ``on_metrics``.
+
+    Each point: ``step``, ``epoch``, ``loss`` (the mean over the steps since the last point),
+    ``lr`` (per optimizer group name, the mean rate of its groups in the step just taken; with
+    ``lr_unit="step"`` each layer's rate is its own multiple of that); probe points add
+    ``probe``: ``agreement`` and ``kl`` of the student against the teacher on the probe images,
+    and ``images``.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        optimizer: torch.optim.Optimizer,
+        probe: Probe | None,
+        on_metrics: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.cfg, self.probe, self.on_metrics = cfg, probe, on_metrics
+        # Names as make_optimizer gave them: a restored optimizer takes the checkpoint's groups
+        self.group_names = [group.get("name", "other") for group in optimizer.param_groups]
+        self.every, self.probe_at = curve_steps(cfg.steps)
+        self.loss_sum, self.loss_steps = 0.0, 0
+        self.probes, self.probe_seconds = 0, 0.0
+
+    def due(self, step: int) -> bool:
+        """A point after ``step`` steps?"""
+        return step % self.every == 0 or step == self.cfg.steps or step in self.probe_at
+
+    def rates(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        by_name: dict[str, list[float]] = {}
+        for name, group in zip(self.group_names, optimizer.param_groups, strict=True):
+            by_name.setdefault(name, []).append(group["lr"])
+        return {name: sum(rates) / len(rates) for name, rates in by_name.items()}
+
+    def add(
+        self, step: int, epoch: int, loss: float, rates: dict[str, float], student: nn.Module
+    ) -> None:
+        """Count ``loss``; report a point if one is due after ``step`` steps."""
+        self.loss_sum += loss
+        self.loss_steps += 1
+        if not self.due(step):
+            return
+        point: dict[str, Any] = {
+            "step": step,
+            "epoch": epoch,
+            "loss": self.loss_sum / self.loss_steps,
+            "lr": rates,
+        }
+        self.loss_sum, self.loss_steps = 0.0, 0
+        if self.probe is not None and step in self.probe_at:
+            point["probe"] = self.measure(student)
+        self.on_metrics(point)
+
+    def measure(self, student: nn.Module) -> dict[str, Any]:
+        """The student against the teacher on the probe images: in eval mode under inference
+        mode (``predict``), so nothing it holds changes (BatchNorm statistics, quantizer
+        ranges, RNG streams) and it goes back to train mode: a run with probes trains the same
+        student as one without."""
+        assert self.probe is not None
+        started = time.perf_counter()
+        logits = predict(student, self.probe.pixels, self.cfg.mean, self.cfg.std)
+        found = compare(self.probe.teacher_logits, logits, None)
+        self.probe_seconds += time.perf_counter() - started
+        self.probes += 1
+        return {"agreement": found["agreement"], "kl": found["kl"], "images": len(self.probe)}
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -212,11 +352,18 @@ def train(
     checkpointer: Checkpointer | None = None,
     resume_from: Path | None = None,
     labels: Tensor | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    probe: Probe | None = None,
+    on_warning: Callable[[str, str], None] | None = None,
 ) -> TrainStats:
     """Distill ``teacher`` into ``student`` for ``cfg.steps`` steps on unlabeled ``pixels``.
 
     ``labels`` (one class index per image) are read only when ``cfg.label_weight`` is set: the
     cross-entropy baseline that benchmarks compare SQAKD with.
+
+    ``on_metrics`` gets the training curve (``TrainingCurve``): about ``CURVE_POINTS`` points, and
+    ``PROBE_POINTS`` of them measured on ``probe`` (``choose_probe``) when one is given.
+    ``on_warning(code, message)`` hears, once per job, that an EWGS delta hit its cap.
 
     ``resume_from`` continues a run from its checkpoint: ``student`` must be built as the
     interrupted run built it (same teacher, ``prepare`` and ``calibrate``), and ``cfg`` and
@@ -289,13 +436,25 @@ def train(
             torch.Generator().manual_seed(cfg.seed * 1_000_003 + step),
         )
 
-    loss_value, start = float("nan"), 0
+    curve = None if on_metrics is None else TrainingCurve(cfg, optimizer, probe, on_metrics)
+    loss_value, start, capped_warned = float("nan"), 0, False
     if resume_from is not None:
         saved = load_checkpoint(resume_from)
         _check_resumable(saved, cfg, len(pixels))
         _restore(saved, student, optimizer, schedule, augment_rng)
         start, loss_value = saved["step"], saved["loss"]
+        capped_warned = saved.get("ewgs_capped_warned", False)
     last_saved = start
+
+    def warn_if_capped(step: int) -> None:
+        """Tell ``on_warning``, once per job (the checkpoint remembers), that deltas hit their
+        cap: the Hessian asked for more gradient scaling than keeps every gradient's sign."""
+        nonlocal capped_warned
+        capped = {name: max_delta(q) for name, q in ewgs.items() if q.delta.item() >= max_delta(q)}
+        if on_warning is None or capped_warned or not capped:
+            return
+        capped_warned = True
+        on_warning(EWGS_DELTA_CAPPED, _capped_message(capped, step))
 
     def checkpoint(step: int, *, stopping: bool = False) -> None:
         """Save the state after ``step`` steps: every ``checkpointer.every``, last, or stopping."""
@@ -303,7 +462,13 @@ def train(
         if checkpointer is None or step == last_saved:
             return
         if stopping or step % checkpointer.every == 0 or step == cfg.steps:
-            run = {"step": step, "config": asdict(cfg), "images": len(pixels), "loss": loss_value}
+            run = {
+                "step": step,
+                "config": asdict(cfg),
+                "images": len(pixels),
+                "loss": loss_value,
+                "ewgs_capped_warned": capped_warned,
+            }
             save_checkpoint(
                 checkpointer.path, run | _snapshot(student, optimizer, schedule, augment_rng)
             )
@@ -319,6 +484,7 @@ def train(
         epoch, indices = next(batches)
         if ewgs and cfg.ewgs_delta == "hessian" and step % hessian_every == 0:
             ewgs_deltas = estimate_deltas(step)
+            warn_if_capped(step)
         inputs, teacher_logits = batch(indices, cfg.augment)
         with autocast:
             student_logits = forward(inputs)
@@ -326,10 +492,14 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        # the rates this step used, before the schedule moves them on
+        rates = curve.rates(optimizer) if curve is not None and curve.due(step + 1) else {}
         schedule.step()
 
         images_seen += len(indices)
         loss_value = loss.item()
+        if curve is not None:  # before the checkpoint: a crash repeats points, never skips
+            curve.add(step + 1, epoch + 1, loss_value, rates, student)
         checkpoint(step + 1)
         elapsed = time.perf_counter() - started
         if on_step is not None:
@@ -355,6 +525,20 @@ def train(
         peak_memory_bytes=peak,
         resumed_from_step=start,
         ewgs_deltas=ewgs_deltas or {name: q.delta.item() for name, q in ewgs.items()},
+        probe_points=0 if curve is None else curve.probes,
+        probe_seconds=0.0 if curve is None else curve.probe_seconds,
+    )
+
+
+def _capped_message(capped: dict[str, float], step: int) -> str:
+    """The ``ewgs_delta_capped`` warning: which quantizers, at which cap, from which step."""
+    shown = [f"{name} (cap {cap:g})" for name, cap in list(capped.items())[:8]]
+    more = f" and {len(capped) - len(shown)} more" if len(capped) > len(shown) else ""
+    return (
+        f"EWGS delta hit its cap at step {step} for {', '.join(shown)}{more}: the Hessian "
+        "estimate asked for stronger gradient scaling than keeps each gradient's sign "
+        "(2 x the quantizer's steps), so these quantizers train with the cap. Common near a "
+        "minimum (a student already close to its teacher); a fixed ewgs_delta avoids it."
     )
 
 

@@ -15,23 +15,17 @@ import pytest
 
 from bench.cifar import cifar_zip, teacher_preprocessing
 from core.config import JobConfig
-from core.pipeline import JobInputs, run_quantization
+from core.pipeline import JobInputs, SilentReporter, run_quantization
 from tests.fixtures_paths import shared_path
 
 
-class RecordingReporter:
+class RecordingReporter(SilentReporter):
     def __init__(self) -> None:
-        self.stages: list[str] = []
+        super().__init__()
         self.progress_updates: list[dict[str, Any]] = []
-
-    def stage(self, stage: str) -> None:
-        self.stages.append(stage)
 
     def progress(self, progress: dict[str, Any]) -> None:
         self.progress_updates.append(progress)
-
-    def should_stop(self) -> bool:
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 
 from core.config import JobConfig
-from core.pipeline import CHECKPOINT, JobCanceled, JobInputs, JobResult, run_quantization
+from core.pipeline import (
+    CHECKPOINT,
+    JobCanceled,
+    JobInputs,
+    JobResult,
+    SilentReporter,
+    run_quantization,
+)
 from core.sqakd.trainer import load_checkpoint
 from tests.factories import VALID_CONFIG, export_tiny_cnn, image_zip
 
@@ -33,17 +40,14 @@ class Died(Exception):
     """The worker process died: nothing after this point runs."""
 
 
-class Reporter:
-    """Records progress; asks to stop once ``stop_after`` steps are done, or dies after
-    ``die_after`` steps."""
+class Reporter(SilentReporter):
+    """Records stages, progress and curve points; asks to stop once ``stop_after`` steps are
+    done, or dies after ``die_after`` steps."""
 
     def __init__(self, stop_after: int | None = None, die_after: int | None = None) -> None:
+        super().__init__()
         self.stop_after, self.die_after = stop_after, die_after
-        self.stages: list[str] = []
         self.steps: list[int] = []
-
-    def stage(self, stage: str) -> None:
-        self.stages.append(stage)
 
     def progress(self, progress: dict[str, Any]) -> None:
         self.steps.append(progress["step"])
@@ -60,6 +64,7 @@ class Uninterrupted:
     workdir: Path
     result: JobResult
     student: bytes
+    points: list[dict[str, Any]]  # the training curve
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +76,11 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Uninterrupted:
     assert reporter.steps == list(range(1, STEPS + 1))
     assert CONFIG.preprocessing.augment and result.metrics["train_images"] == 58
     return Uninterrupted(
-        inputs, tmp / "work", result, result.artifacts["student.safetensors"].read_bytes()
+        inputs,
+        tmp / "work",
+        result,
+        result.artifacts["student.safetensors"].read_bytes(),
+        reporter.points,
     )
 
 
@@ -101,6 +110,8 @@ def test_a_stopped_job_resumes_where_it_stopped(
     assert again.steps == [6, 7, 8, 9, 10]
     assert again.stages == ["validating", "calibrating", "training", "evaluating", "exporting"]
     assert_same_job(uninterrupted, result, resumed_from=5)
+    # The curve goes on from the checkpoint: the same points, probes included, none repeated
+    assert stopping.points + again.points == uninterrupted.points
 
 
 def test_a_dead_workers_job_resumes_from_the_last_checkpoint(
@@ -115,6 +126,7 @@ def test_a_dead_workers_job_resumes_from_the_last_checkpoint(
 
     assert again.steps == [7, 8, 9, 10]
     assert_same_job(uninterrupted, result, resumed_from=6)
+    assert again.points == uninterrupted.points[6:]  # points 7 and 8 again, then on
 
 
 def test_a_job_that_finished_training_does_not_train_again(uninterrupted: Uninterrupted) -> None:

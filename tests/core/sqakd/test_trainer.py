@@ -532,6 +532,7 @@ def test_a_checkpoint_is_tensors_and_plain_types(tmp_path: Path) -> None:
         "config",
         "images",
         "loss",
+        "ewgs_capped_warned",
         "student",
         "optimizer",
         "schedule",
