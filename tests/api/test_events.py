@@ -202,3 +202,20 @@ def test_followers_are_woken_over_redis_not_by_polling(
         with session_factory(settings)() as session:
             assert jobs.cancel(session, job_id, "worker")
         assert [m.event for m in messages] == ["status"]  # canceled: the stream ends
+
+
+def test_without_redis_streams_re_read_the_database_on_their_heartbeat(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings(broker_url="redis://127.0.0.1:1/0", sse_heartbeat_seconds=0.2)
+    with session_factory(settings)() as session:
+        job_id = queued_job(session).id
+    with (
+        served(settings) as (app, port),
+        httpx.stream("GET", events_url(port, job_id), headers=SSE, timeout=10) as response,
+        in_thread(run_job, settings, job_id),
+    ):
+        sent = [m.id for m in sse_messages(response.iter_lines()) if m.comment is None]
+
+    assert sent == [str(i) for i in range(1, 10)]
+    assert not app.state.event_wakeups.subscribed
