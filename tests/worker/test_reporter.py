@@ -125,3 +125,28 @@ def test_stages_are_timed_and_progress_becomes_an_event_every_few_seconds(
     ]
     assert row is not None and row.stage_seconds == {"calibrating": 1.3, "training": 10.0}
     assert reporter.stage_seconds() == 0.0
+
+
+def test_curve_points_are_metrics_events_and_the_latest_metrics(
+    settings: Settings, session: Session
+) -> None:
+    """Every point is written (no throttle: about 200 a job), as ``train`` reports them."""
+    job = running_job(session, settings)
+    reporter = DbReporter(settings, job.id, "me", clock=FakeClock())
+    first = {"step": 2, "epoch": 1, "loss": 0.9, "lr": {"weights": 0.01, "quantizer": 0.01}}
+    second = {
+        "step": 4,
+        "epoch": 1,
+        "loss": 0.7,
+        "lr": {"weights": 0.009, "quantizer": 0.009},
+        "probe": {"agreement": 0.75, "kl": 0.12, "images": 16},
+    }
+
+    reporter.metrics(first)
+    reporter.metrics(second)
+
+    items, _ = events.list_events(session, job.id)
+    assert [event.data for event in items if event.type == "metrics"] == [first, second]
+    row = session.get(Job, job.id, populate_existing=True)
+    assert row is not None and row.latest_metrics == second
+    assert not reporter.lease_lost.is_set()
