@@ -119,7 +119,10 @@ MAX_METADATA_VALUE_CHARS = 512
 Metadata = Annotated[
     dict[
         Annotated[str, StringConstraints(pattern=METADATA_KEY_PATTERN)],
-        Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS)],
+        # No NUL: PostgreSQL's text (and its JSON ->> operator) cannot hold one.
+        Annotated[
+            str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS, pattern=r"^[^\x00]*$")
+        ],
     ],
     Field(
         max_length=MAX_METADATA_KEYS,

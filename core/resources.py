@@ -67,11 +67,12 @@ class ResourceInUse(InputError):
 
 
 def display_name(filename: str | None) -> str | None:
-    """The client's file name, for display only: its last path component, clipped."""
+    """The client's file name, for display only: its last path component, printable
+    characters only (PostgreSQL refuses NUL in text), clipped."""
     if not filename:
         return None
     name = filename.replace("\\", "/").rpartition("/")[2]
-    return name[:MAX_FILENAME_CHARS] or None
+    return "".join(char for char in name if char.isprintable())[:MAX_FILENAME_CHARS] or None
 
 
 def find_by_sha256(session: Session, tenant: str, kind: Kind, sha256: str) -> Resource | None:

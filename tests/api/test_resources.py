@@ -244,6 +244,10 @@ def test_a_json_job_shares_the_stored_files_and_trains(
     assert finished["metrics"]["student_top1"] is not None  # eval_data's class folders
     assert client.delete(f"/v1/models/{model['id']}").status_code == 204
     assert client.get(f"/v1/jobs/{job['id']}").json()["artifacts"] == finished["artifacts"]
+    # Deleting the job removes its own files only; the dataset's stay.
+    assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert not storage.job_dir(job["id"]).exists()
+    assert (storage.resource_dir(data["id"]) / "data.zip").is_file()
 
 
 @pytest.mark.parametrize(
@@ -357,7 +361,7 @@ def test_the_job_list_filters_by_status_and_metadata(any_database: Settings) -> 
         a = make_job(session, status="queued", user_metadata={"exp": "w4", "owner": "ana"})
         b = make_job(session, status="running", user_metadata={"exp": "w4", "owner": "bo"})
         c = make_job(session, status="succeeded", user_metadata={"exp": "w2"})
-        d = make_job(session, status="failed")
+        d = make_job(session, status="failed", user_metadata={"note": "für \"x\" 'y' \\"})
     client = make_client(any_database)
 
     def ids(query: str) -> set[str]:
@@ -371,6 +375,8 @@ def test_the_job_list_filters_by_status_and_metadata(any_database: Settings) -> 
     assert ids("metadata[exp]=w4&metadata[owner]=bo") == {b.id}
     assert ids("metadata[exp]=w4&status=succeeded") == set()
     assert ids("metadata[owner]=nobody") == set()
+    note = client.get("/v1/jobs", params={"metadata[note]": "für \"x\" 'y' \\"}).json()
+    assert [job["id"] for job in note["items"]] == [d.id]
     assert client.get(f"/v1/jobs/{a.id}").json()["metadata"] == {"exp": "w4", "owner": "ana"}
     for query, code in (
         ("status=done", "invalid_status"),
