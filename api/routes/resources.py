@@ -4,11 +4,12 @@ Both kinds have the same four routes, made by ``_add_routes``: an upload streams
 and is validated in the isolated child exactly as a job's upload is (``core.intake``).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the routes' annotations name ``IdParam``, made per
+# kind inside ``_add_routes``, which FastAPI could not resolve from strings.
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, TenantDep
@@ -29,6 +30,7 @@ ERRORS = error_responses(
 
 def _add_routes(kind: Kind, plural: str, accepts: str) -> None:
     prefix = f"/v1/{plural}"
+    IdParam = Annotated[str, Path(alias=f"{kind}_id")]  # /v1/models/{model_id}, ...
 
     @router.post(
         prefix,
@@ -130,20 +132,20 @@ def _add_routes(kind: Kind, plural: str, accepts: str) -> None:
         )
 
     @router.get(
-        f"{prefix}/{{resource_id}}",
+        f"{prefix}/{{{kind}_id}}",
         name=f"get_{kind}",
         tags=[plural],
         response_model=ResourcePublic,
         responses=ERRORS,
         summary=f"Read a {kind}",
     )
-    def get_one(resource_id: str, session: SessionDep, tenant: TenantDep) -> ResourcePublic:
+    def get_one(resource_id: IdParam, session: SessionDep, tenant: TenantDep) -> ResourcePublic:
         return ResourcePublic.model_validate(
             resources.get_resource(session, tenant, kind, resource_id)
         )
 
     @router.delete(
-        f"{prefix}/{{resource_id}}",
+        f"{prefix}/{{{kind}_id}}",
         name=f"delete_{kind}",
         tags=[plural],
         status_code=status.HTTP_204_NO_CONTENT,
@@ -154,7 +156,7 @@ def _add_routes(kind: Kind, plural: str, accepts: str) -> None:
         "it: 409 `resource_in_use`. Finished jobs that used it keep their results.",
     )
     def delete_one(
-        resource_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+        resource_id: IdParam, session: SessionDep, settings: SettingsDep, tenant: TenantDep
     ) -> None:
         resources.delete_resource(session, settings, tenant, kind, resource_id)
 
