@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import redis
 import schemathesis
+from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
@@ -33,7 +35,19 @@ _SETTINGS = Settings(
     api_keys={_KEY: "fuzz"},
 )
 migrate(_SETTINGS)
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_SETTINGS, sweeper=False))
+
+
+@asynccontextmanager
+async def _no_lifespan(_: FastAPI) -> AsyncIterator[None]:
+    yield
+
+
+_APP = create_app(_SETTINGS, sweeper=False)
+# Schemathesis runs the app's lifespan around every single call: starting and stopping the
+# validation forkserver (which imports torch) took ~10 s a call. Without it, the forkserver
+# starts once, on the first upload, and the event streams subscribe on their first use.
+_APP.router.lifespan_context = _no_lifespan
+schema = schemathesis.openapi.from_asgi("/openapi.json", _APP)
 
 
 @pytest.fixture(scope="module", autouse=True)
