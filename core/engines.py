@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from core import events
 from core.config import JobConfig
-from core.errors import InputError
+from core.errors import InputError, NotFound
 from core.jobs import record_artifact
 from core.models import EngineBuild, Job, utcnow
 from core.settings import Settings
@@ -46,13 +46,6 @@ class EngineStatus(StrEnum):
     BUILDING = "building"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-
-
-class EngineBuildNotFound(InputError):
-    status_code = 404
-
-    def __init__(self, build_id: str) -> None:
-        super().__init__("engine_build_not_found", f"no engine build {build_id}")
 
 
 class EngineBuildNotClaimed(InputError):
@@ -170,7 +163,7 @@ def get_build(session: Session, tenant: str, build_id: str) -> EngineBuild:
     """A build of one of ``tenant``'s jobs; another tenant's is as absent as a missing one."""
     build = session.get(EngineBuild, build_id)
     if build is None or build.job.tenant != tenant:
-        raise EngineBuildNotFound(build_id)
+        raise NotFound("engine build", build_id)
     return build
 
 

@@ -31,6 +31,16 @@ class InputError(Exception):
         return {"code": self.code, "message": self.message}
 
 
+class NotFound(InputError):
+    """404 ``<what>_not_found`` (``job_not_found``, ``engine_build_not_found``, ...): unknown, or
+    another tenant's, which is as unknown."""
+
+    status_code = 404
+
+    def __init__(self, what: str, item_id: str) -> None:
+        super().__init__(f"{what.replace(' ', '_')}_not_found", f"no {what} {item_id!r}")
+
+
 class ModelImportError(InputError):
     """The uploaded model cannot be read, converted or verified."""
 

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from core import events
 from core.config import JobConfig
-from core.errors import InputError, QuotaExceeded, TooLargeError
+from core.errors import InputError, NotFound, QuotaExceeded, TooLargeError
 from core.json_values import json_safe
 from core.models import Artifact, Job, JobEvent, Resource, utcnow
 from core.pages import Page, newest_first
@@ -52,13 +52,6 @@ class JobStatus(StrEnum):
 
 
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
-
-
-class JobNotFound(InputError):
-    status_code = 404
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__("job_not_found", f"no job {job_id!r}")
 
 
 class ArtifactNotFound(InputError):
@@ -339,7 +332,7 @@ def get_job(session: Session, tenant: str, job_id: str) -> Job:
     """The tenant's job; another tenant's job is as unknown as a missing one."""
     job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
     if job is None:
-        raise JobNotFound(job_id)
+        raise NotFound("job", job_id)
     return job
 
 
@@ -380,7 +373,7 @@ def job_events(
     """
     status = session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant == tenant))
     if status is None:
-        raise JobNotFound(job_id)
+        raise NotFound("job", job_id)
     items, has_more = events.list_events(session, job_id, after=after, limit=limit)
     return EventPage(JobStatus(status), items, has_more)
 

@@ -19,7 +19,7 @@ from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.errors import InputError
+from core.errors import InputError, NotFound
 from core.inputs.budget import check_pixel_budget
 from core.intake import with_input_size
 from core.jobs import (
@@ -40,15 +40,6 @@ from core.storage import Storage, StoredFile
 
 Kind = Literal["model", "dataset"]
 MAX_FILENAME_CHARS = 255  # resources.filename
-
-
-class ResourceNotFound(InputError):
-    """404 ``model_not_found`` / ``dataset_not_found``: unknown, or another tenant's."""
-
-    status_code = 404
-
-    def __init__(self, kind: str, resource_id: str) -> None:
-        super().__init__(f"{kind}_not_found", f"no {kind} {resource_id!r}")
 
 
 class ResourceInUse(InputError):
@@ -150,7 +141,7 @@ def get_resource(session: Session, tenant: str, kind: Kind, resource_id: str) ->
         )
     )
     if resource is None:
-        raise ResourceNotFound(kind, resource_id)
+        raise NotFound(kind, resource_id)
     return resource
 
 

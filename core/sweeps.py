@@ -32,7 +32,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core import jobs, webhooks
-from core.errors import InputError
+from core.errors import InputError, NotFound
 from core.jobs import ACTIVE, JobStatus
 from core.models import Job, Resource, Sweep, utcnow
 from core.pages import Page, newest_first
@@ -47,13 +47,6 @@ REPORT_FILES = ("report.html", "pareto.svg")
 # The recommendation: the smallest front point within this much accuracy of the best one.
 RECOMMEND_WITHIN = 0.01
 BITS_KEYS = ("weight_bits", "activation_bits", "method")  # what a label always shows
-
-
-class SweepNotFound(InputError):
-    status_code = 404
-
-    def __init__(self, sweep_id: str) -> None:
-        super().__init__("sweep_not_found", f"no sweep {sweep_id!r}")
 
 
 class SweepArtifactNotFound(InputError):
@@ -477,7 +470,7 @@ def get_sweep(session: Session, tenant: str, sweep_id: str) -> Sweep:
         .execution_options(populate_existing=True)
     )
     if sweep is None:
-        raise SweepNotFound(sweep_id)
+        raise NotFound("sweep", sweep_id)
     return sweep
 
 
@@ -513,7 +506,7 @@ def delete_sweep(session: Session, settings: Settings, tenant: str, sweep_id: st
             jobs.delete_job(session, settings, tenant, job_id)
         except jobs.JobRunning as exc:  # started since the check above
             raise SweepRunning(sweep_id) from exc
-        except jobs.JobNotFound:  # deleted meanwhile
+        except NotFound:  # deleted meanwhile
             pass
     session.delete(get_sweep(session, tenant, sweep_id))
     session.commit()

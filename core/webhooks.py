@@ -41,7 +41,7 @@ import httpx
 from sqlalchemy import delete, event, select, update
 from sqlalchemy.orm import Session
 
-from core.errors import InputError
+from core.errors import InputError, NotFound
 from core.models import Webhook, WebhookAttempt, WebhookMessage, utcnow
 from core.pages import Page, newest_first
 from core.settings import Settings
@@ -77,13 +77,6 @@ def set_dispatcher(dispatcher: Dispatcher | None) -> None:
     Without one, messages wait for the API's maintenance loop (``overdue_message_ids``)."""
     global _dispatcher
     _dispatcher = dispatcher
-
-
-class WebhookNotFound(InputError):
-    status_code = 404
-
-    def __init__(self, webhook_id: str) -> None:
-        super().__init__("webhook_not_found", f"no webhook {webhook_id!r}")
 
 
 class WebhookTargetForbidden(InputError):
@@ -254,7 +247,7 @@ def get_webhook(session: Session, tenant: str, webhook_id: str) -> Webhook:
         select(Webhook).where(Webhook.id == webhook_id, Webhook.tenant == tenant)
     )
     if webhook is None:
-        raise WebhookNotFound(webhook_id)
+        raise NotFound("webhook", webhook_id)
     return webhook
 
 

@@ -24,6 +24,7 @@ from api.event_stream import EventWakeups
 from api.schemas import JobEventPage, JobEventPublic, error_responses
 from core import jobs
 from core.db import session_factory
+from core.errors import NotFound
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ async def _follow(
             woken.clear()  # before the read: a wake-up during it is kept for the next wait
             try:
                 page = await run_in_threadpool(_read_page, settings, tenant, job_id, after, limit)
-            except jobs.JobNotFound:
+            except NotFound:
                 return  # deleted while followed
             except (OperationalError, PoolTimeout) as exc:
                 # The database is away for a moment: say nothing, try again on the heartbeat.

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from core import engines
 from core.config import JobConfig
+from core.errors import NotFound
 from core.models import EngineBuild, utcnow
 from core.settings import Settings
 from tests.factories import VALID_CONFIG, make_job
@@ -113,7 +114,7 @@ def test_a_claim_is_bound_to_its_builder_and_token(session: Session) -> None:
     for presented in (None, "", "not-the-token", token + "x"):
         with pytest.raises(engines.EngineBuildNotClaimed):
             engines.held_build(session, "local", build.id, presented)
-    with pytest.raises(engines.EngineBuildNotFound):  # another tenant's build, even with its token
+    with pytest.raises(NotFound):  # another tenant's build, even with its token
         engines.held_build(session, "other", build.id, token)
     assert engines.held_build(session, "local", build.id, token).id == build.id
     row = session.get(EngineBuild, build.id, populate_existing=True)
@@ -182,7 +183,7 @@ def test_claim_next_serves_the_tenant_and_target_asked_for(session: Session) -> 
     assert build is not None and build.job_id == mine.id and build.target == "x86-sm90"
     assert engines.claim_next(session, "local", "x86-sm90", "agent:b") is None  # taken
     assert engines.claim_next(session, "local", "unknown-target", "agent:b") is None
-    with pytest.raises(engines.EngineBuildNotFound):
+    with pytest.raises(NotFound):
         engines.get_build(session, "other", build.id)
     assert build.lease_token is not None
     done = engines.finish_build(
