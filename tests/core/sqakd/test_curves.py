@@ -33,6 +33,7 @@ from core.sqakd.trainer import (
     load_checkpoint,
     make_optimizer,
     probe_size,
+    save_checkpoint,
     train,
 )
 from tests.core.sqakd.test_trainer import (
@@ -244,6 +245,31 @@ def test_a_resumed_job_continues_its_curve(tmp_path: Path) -> None:
     rest = job.train(job.student(), checkpointer=checkpointer, resume_from=path)
     assert first + rest == whole  # same steps, losses and probes, none missing or repeated
     assert len(probed(first)) + len(probed(rest)) == PROBE_POINTS
+
+
+def test_a_checkpoint_from_before_the_curves_resumes_with_named_rates(tmp_path: Path) -> None:
+    """Checkpoints written before this release have unnamed optimizer groups and no warning
+    flag; restoring one replaces the optimizer's groups, but the rates keep their names."""
+    job = make_job()
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(TrainingCanceled):
+        train(
+            job.teacher,
+            job.student(),
+            job.pixels,
+            job.cfg,
+            checkpointer=Checkpointer(path, every=5),
+            should_stop=iter([False] * 10 + [True]).__next__,
+        )
+    saved = load_checkpoint(path)
+    del saved["ewgs_capped_warned"]
+    for group in saved["optimizer"]["param_groups"]:
+        del group["name"]
+    save_checkpoint(path, saved)
+
+    rest = job.train(job.student(), resume_from=path)
+    assert [p["step"] for p in rest] == list(range(11, STEPS + 1))
+    assert all(p["lr"].keys() == {"weights", "quantizer"} for p in rest)
 
 
 # --- EWGS's cap --------------------------------------------------------------------------------
