@@ -38,7 +38,7 @@ class EventType(StrEnum):
     STATUS = "status"  # {"status", ...}: queued, running (with "attempt"), succeeded, ...
     STAGE = "stage"  # {"stage", "previous", "previous_seconds"}
     PROGRESS = "progress"  # {"step", "total_steps", "epoch", "loss", "eta_seconds", ...}
-    METRICS = "metrics"  # a training-curve point: {"step", "loss", "lr", "agreement", "kl"}
+    METRICS = "metrics"  # a curve point: {"step", "epoch", "loss", "lr", "probe"?: {agreement, kl}}
     WARNING = "warning"  # {"code", "message"}
     ERROR = "error"  # {"code", "message"}
     ENGINE = "engine"  # {"build_id", "target", "status"}
