@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -88,6 +89,12 @@ def shut_down() -> None:
     """
     from multiprocessing import forkserver, util
 
+    # _stop waits for the server to exit, which it does only once its preload (torch: seconds)
+    # is imported: an API stopped soon after it started would wait that long. Nothing of the
+    # server is worth waiting for at shutdown; a validation it already forked runs on alone.
+    if (pid := forkserver._forkserver._forkserver_pid) is not None:  # type: ignore[attr-defined]
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     forkserver._forkserver._stop()  # type: ignore[attr-defined]
     for finalizer in list(util._finalizer_registry.values()):  # type: ignore[attr-defined]
         if getattr(finalizer, "_callback", None) is util._remove_temp_dir:  # type: ignore[attr-defined]
