@@ -116,7 +116,59 @@ class EngineFailure(BaseModel):
     message: str = Field(max_length=4000)
 
 
+JOB_EXAMPLE: dict[str, Any] = {
+    "id": "3f2a9c1e-8b7d-4e6f-a5c4-1d2e3f4a5b6c",
+    "status": "running",
+    "stage": "training",
+    "progress": {
+        "step": 120,
+        "total_steps": 782,
+        "epoch": 1,
+        "epochs": 1,
+        "loss": 0.0841,
+        "eta_seconds": 212.4,
+        "images_per_second": 198.6,
+    },
+    "metrics": None,
+    "error": None,
+    "artifacts": [],
+    "engines": [],
+    "config": {"weight_bits": 4, "activation_bits": 4, "method": "lsq", "epochs": 1},
+    "inputs": {
+        "model": {
+            "size": 1120412,
+            "sha256": "9f8e...c2",
+            "id": "5b0e7c1a-2f4d-4c7e-9a51-0d6f3b8e2c11",
+        },
+        "data": {
+            "size": 96820411,
+            "sha256": "47ab...e1",
+            "id": "9c3f1e20-7a6b-4d85-b1e2-4f0a6c9d8e73",
+        },
+        "eval_data": None,
+    },
+    "cancel_requested": False,
+    "attempts": 1,
+    "metadata": {"experiment": "w4-lsq"},
+    "sweep_id": None,
+    "stage_seconds": {"validating": 3.1, "calibrating": 41.7},
+    "latest_metrics": {
+        "step": 120,
+        "epoch": 1,
+        "loss": 0.0863,
+        "lr": {"weights": 0.0021, "quantizer": 0.0019},
+        "probe": {"agreement": 0.93, "kl": 0.041, "images": 100},
+    },
+    "created_at": "2026-12-06T09:00:00Z",
+    "updated_at": "2026-12-06T09:01:05Z",
+    "started_at": "2026-12-06T09:00:02Z",
+    "finished_at": None,
+}
+
+
 class JobPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
+
     id: str
     status: JobStatus
     stage: str | None
