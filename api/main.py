@@ -222,12 +222,10 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
         version="1",
         summary="Quantize a full-precision vision model with SQAKD, as a service.",
         lifespan=lifespan,
-        # Stable operation ids ("jobs-create_job"), so generated clients keep their names.
-        generate_unique_id_function=lambda route: (
-            f"{route.tags[0]}-{route.name}"
-            if isinstance(route, APIRoute) and route.tags
-            else route.name
-        ),
+        # Operation ids are the route functions' names ("create_job"; unique, a test checks),
+        # so generated clients keep their method names. A router's tags are not on its routes
+        # yet when this runs, which is why the ids never carried them.
+        generate_unique_id_function=lambda route: route.name,
     )
     if settings is not None:
 
