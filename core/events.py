@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "sqakd:job-events:"
 _PENDING = "sqakd.events.pending"  # Session.info key: ids of jobs with uncommitted events
+_unannounced = False  # True while Redis refuses this process's announcements
 
 
 class EventType(StrEnum):
@@ -122,12 +123,19 @@ def _publish_committed(session: Session) -> None:
     broker_url = session.info.get("broker_url")
     if not job_ids or not broker_url or (url := redis_url(broker_url)) is None:
         return
+    global _unannounced
     try:
         client = _publisher(url)
         for job_id in job_ids:
             client.publish(job_events_channel(job_id), b"")
     except redis.RedisError as exc:
-        log.warning("job events not announced on Redis (%s); followers poll instead", exc)
+        if not _unannounced:  # once per outage: a training job commits events every step
+            log.warning("job events not announced on Redis (%s); followers poll instead", exc)
+        _unannounced = True
+    else:
+        if _unannounced:
+            log.info("job events announced on Redis again")
+        _unannounced = False
 
 
 @event.listens_for(Session, "after_rollback")
