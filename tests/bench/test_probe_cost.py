@@ -8,7 +8,6 @@ import pytest
 
 import bench.probe_cost
 import bench.report
-from tests.fixtures_paths import shared_path
 
 
 def test_missing_fixtures_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,15 +18,7 @@ def test_missing_fixtures_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.slow
-def test_a_tiny_probe_cost_run_writes_its_section(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    shared_path("fixtures", "resnet20_cifar10.onnx")
-    shared_path("data", "cifar10", "train")
-    shared_path("data", "cifar10", "test")
-    benchmarks = tmp_path / "BENCHMARKS.md"
-    monkeypatch.setattr(bench.report, "BENCHMARKS", benchmarks)
-
+def test_a_tiny_probe_cost_run_writes_its_section(tmp_path: Path, cifar_benchmarks: Path) -> None:
     bench.probe_cost.main(
         [
             *("--train-images", "128", "--eval-images", "20", "--threads", "1"),
@@ -35,7 +26,7 @@ def test_a_tiny_probe_cost_run_writes_its_section(
         ]
     )
 
-    section = benchmarks.read_text()
+    section = cifar_benchmarks.read_text()
     command = "python -m bench.probe_cost --train-images 128 --eval-images 20 --threads 1"
     assert f"_Command: `{command}`" in section
     assert "| 128 | 2 | 1 | without | " in section  # 2 steps of 64: a probe after each

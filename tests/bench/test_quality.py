@@ -15,18 +15,12 @@ import pytest
 
 import bench.quality
 import bench.report
-from tests.fixtures_paths import shared_path
 
 
 @pytest.mark.slow
 def test_quality_benchmark_stores_every_run_and_resumes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cifar_benchmarks: Path
 ) -> None:
-    shared_path("fixtures", "resnet20_cifar10.onnx")
-    shared_path("data", "cifar10", "train")
-    shared_path("data", "cifar10", "test")
-    benchmarks = tmp_path / "BENCHMARKS.md"
-    monkeypatch.setattr(bench.report, "BENCHMARKS", benchmarks)
     results = tmp_path / "quality.json"
     args = [
         *("--epochs", "1", "--train-images", "128", "--test-images", "100"),
@@ -50,7 +44,7 @@ def test_quality_benchmark_stores_every_run_and_resumes(
             assert run["settings"]["train_images"] == 128
     by_mode = {run["settings"]["mode"]: run for run in runs}
     assert by_mode["sqakd"]["final_loss"] != by_mode["ce"]["final_loss"]  # KL vs cross-entropy
-    section = benchmarks.read_text()
+    section = cifar_benchmarks.read_text()
     assert "**Partial: 4 of 28 runs finished" in section
     top1 = {
         mode: [100 * run["top1"] for run in runs if run["settings"]["mode"] == mode]
@@ -65,9 +59,9 @@ def test_quality_benchmark_stores_every_run_and_resumes(
         raise AssertionError("a stored run was trained again")
 
     monkeypatch.setattr(bench.quality, "train", no_training)
-    benchmarks.write_text("untouched")
+    cifar_benchmarks.write_text("untouched")
     bench.quality.main([*args, "--no-write"])
     assert json.loads(results.read_text())["runs"] == runs
-    assert benchmarks.read_text() == "untouched"
+    assert cifar_benchmarks.read_text() == "untouched"
     with pytest.raises(AssertionError, match="trained again"):  # another budget: not reused
         bench.quality.main([*args, "--no-write", "--epochs", "2"])
