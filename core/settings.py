@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = Field(
         False, description="Let webhooks target private addresses (10/8, 192.168/16, fc00::/7)."
     )
+    webhook_allow_link_local: bool = Field(
+        False,
+        description="Let webhooks target link-local addresses (169.254/16, fe80::/10): cloud "
+        "metadata services answer there, so only for targets that really live on such a link.",
+    )
     webhook_allow_loopback: bool | None = Field(
         None, description="Let webhooks target loopback; default: only in the keyless mode."
     )

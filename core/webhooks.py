@@ -15,8 +15,9 @@ of earlier messages too, are signed with the new secret only.
 
 Targets: only http(s) URLs whose host resolves to public addresses, unless the settings allow
 loopback (``webhook_allow_loopback``; by default exactly in the keyless embedded mode) or
-private networks (``webhook_allow_private``). Link-local (cloud metadata at 169.254.169.254),
-unspecified, multicast and reserved addresses are always refused. The check runs when a webhook
+private networks (``webhook_allow_private``) or link-local ones (``webhook_allow_link_local``;
+cloud metadata answers at 169.254.169.254). Unspecified, multicast and reserved addresses are
+always refused. The check runs when a webhook
 is created and again before each attempt, which connects only to an address that passed it
 (DNS may answer differently the second time).
 """
@@ -124,7 +125,8 @@ def address_refusal(address: IPAddress, settings: Settings) -> str | None:
         allowed = settings.webhook_loopback_allowed
         return None if allowed else "a loopback address (setting WEBHOOK_ALLOW_LOOPBACK)"
     if address.is_link_local:
-        return "a link-local address"
+        allowed = settings.webhook_allow_link_local
+        return None if allowed else "a link-local address (setting WEBHOOK_ALLOW_LINK_LOCAL)"
     if address.is_unspecified or address.is_multicast or address.is_reserved:
         return "an unspecified, multicast or reserved address"
     if address.is_global:

@@ -40,7 +40,7 @@ ADDRESSES = [
     ("100.64.0.1", True, True, False),  # carrier-grade NAT
     ("fd00::1", True, True, False),
     ("::ffff:10.0.0.1", True, True, False),
-    ("169.254.169.254", True, True, True),  # cloud metadata: link-local, always refused
+    ("169.254.169.254", True, True, True),  # cloud metadata: link-local, its own setting
     ("fe80::1", True, True, True),
     ("0.0.0.0", True, True, True),
     ("::", True, True, True),
@@ -84,6 +84,9 @@ def test_target_addresses(address: str, default: bool, keyless: bool, private: b
     assert (webhooks.address_refusal(ip, Settings()) is not None) == keyless
     allow_private = Settings(api_keys=KEYED, webhook_allow_private=True)
     assert (webhooks.address_refusal(ip, allow_private) is not None) == private
+    allow_link_local = Settings(api_keys=KEYED, webhook_allow_link_local=True)
+    refused_link_local = webhooks.address_refusal(ip, allow_link_local) is not None
+    assert refused_link_local == (default and not ip.is_link_local)
 
 
 def test_names_are_resolved_and_every_address_checked() -> None:
