@@ -12,9 +12,9 @@ install: $(STAMP)
 
 # torch/torchvision pinned on the command line: the CPU/GPU wheels this machine ships
 # (pyproject allows them); an unpinned resolve could pull a several-GB download.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]' 'torch==2.14.1' 'torchvision==0.29.1'
+	$(PY) -m pip install --quiet -e '.[dev]' -e ./client 'torch==2.14.1' 'torchvision==0.29.1'
 	touch $@
 
 serve: install

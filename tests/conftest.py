@@ -19,6 +19,9 @@ from tests.factories import export_tiny_cnn, image_zip
 from tests.fixtures_paths import unavailable
 from tests.utils import REDIS_TEST_DB, REDIS_URL, SettingsFactory, make_client
 
+# live_service, tiny_inputs: one real keyed service for the client, CLI and dashboard tests.
+pytest_plugins = ["tests.live_service"]
+
 
 @pytest.fixture(scope="session")
 def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
