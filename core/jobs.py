@@ -25,10 +25,9 @@ from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import events
+from core import events, idempotency
 from core.config import JobConfig
 from core.errors import InputError, NotFound, QuotaExceeded, TooLargeError
 from core.json_values import json_safe
@@ -231,21 +230,11 @@ def add_job(session: Session, job: Job) -> None:
 def commit_new_job(session: Session, job: Job) -> tuple[Job, bool]:
     """``add_job`` and commit: (job, True); or, when a concurrent request with the same
     Idempotency-Key won the race, (its job, False) and nothing written."""
-    try:
-        add_job(session, job)
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        key = job.idempotency_key
-        existing = find_by_idempotency_key(session, job.tenant, key) if key is not None else None
-        if existing is None:
-            raise
-        return existing, False
-    return job, True
+    return idempotency.commit_new(session, job, add_job)
 
 
 def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+    return idempotency.find(session, Job, tenant, key)
 
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)

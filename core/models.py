@@ -252,10 +252,14 @@ class Sweep(Base):
     report (``report.html``, ``pareto.svg``) compares them."""
 
     __tablename__ = "sweeps"
-    __table_args__ = (Index("ix_sweeps_tenant_created_at_id", "tenant", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_sweeps_tenant_created_at_id", "tenant", "created_at", "id"),
+        UniqueConstraint("tenant", "idempotency_key", name="uq_sweeps_tenant_idempotency_key"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))  # core.idempotency
     model_id: Mapped[str | None] = mapped_column(ForeignKey("resources.id", ondelete="SET NULL"))
     data_id: Mapped[str | None] = mapped_column(ForeignKey("resources.id", ondelete="SET NULL"))
     eval_data_id: Mapped[str | None] = mapped_column(
@@ -277,10 +281,14 @@ class Webhook(Base):
     ``WebhookMessage``, delivered and retried by Celery tasks."""
 
     __tablename__ = "webhooks"
-    __table_args__ = (Index("ix_webhooks_tenant_created_at_id", "tenant", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_webhooks_tenant_created_at_id", "tenant", "created_at", "id"),
+        UniqueConstraint("tenant", "idempotency_key", name="uq_webhooks_tenant_idempotency_key"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))  # core.idempotency
     url: Mapped[str] = mapped_column(String(2000))
     events: Mapped[list[Any]] = mapped_column(JSON)
     secret: Mapped[str] = mapped_column(String(100))  # whsec_<base64>; shown once
