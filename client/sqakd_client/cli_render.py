@@ -1,0 +1,365 @@
+"""How the ``sqakd`` command line shows things to a person: numbers with their units, and rich
+tables of jobs, metrics, artifacts, events and sweeps, built from the API's JSON (``.data``).
+
+Only formatting lives here; ``sqakd_client.cli`` decides what to show and when. Every function
+takes plain dicts, so the tables read the same fields a ``--json`` user sees.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from rich.table import Table
+
+MISSING = "-"
+SIZE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+EVENT_SUMMARY_CHARS = 200  # a metrics event with its learning rates and probe fits on one line
+
+
+# Numbers ----------------------------------------------------------------------------------------
+
+
+def size_text(size: Optional[float]) -> str:
+    """Bytes in binary units: ``512 B``, ``13.8 KiB``, ``1.2 MiB``."""
+    if size is None:
+        return MISSING
+    value, unit = float(size), SIZE_UNITS[0]
+    for unit in SIZE_UNITS:
+        if abs(value) < 1024 or unit == SIZE_UNITS[-1]:
+            break
+        value /= 1024
+    return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def percent(fraction: Optional[float]) -> str:
+    return MISSING if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def seconds_text(seconds: Optional[float]) -> str:
+    """``0.4 s``, ``12.0 s``, ``2 min 05 s``, ``1 h 03 min``."""
+    if seconds is None:
+        return MISSING
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def parse_time(value: Optional[str]) -> Optional[dt.datetime]:
+    """An API timestamp as an aware UTC datetime (Python 3.8's fromisoformat takes no ``Z``)."""
+    if not value:
+        return None
+    if value.endswith("Z"):
+        value = value[:-1] + "+00:00"
+    moment = dt.datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def between(start: Optional[str], end: Optional[str]) -> Optional[float]:
+    """Seconds from ``start`` to ``end`` (now when ``end`` is None)."""
+    began = parse_time(start)
+    if began is None:
+        return None
+    ended = parse_time(end) or dt.datetime.now(dt.timezone.utc)
+    return max(0.0, (ended - began).total_seconds())
+
+
+def age_text(created_at: Optional[str]) -> str:
+    seconds = between(created_at, None)
+    return MISSING if seconds is None else f"{seconds_text(seconds)} ago"
+
+
+def compact_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str):
+        return value if value and " " not in value else json.dumps(value)
+    if value is None:
+        return "null"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> List[Tuple[str, Any]]:
+    """Nested dicts as dotted keys: ``{"probe": {"kl": 0.1}}`` -> ``[("probe.kl", 0.1)]``."""
+    pairs: List[Tuple[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            pairs.extend(flatten(value, f"{name}."))
+        else:
+            pairs.append((name, value))
+    return pairs
+
+
+# Jobs -------------------------------------------------------------------------------------------
+
+
+def config_text(config: Optional[Mapping[str, Any]]) -> str:
+    """``W4A4 lsq, 12 steps``: what a person compares jobs by."""
+    config = config or {}
+    text = f"W{config.get('weight_bits', '?')}A{config.get('activation_bits', '?')}"
+    if config.get("method"):
+        text += f" {config['method']}"
+    if config.get("steps"):
+        text += f", {config['steps']} steps"
+    elif config.get("epochs"):
+        text += f", {config['epochs']} epoch{'s' if config['epochs'] != 1 else ''}"
+    return text
+
+
+def status_text(job: Mapping[str, Any]) -> str:
+    """``succeeded``; ``running: training 40/66``; ``failed: bad_image``."""
+    status = str(job.get("status"))
+    if status == "running" and job.get("stage"):
+        progress = job.get("progress") or {}
+        step, total = progress.get("step"), progress.get("total_steps")
+        where = f" {step}/{total}" if step is not None and total else ""
+        return f"{status}: {job['stage']}{where}"
+    error = job.get("error") or {}
+    if error.get("code"):
+        return f"{status}: {error['code']}"
+    return status
+
+
+def job_duration(job: Mapping[str, Any]) -> Optional[float]:
+    return between(job.get("started_at"), job.get("finished_at"))
+
+
+def jobs_table(jobs: Iterable[Mapping[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for header in ("id", "status", "config"):
+        table.add_column(header, no_wrap=True)
+    for header in ("agreement", "top-1", "packed", "age", "took"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for job in jobs:
+        metrics = job.get("metrics") or {}
+        table.add_row(
+            str(job["id"]),
+            status_text(job),
+            config_text(job.get("config")),
+            percent(metrics.get("agreement")),
+            percent(metrics.get("student_top1")),
+            size_text(metrics.get("packed_bytes")),
+            age_text(job.get("created_at")),
+            seconds_text(job_duration(job)),
+        )
+    return table
+
+
+def key_value_table(rows: Sequence[Tuple[str, str]], title: Optional[str] = None) -> Table:
+    table = Table(box=None, pad_edge=False, show_header=False, title=title, title_justify="left")
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def job_table(job: Mapping[str, Any]) -> Table:
+    """One job at a glance: status, configuration, where its time went, its error."""
+    progress = job.get("progress") or {}
+    stages = job.get("stage_seconds") or {}
+    rows = [
+        ("id", str(job["id"])),
+        ("status", status_text(job)),
+        ("config", config_text(job.get("config"))),
+    ]
+    if job.get("status") == "running" and progress:
+        rows.append(("progress", progress_text(progress)))
+    if job.get("metadata"):
+        rows.append(("metadata", compact_value(job["metadata"])))
+    if job.get("sweep_id"):
+        rows.append(("sweep", str(job["sweep_id"])))
+    rows += [
+        ("created", str(job.get("created_at") or MISSING)),
+        ("took", seconds_text(job_duration(job))),
+    ]
+    if stages:
+        rows.append(
+            ("stages", ", ".join(f"{name} {seconds_text(sec)}" for name, sec in stages.items()))
+        )
+    error = job.get("error")
+    if error:
+        rows.append(("error", f"{error.get('code')}: {error.get('message')}"))
+    return key_value_table(rows)
+
+
+def progress_text(progress: Mapping[str, Any]) -> str:
+    parts = [f"step {progress.get('step')}/{progress.get('total_steps')}"]
+    if progress.get("epochs"):
+        parts.append(f"epoch {progress.get('epoch')}/{progress['epochs']}")
+    if progress.get("loss") is not None:
+        parts.append(f"loss {progress['loss']:.4f}")
+    if progress.get("eta_seconds") is not None:
+        parts.append(f"ETA {seconds_text(progress['eta_seconds'])}")
+    return ", ".join(parts)
+
+
+# Metrics ----------------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _kl(value: Any) -> str:
+    number = _number(value)
+    return MISSING if number is None else f"{number:.4f}"
+
+
+def metrics_table(metrics: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None) -> Table:
+    """A succeeded job's ``metrics`` (README, Artifacts and metrics): calibrated against trained,
+    sizes, training speed, ONNX parity, the TensorRT rule check and CPU latency."""
+    calibrated = metrics.get("calibrated") or {}
+    source = "held-out" if metrics.get("eval_source") == "held_out" else "eval_data"
+    title = f"metrics ({metrics.get('eval_images')} {source} images, {config_text(config)})"
+    table = Table(box=None, pad_edge=False, title=title, title_justify="left")
+    table.add_column("metric", no_wrap=True)
+    table.add_column("trained", justify="right")
+    table.add_column("calibrated", justify="right")
+    table.add_row(
+        "teacher/student agreement",
+        percent(metrics.get("agreement")),
+        percent(calibrated.get("agreement")),
+    )
+    table.add_row("KL(teacher || student)", _kl(metrics.get("kl")), _kl(calibrated.get("kl")))
+    for key, name in (("teacher_top1", "teacher top-1"), ("student_top1", "student top-1")):
+        table.add_row(name, percent(metrics.get(key)), percent(calibrated.get(key)))
+    for name, value in _outcome_rows(metrics):
+        table.add_row(name, value, "")
+    return table
+
+
+def _outcome_rows(metrics: Mapping[str, Any]) -> List[Tuple[str, str]]:
+    rows: List[Tuple[str, str]] = []
+    fp32, packed = metrics.get("fp32_bytes"), metrics.get("packed_bytes")
+    if fp32 and packed:
+        sizes = f"{size_text(fp32)} -> {size_text(packed)} ({fp32 / packed:.1f}x smaller)"
+        rows.append(("size fp32 -> packed", sizes))
+    if metrics.get("int_checkpoint_bytes"):
+        rows.append(("model_int.safetensors", size_text(metrics["int_checkpoint_bytes"])))
+    train = metrics.get("train") or {}
+    if train.get("images_per_second") is not None:
+        rows.append(
+            (
+                "training",
+                f"{train['images_per_second']:,.0f} images/s, {train.get('steps')} steps "
+                f"in {seconds_text(train.get('seconds'))}",
+            )
+        )
+    parity = metrics.get("onnx_parity")
+    if parity:
+        rows.append(
+            (
+                "ONNX parity (model_qdq.onnx)",
+                f"{percent(parity.get('top1_agreement'))} same top-1, max |logit diff| "
+                f"{parity.get('max_abs_diff', 0):.1e} ({parity.get('images')} images)",
+            )
+        )
+    rules = metrics.get("tensorrt_rules")
+    if rules:
+        rows.append(("TensorRT rules", _rules_text(rules)))
+    latency = _cpu_latency_text(metrics.get("inference"))
+    if latency:
+        rows.append(("CPU latency, batch 1 (OpenVINO)", latency))
+    for warning in metrics.get("warnings") or []:
+        rows.append(("warning", f"{warning.get('code')}: {warning.get('message')}"))
+    return rows
+
+
+def _rules_text(rules: Mapping[str, Any]) -> str:
+    if rules.get("follows_rules"):
+        return "follows them (0 violations)"
+    violations = rules.get("violations") or [{}]
+    first = violations[0]
+    return (
+        f"{rules.get('violation_count')} violations, first: {first.get('rule')} at "
+        f"{first.get('node')}"
+    )
+
+
+def _cpu_latency_text(inference: Any) -> Optional[str]:
+    """Float upload against ``model_qdq_cpu.onnx`` at batch 1 under OpenVINO, if measured."""
+    openvino = inference.get("openvino") if isinstance(inference, Mapping) else None
+    if not isinstance(openvino, Mapping):
+        return None
+    float_ms = _number((openvino.get("float_ms") or {}).get("1"))
+    int8_ms = _number((openvino.get("qdq_cpu_ms") or {}).get("1"))
+    if float_ms is None or int8_ms is None:
+        return None
+    return f"fp32 {float_ms:.2f} ms -> int8 {int8_ms:.2f} ms ({float_ms / int8_ms:.2f}x)"
+
+
+# Files, events, sweeps --------------------------------------------------------------------------
+
+
+def artifacts_table(artifacts: Iterable[Mapping[str, Any]], name_key: str = "name") -> Table:
+    """Artifacts (the API's listing, or files downloaded: ``name_key="path"``) with their size
+    and sha256."""
+    table = Table(box=None, pad_edge=False)
+    table.add_column("file" if name_key == "path" else "artifact", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("sha256", no_wrap=True)
+    for artifact in artifacts:
+        name, size = str(artifact.get(name_key)), size_text(artifact.get("size"))
+        table.add_row(name, size, str(artifact.get("sha256")))
+    return table
+
+
+def event_line(event_id: int, event_type: str, data: Mapping[str, Any], created_at: str) -> str:
+    """``  7  09:00:04  stage     calibrating previous=validating previous_seconds=0.5``: the
+    field named like the type (status, stage) comes first and bare."""
+    pairs = flatten(data)
+    lead = [compact_value(value) for key, value in pairs if key == event_type]
+    rest = [f"{key}={compact_value(value)}" for key, value in pairs if key != event_type]
+    summary = " ".join(lead + rest)
+    if len(summary) > EVENT_SUMMARY_CHARS:
+        summary = summary[: EVENT_SUMMARY_CHARS - 3] + "..."
+    moment = parse_time(created_at)
+    clock = moment.strftime("%H:%M:%S") if moment else MISSING
+    return f"{event_id:>4}  {clock}  {event_type:<8}  {summary}"
+
+
+def sweep_table(sweep: Mapping[str, Any]) -> Table:
+    """One row per job, the Pareto front starred, the recommended job marked."""
+    metric = sweep.get("pareto_metric") or "agreement"
+    recommended = sweep.get("recommended_job_id")
+    counts = ", ".join(f"{n} {status}" for status, n in (sweep.get("counts") or {}).items() if n)
+    title = f"sweep {sweep.get('id')}: {sweep.get('status')} ({counts}); front on {metric}"
+    table = Table(box=None, pad_edge=False, title=title, title_justify="left")
+    table.add_column("front", justify="center", no_wrap=True)
+    table.add_column("config", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for header in ("agreement", "top-1", "packed", "int8 latency"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("job", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    for row in sweep.get("rows") or []:
+        latency = _number(row.get("int8_latency_ms"))
+        error = row.get("error") or {}
+        status = str(row.get("status"))
+        table.add_row(
+            "*" if row.get("pareto") else "",
+            str(row.get("label")),
+            f"{status}: {error['code']}" if error.get("code") else status,
+            percent(row.get("agreement")),
+            percent(row.get("student_top1")),
+            size_text(row.get("packed_bytes")),
+            MISSING if latency is None else f"{latency:.2f} ms",
+            str(row.get("job_id")),
+            "<- recommended" if recommended and row.get("job_id") == recommended else "",
+        )
+    return table
+
+
+def recommended_row(sweep: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    recommended = sweep.get("recommended_job_id")
+    for row in sweep.get("rows") or []:
+        if recommended and row.get("job_id") == recommended:
+            return dict(row)
+    return None
