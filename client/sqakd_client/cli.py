@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from rich.console import Console
 
-from sqakd_client import ApiError, ChecksumMismatch, Client, Job, Sweep, WaitTimeout
+from sqakd_client import ApiError, Client, Job, Sweep
 from sqakd_client import cli_render as render
 
 SUCCESS, FAILURE, USAGE = 0, 1, 2
@@ -477,9 +477,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out.err.print(f"error: {exc.code}: {exc.message}")
     except FileNotFoundError as exc:
         out.error("file_not_found", f"{exc.strerror or 'no such file'}: {exc.filename}", 0)
-    except (WaitTimeout, ChecksumMismatch) as exc:
-        out.error(getattr(exc, "code", type(exc).__name__), str(exc), 0)
-    except ApiError as exc:
+    except ApiError as exc:  # the SDK's every error: HTTP, connection, wait timeout, checksum
         out.error(exc.code, exc.message, exc.status_code)
     except KeyboardInterrupt:
         out.err.print("interrupted")
