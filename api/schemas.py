@@ -1,11 +1,13 @@
-"""Request and response bodies. Responses come from table rows and show only public fields: no
-file paths, no lease (a build's lease token goes only to its claimant, in ``EngineClaimed``)."""
+"""Request and response bodies, and the Idempotency-Key header of creates. Responses come from
+table rows and show only public fields: no file paths, no lease (a build's lease token goes
+only to its claimant, in ``EngineClaimed``), no idempotency key."""
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Header
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.config import TARGET_NAME
@@ -14,6 +16,16 @@ from core.events import EventType
 from core.jobs import JobStatus, Metadata
 from core.models import EngineBuild, Job
 from core.sweeps import SweepView
+
+# POST /v1/sweeps and /v1/webhooks (core.idempotency); at most what the tables' column holds.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=200,
+        description="Your key for this create: a retry with the same key (same API key's "
+        "tenant) answers 200 with what the first request made, and makes nothing new.",
+    ),
+]
 
 
 class ErrorDetail(BaseModel):

@@ -31,7 +31,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core import jobs, webhooks
+from core import idempotency, jobs, webhooks
 from core.errors import InputError, NotFound
 from core.jobs import ACTIVE, JobStatus
 from core.models import Job, Resource, Sweep, utcnow
@@ -395,13 +395,20 @@ def create_sweep(
     tie: Sequence[str] | None = None,
     configs: Sequence[Mapping[str, Any]] | None = None,
     metadata: Mapping[str, str] | None = None,
-) -> Sweep:
-    """A sweep and its queued jobs, committed together; the caller enqueues ``sweep.jobs``.
+    idempotency_key: str | None = None,
+) -> tuple[Sweep, bool]:
+    """A sweep and its queued jobs, committed together: (sweep, True); the caller enqueues
+    ``sweep.jobs``.
 
     Every configuration is validated (``prepare_job``: 404 for a resource the tenant does not
     have, 422 for a bad config, naming the configuration), then the tenant's quotas checked
-    for all of them (429, 413), before anything is written.
+    for all of them (429, 413), before anything is written. An ``idempotency_key`` the tenant
+    already made a sweep with returns that sweep, (sweep, False), and makes no job.
     """
+    if idempotency_key is not None and (
+        existing := idempotency.find(session, Sweep, tenant, idempotency_key)
+    ):
+        return get_sweep(session, tenant, existing.id), False
     configurations = expand(
         base_config, grid=grid, tie=tie, configs=configs, max_jobs=settings.max_sweep_jobs
     )
@@ -446,6 +453,7 @@ def create_sweep(
     sweep = Sweep(
         id=sweep_id,
         tenant=tenant,
+        idempotency_key=idempotency_key,
         model_id=model_id,
         data_id=data_id,
         eval_data_id=eval_data_id,
@@ -454,12 +462,15 @@ def create_sweep(
         cancel_requested=False,
         artifacts=[],
     )
-    session.add(sweep)
-    session.flush()
-    for job in prepared:
-        jobs.add_job(session, job)
-    session.commit()
-    return get_sweep(session, tenant, sweep_id)
+
+    def add_with_jobs(session: Session, row: Sweep) -> None:
+        session.add(row)
+        session.flush()  # the jobs' sweep_id must name a row
+        for job in prepared:
+            jobs.add_job(session, job)
+
+    sweep, created = idempotency.commit_new(session, sweep, add_with_jobs)
+    return get_sweep(session, tenant, sweep.id), created
 
 
 def get_sweep(session: Session, tenant: str, sweep_id: str) -> Sweep:

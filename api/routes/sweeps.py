@@ -11,7 +11,14 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import EnqueueDep, SessionDep, SettingsDep, TenantDep
 from api.downloads import checksummed_file
-from api.schemas import ErrorBody, SweepCreate, SweepList, SweepPublic, error_responses
+from api.schemas import (
+    ErrorBody,
+    IdempotencyKey,
+    SweepCreate,
+    SweepList,
+    SweepPublic,
+    error_responses,
+)
 from api.uploads import receive_json
 from core import sweeps
 
@@ -37,6 +44,7 @@ REPORT_HEADERS = {
     status_code=status.HTTP_202_ACCEPTED,
     response_model=SweepPublic,
     responses={
+        200: {"model": SweepPublic, "description": "Idempotency-Key replay: the original sweep"},
         413: {"model": ErrorBody, "description": "the body, or the tenant's storage quota"},
         429: {"model": ErrorBody, "description": "the tenant's active jobs would pass its quota"},
         **ERRORS,
@@ -51,10 +59,12 @@ REPORT_HEADERS = {
 )
 async def create_sweep(
     request: Request,
+    response: Response,
     session: SessionDep,
     settings: SettingsDep,
     tenant: TenantDep,
     enqueue: EnqueueDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> SweepPublic:
     """Start one job per configuration: a ``grid`` (tied keys advance together, ``weight_bits``
     and ``activation_bits`` by default; the other keys multiply) or a ``configs`` list, each
@@ -65,11 +75,14 @@ async def create_sweep(
     (422 ``sweep_too_large``). When every job is final the sweep stores ``report.html`` and
     ``pareto.svg``. A job the queue did not take stays queued: the API's recovery loop sends
     it again.
+
+    With an ``Idempotency-Key`` the tenant already made a sweep with, the answer is that sweep
+    as it is now, with 200 instead of 202, and no job is made or sent again.
     """
     body = await receive_json(request, SweepCreate, SWEEP_JSON_MAX_BYTES)
 
-    def create_and_enqueue() -> SweepPublic:
-        sweep = sweeps.create_sweep(
+    def create_and_enqueue() -> tuple[SweepPublic, bool]:
+        sweep, created = sweeps.create_sweep(
             session,
             settings,
             tenant,
@@ -81,18 +94,24 @@ async def create_sweep(
             tie=body.tie,
             configs=body.configs,
             metadata=body.metadata,
+            idempotency_key=idempotency_key,
         )
         view = sweeps.describe(sweep)
-        for job in sweep.jobs:  # after the commit: the worker must find the row
+        # A replay's jobs were sent by the first request (or are the recovery loop's to send).
+        jobs_to_send = sweep.jobs if created else []
+        for job in jobs_to_send:  # after the commit: the worker must find the row
             try:
                 enqueue(job.id)
             except Exception:  # noqa: BLE001 - kombu raises many types; the job stays queued
                 log.warning(
                     "sweep %s: job %s not enqueued; the recovery loop will", sweep.id, job.id
                 )
-        return SweepPublic.from_view(view)
+        return SweepPublic.from_view(view), created
 
-    return await run_in_threadpool(create_and_enqueue)
+    public, created = await run_in_threadpool(create_and_enqueue)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return public
 
 
 @router.get("", response_model=SweepList, responses=ERRORS)

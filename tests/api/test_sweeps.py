@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +184,46 @@ def test_quotas_count_every_job_of_the_sweep(
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
     assert count(session, Job) == 0
+
+
+def test_an_idempotency_key_replays_the_sweep_and_makes_no_jobs(
+    api: httpx.Client, session: Session, queued_settings: Settings, inputs: dict[str, Any]
+) -> None:
+    key = {"Idempotency-Key": "sweep-bits"}
+    first = api.post("/v1/sweeps", json=inputs | {"grid": BITS}, headers=key)
+    assert first.status_code == 202, first.text
+    assert api.post(f"/v1/jobs/{first.json()['rows'][0]['job_id']}/cancel").status_code == 200
+
+    again = api.post("/v1/sweeps", json=inputs | {"grid": BITS}, headers=key)
+
+    assert again.status_code == 200, again.text
+    # The sweep as it is now: the same one, with its job canceled since.
+    assert again.json() == api.get(f"/v1/sweeps/{first.json()['id']}").json()
+    assert again.json()["counts"]["canceled"] == 1
+    assert (count(session, Sweep), count(session, Job)) == (1, 3)
+    assert queue_length(queued_settings) == 3  # each job sent once, by the first request
+
+
+def test_concurrent_requests_with_one_key_make_one_sweep(
+    api: httpx.Client, session: Session, queued_settings: Settings, inputs: dict[str, Any]
+) -> None:
+    """Four requests released at once: lookups that all miss meet at the unique constraint
+    (tests/core/test_idempotency.py makes that race happen for certain, on PostgreSQL)."""
+    requests = 4
+    start = threading.Barrier(requests)
+
+    def post(_: int) -> httpx.Response:
+        start.wait()
+        body = inputs | {"grid": BITS}
+        return api.post("/v1/sweeps", json=body, headers={"Idempotency-Key": "together"})
+
+    with ThreadPoolExecutor(requests) as pool:
+        responses = list(pool.map(post, range(requests)))
+
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 202], responses
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert (count(session, Sweep), count(session, Job)) == (1, 3)
+    assert queue_length(queued_settings) == 3
 
 
 def test_a_sweep_whose_jobs_finish_stores_its_report_once(
