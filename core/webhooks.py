@@ -42,6 +42,7 @@ import httpx
 from sqlalchemy import delete, event, select, update
 from sqlalchemy.orm import Session
 
+from core import idempotency
 from core.errors import InputError, NotFound
 from core.models import Webhook, WebhookAttempt, WebhookMessage, utcnow
 from core.pages import Page, newest_first
@@ -230,17 +231,33 @@ def check_events(event_types: Sequence[str]) -> list[str]:
 
 
 def create_webhook(
-    session: Session, settings: Settings, tenant: str, url: str, event_types: Sequence[str]
-) -> Webhook:
-    """A new webhook; its ``secret`` is readable on the returned row only (shown once)."""
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    url: str,
+    event_types: Sequence[str],
+    idempotency_key: str | None = None,
+) -> tuple[Webhook, bool]:
+    """A new webhook, (webhook, True); the API shows its ``secret`` in this answer only.
+
+    An ``idempotency_key`` the tenant already made a webhook with returns that webhook,
+    (webhook, False), secret included: the caller whose first answer was lost has not seen it.
+    """
+    if idempotency_key is not None and (
+        existing := idempotency.find(session, Webhook, tenant, idempotency_key)
+    ):
+        return existing, False
     events = check_events(event_types)
     resolve_target(url, settings)
     webhook = Webhook(
-        id=str(uuid.uuid4()), tenant=tenant, url=url, events=events, secret=new_secret()
+        id=str(uuid.uuid4()),
+        tenant=tenant,
+        idempotency_key=idempotency_key,
+        url=url,
+        events=events,
+        secret=new_secret(),
     )
-    session.add(webhook)
-    session.commit()
-    return webhook
+    return idempotency.commit_new(session, webhook)
 
 
 def get_webhook(session: Session, tenant: str, webhook_id: str) -> Webhook:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.schemas import error_responses
+from api.schemas import IdempotencyKey, error_responses
 from core import webhooks
 from core.models import Webhook
 
@@ -158,16 +158,32 @@ def _with_secret(webhook: Webhook) -> WebhookWithSecret:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=WebhookWithSecret,
-    responses=ERRORS,
-    description="Register a URL for events; the answer holds its secret, shown only here."
-    + SIGNATURE_SCHEME,
+    responses={
+        200: {
+            "model": WebhookWithSecret,
+            "description": "Idempotency-Key replay: the original webhook, with its secret",
+        },
+        **ERRORS,
+    },
+    description="Register a URL for events; the answer holds its secret, shown only here. "
+    "A retry with the same `Idempotency-Key` (from the same tenant) answers 200 with the "
+    "webhook the first request made, its current secret included (the first answer may never "
+    "have arrived), and registers nothing new." + SIGNATURE_SCHEME,
 )
 def create_webhook(
-    body: WebhookCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+    body: WebhookCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> WebhookWithSecret:
-    return _with_secret(
-        webhooks.create_webhook(session, settings, tenant, body.url, list(body.events))
+    webhook, created = webhooks.create_webhook(
+        session, settings, tenant, body.url, list(body.events), idempotency_key
     )
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return _with_secret(webhook)
 
 
 @router.get("", response_model=WebhookList, responses=ERRORS)

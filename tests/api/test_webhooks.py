@@ -110,6 +110,27 @@ def test_other_tenants_webhooks_are_404(keyed_client: httpx.Client) -> None:
     assert keyed_client.get(path, headers=bearer(KEY_OF_B)).status_code == 200
 
 
+def test_an_idempotency_key_replays_the_webhook_with_its_secret(
+    keyed_client: httpx.Client,
+) -> None:
+    as_a = bearer(KEY_OF_A) | {"Idempotency-Key": "hook-1"}
+    first = create(keyed_client, headers=as_a)
+    assert first.status_code == 201, first.text
+
+    again = create(keyed_client, headers=as_a)
+    # Another tenant's key of the same name is its own.
+    other = create(keyed_client, headers=bearer(KEY_OF_B) | {"Idempotency-Key": "hook-1"})
+
+    # The first answer may never have arrived: the replay shows the secret too.
+    assert again.status_code == 200 and again.json() == first.json()
+    assert again.json()["secret"].startswith("whsec_")
+    assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
+    listed = keyed_client.get("/v1/webhooks", headers=bearer(KEY_OF_A)).json()["items"]
+    assert [w["id"] for w in listed] == [first.json()["id"]]
+    too_long = create(keyed_client, headers=bearer(KEY_OF_A) | {"Idempotency-Key": "k" * 201})
+    assert too_long.status_code == 422, too_long.text
+
+
 def test_deliveries_newest_first_in_pages(client: httpx.Client, settings: Settings) -> None:
     webhook = create(client).json()
     with session_factory(settings)() as session:
@@ -146,7 +167,9 @@ def test_openapi_documents_the_signature_and_errors(client: httpx.Client) -> Non
     paths = client.get("/openapi.json").json()["paths"]
     create_op = paths["/v1/webhooks"]["post"]
     assert "webhook-signature" in create_op["description"]
-    assert {"201", "404", "422"} <= set(create_op["responses"])
+    assert {"200", "201", "404", "422"} <= set(create_op["responses"])
+    assert "Idempotency-Key" in create_op["description"]
+    assert "idempotency-key" in {p["name"] for p in create_op["parameters"]}
     assert "/v1/webhooks/{webhook_id}/deliveries" in paths
 
 

@@ -117,8 +117,10 @@ def test_announce_filters_by_type_and_tenant_and_dispatches_after_commit(
     any_session: Session, settings: Settings, dispatched: list[str]
 ) -> None:
     session = any_session
-    on_success = webhooks.create_webhook(session, settings, "local", PUBLIC_URL, ["job.succeeded"])
-    on_cancel = webhooks.create_webhook(
+    on_success, _ = webhooks.create_webhook(
+        session, settings, "local", PUBLIC_URL, ["job.succeeded"]
+    )
+    on_cancel, _ = webhooks.create_webhook(
         session, settings, "local", PUBLIC_URL, ["job.canceled", "job.failed"]
     )
     webhooks.create_webhook(session, settings, "other", PUBLIC_URL, ["job.canceled"])
@@ -189,7 +191,7 @@ def test_delivery_checks_the_target_again(make_settings: SettingsFactory) -> Non
     keyed = settings.model_copy(update={"api_keys": KEYED})
 
     with session_factory(settings)() as session:
-        webhook = webhooks.create_webhook(
+        webhook, _ = webhooks.create_webhook(
             session, settings, "local", "http://127.0.0.1:9/hook", ["job.failed"]
         )
         webhooks.announce(session, "local", "job.failed", "job-1")
