@@ -1,0 +1,160 @@
+"""Stored models and datasets (``/v1/models``, ``/v1/datasets``): upload once, name by id.
+
+Also the base of every object the SDK returns (``ApiObject``: the raw JSON as ``.data``, its
+fields as attributes) and how a job's or sweep's ``model=``/``data=`` argument (an id, an
+object or a local path) becomes an id.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    BinaryIO,
+    Callable,
+    Dict,
+    Generic,
+    Iterator,
+    Optional,
+    Type,
+    TypeVar,
+    Union,
+)
+
+from .progress import byte_bar
+
+if TYPE_CHECKING:
+    from .client import Client
+
+
+def field(name: str, doc: str = "") -> Any:
+    """A read-only attribute that is the key ``name`` of the object's JSON (None if absent)."""
+    return property(lambda self: self.data.get(name), doc=doc or f"The JSON's {name!r}.")
+
+
+class ApiObject:
+    """An object of the API, as its last answer described it (``refresh()`` where there is
+    one reads it again)."""
+
+    id: str = field("id")
+    created_at: str = field("created_at", "ISO 8601, UTC.")
+
+    def __init__(self, client: Client, data: Dict[str, Any]) -> None:
+        self._client = client
+        self.data = data
+
+    def __repr__(self) -> str:
+        status = self.data.get("status")
+        return f"<{type(self).__name__} {self.id}" + (f" {status}>" if status else ">")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.id == self.id  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.id))
+
+
+class StoredFile(ApiObject):
+    sha256: str = field("sha256")
+    size: int = field("size", "Bytes.")
+    filename: Optional[str] = field("filename", "The uploaded file's name, for display.")
+    info: Dict[str, Any] = field("info", "What the service's validation found.")
+
+
+class Model(StoredFile):
+    """A stored ONNX model: ``info`` has input_name, input_shape, num_outputs, opset,
+    parameters."""
+
+
+class Dataset(StoredFile):
+    """A stored image archive: ``info`` has image_count, class_names, formats, image_sizes."""
+
+
+Local = Union[str, "os.PathLike[str]"]
+InputArgument = Union[str, "os.PathLike[str]", StoredFile, None]
+F = TypeVar("F", bound=StoredFile)
+
+
+class StoredFiles(Generic[F]):
+    """``client.models`` or ``client.datasets``."""
+
+    def __init__(self, client: Client, plural: str, object_class: Type[F]) -> None:
+        self._client = client
+        self._path = f"/v1/{plural}"
+        self._class = object_class
+
+    def upload(self, path: Local, progress: bool = False) -> F:
+        """Store the file (streamed from disk, never read whole into memory); the same bytes
+        again answer with the stored one. ``progress``: a bar of bytes sent, on stderr."""
+        source = existing_file(path)
+        size = source.stat().st_size
+        with byte_bar(progress, source.name, size) as bar, source.open("rb") as file:
+            reader = ProgressReader(file, lambda position: bar.update(completed=position))
+            files = {"file": (source.name, reader, "application/octet-stream")}
+            answer = self._client._transport.request("POST", self._path, files=files)
+        return self._class(self._client, answer.json())
+
+    def get(self, resource_id: str) -> F:
+        answer = self._client._transport.request("GET", f"{self._path}/{resource_id}")
+        return self._class(self._client, answer.json())
+
+    def list(self, page_size: int = 50) -> Iterator[F]:
+        """Every stored one, newest first (all pages)."""
+        for item in self._client._transport.pages(self._path, {"limit": page_size}):
+            yield self._class(self._client, item)
+
+    def delete(self, resource_id: str) -> None:
+        """Delete it and its file; ``Conflict`` (resource_in_use) while a job uses it."""
+        self._client._transport.request("DELETE", f"{self._path}/{resource_id}")
+
+    def resolve(self, value: InputArgument, progress: bool = False) -> Optional[str]:
+        """The id a job or sweep names: a stored object's, an id as given, or a local file's
+        after uploading it. A str is a path if such a file exists; a str that names none but
+        looks like a path (a separator or a dot: ids have neither) is ``FileNotFoundError``."""
+        if value is None:
+            return None
+        if isinstance(value, StoredFile):
+            return value.id
+        if isinstance(value, str) and not os.path.exists(value) and not _looks_like_path(value):
+            return value
+        return str(self.upload(value, progress=progress).id)
+
+
+def _looks_like_path(text: str) -> bool:
+    return "." in text or "/" in text or os.sep in text
+
+
+def existing_file(path: Local) -> Path:
+    """``path`` as a Path; ``FileNotFoundError`` (before any request) if it is no file."""
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(source))
+    return source
+
+
+class ProgressReader:
+    """A binary file whose reads and seeks report the position (httpx streams a multipart
+    upload by reading its file in chunks, and rewinds it when a retry sends it again)."""
+
+    def __init__(self, file: BinaryIO, report: Callable[[int], None]) -> None:
+        self._file = file
+        self._report = report
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._file.read(size)
+        self._report(self._file.tell())
+        return chunk
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        position = self._file.seek(offset, whence)
+        self._report(position)
+        return position
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def fileno(self) -> int:
+        return self._file.fileno()  # httpx sizes the upload with fstat: a Content-Length
