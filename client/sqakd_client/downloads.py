@@ -17,6 +17,7 @@ from ._http import Transport, backoff_seconds
 from .errors import ChecksumMismatch, ConnectionFailed, NotFound
 from .progress import Bar, byte_bar
 
+
 def download_listed(
     transport: Transport,
     base_path: str,
