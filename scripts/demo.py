@@ -2,15 +2,15 @@
 
 Starts the service on its embedded defaults (``scripts.serve``), makes a small data set and a
 full-precision teacher without downloading anything (scikit-learn's bundled 8x8 digits, upscaled
-to 16x16 RGB PNGs; a small CNN trained on them in seconds), then does what a user does over
-HTTP: submits a 4-bit SQAKD job, follows its progress, downloads every artifact and checks its
-sha256, and runs the quantized ``model_qdq.onnx`` with ONNX Runtime on the held-out digits.
-Everything lands in ``demo-output/``; the service stops when the demo ends, however it ends.
+to 16x16 RGB PNGs; a small CNN trained on them in seconds), then does what a user does, with
+the SDK (``sqakd_client``, in ``client/``): submits a 4-bit SQAKD job, follows its progress,
+downloads every artifact with its sha256 checked, and runs the quantized ``model_qdq.onnx`` with
+ONNX Runtime on the held-out digits. Everything lands in ``demo-output/``; the service stops
+when the demo ends, however it ends.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from sqakd_client import ApiError, Client, Job
 from torch import nn
 
 from core.inputs.images import normalize
@@ -48,8 +49,6 @@ SEED = 0
 TEACHER_EPOCHS = 12
 READY_TIMEOUT_S = 90.0
 JOB_TIMEOUT_S = 600.0
-POLL_INTERVAL_S = 0.5
-FINISHED = ("succeeded", "failed", "canceled")
 
 
 class DemoError(Exception):
@@ -335,121 +334,6 @@ def running_service(data_dir: Path, log: Path) -> Iterator[Service]:
         print(f"service stopped (its log: {relative(log)})")
 
 
-# The client -------------------------------------------------------------------------------------
-
-
-def error_text(response: httpx.Response) -> str:
-    """'<status> <code>: <message>' from the API's ``{"error": {...}}`` body."""
-    try:
-        error = response.json()["error"]
-        return f"{response.status_code} {error['code']}: {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        return f"{response.status_code} {response.text[:200]}"
-
-
-def submit_job(client: httpx.Client, inputs: DemoInputs, config: dict[str, Any]) -> dict[str, Any]:
-    """The one-shot form: multipart ``model``, ``data``, ``eval_data`` files and ``config``."""
-    with (
-        inputs.model.open("rb") as model,
-        inputs.data.open("rb") as data,
-        inputs.eval_data.open("rb") as eval_data,
-    ):
-        response = client.post(
-            "/v1/jobs",
-            files={
-                "model": (inputs.model.name, model, "application/octet-stream"),
-                "data": (inputs.data.name, data, "application/zip"),
-                "eval_data": (inputs.eval_data.name, eval_data, "application/zip"),
-            },
-            data={"config": json.dumps(config)},
-        )
-    if response.status_code != 202:
-        raise DemoError(f"POST /v1/jobs: {error_text(response)}")
-    return response.json()
-
-
-def progress_line(job: dict[str, Any], bar_width: int = 24) -> str:
-    """'training    [########........] 23/69  epoch 1/3  loss 0.0123  ETA 4s'."""
-    where = job["stage"] or job["status"]
-    progress = job["progress"]
-    if not progress:
-        return where
-    step, total = progress["step"], progress["total_steps"]
-    filled = round(bar_width * step / max(total, 1))
-    return (
-        f"{where:<11} [{'#' * filled}{'.' * (bar_width - filled)}] {step}/{total}"
-        f"  epoch {progress['epoch']}/{progress['epochs']}"
-        f"  loss {progress['loss']:.4f}  ETA {progress['eta_seconds']:.0f}s"
-    )
-
-
-class ProgressPrinter:
-    """One line redrawn with ``\\r`` on a terminal; elsewhere a plain line per change."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stdout.isatty()
-        self.last = ""
-
-    def show(self, line: str) -> None:
-        if line == self.last:
-            return
-        if self.tty:
-            print(f"\r{line:<{len(self.last)}}", end="", flush=True)
-        else:
-            print(line, flush=True)
-        self.last = line
-
-    def close(self) -> None:
-        if self.tty and self.last:
-            print()
-
-
-def wait_for_job(client: httpx.Client, service: Service, job_id: str) -> dict[str, Any]:
-    """Poll ``GET /v1/jobs/{id}`` until the job finishes, showing where it is."""
-    printer = ProgressPrinter()
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    try:
-        while True:
-            service.check_alive()
-            response = client.get(f"/v1/jobs/{job_id}")
-            if response.status_code != 200:
-                raise DemoError(f"GET /v1/jobs/{job_id}: {error_text(response)}")
-            job = response.json()
-            printer.show(progress_line(job))
-            if job["status"] in FINISHED:
-                return job
-            if time.monotonic() > deadline:
-                raise DemoError(f"job {job_id} still {job['status']} after {JOB_TIMEOUT_S:.0f} s")
-            time.sleep(POLL_INTERVAL_S)
-    finally:
-        printer.close()
-
-
-def download_artifacts(client: httpx.Client, job_id: str, directory: Path) -> list[Path]:
-    """Every listed artifact, streamed to ``directory``; each sha256 checked against the list."""
-    response = client.get(f"/v1/jobs/{job_id}/artifacts")
-    if response.status_code != 200:
-        raise DemoError(f"GET /v1/jobs/{job_id}/artifacts: {error_text(response)}")
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for artifact in response.json()["items"]:
-        name = artifact["name"]
-        if Path(name).name != name:
-            raise DemoError(f"refusing artifact name {name!r}")
-        path, digest = directory / name, hashlib.sha256()
-        with client.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as download:
-            if download.status_code != 200:
-                raise DemoError(f"GET artifact {name}: {error_text(download)}")
-            with path.open("wb") as file:
-                for chunk in download.iter_bytes():
-                    digest.update(chunk)
-                    file.write(chunk)
-        if digest.hexdigest() != artifact["sha256"]:
-            raise DemoError(f"{name}: sha256 {digest.hexdigest()} != listed {artifact['sha256']}")
-        paths.append(path)
-    return paths
-
-
 # Results ----------------------------------------------------------------------------------------
 
 
@@ -496,6 +380,22 @@ def relative(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
+def quantize(url: str, inputs: DemoInputs, config: dict[str, Any], output: Path) -> Job:
+    """What a user of the SDK writes: upload, create, wait with a progress bar, download."""
+    with Client(url=url) as client:
+        job = client.jobs.create(
+            model=inputs.model, data=inputs.data, eval_data=inputs.eval_data, config=config
+        )
+        print(f"job:     {job.id} {job.status}; config {json.dumps(config)}")
+        job.wait(progress=True, timeout=JOB_TIMEOUT_S)
+        if job.status != "succeeded":
+            error = job.error or {"code": job.status, "message": "no error recorded"}
+            raise DemoError(f"job {job.status}: {error['code']}: {error['message']}")
+        artifacts = job.download(output / job.id)
+        print(f"job:     succeeded; {len(artifacts)} artifacts downloaded, sha256 checked")
+        return job
+
+
 def run_demo(output: Path = DEMO_DIR) -> int:
     """The whole demo; returns the exit code."""
     output.mkdir(parents=True, exist_ok=True)
@@ -504,23 +404,18 @@ def run_demo(output: Path = DEMO_DIR) -> int:
         inputs = make_inputs(output / "inputs")  # while the service starts
         service.wait_ready()
         print(f"service: ready ({service.url}/readyz)")
-        config = job_config(inputs)
-        with httpx.Client(base_url=service.url, timeout=60) as client:
-            job = submit_job(client, inputs, config)
-            print(f"job:     {job['id']} {job['status']}; config {json.dumps(config)}")
-            job = wait_for_job(client, service, job["id"])
-            if job["status"] != "succeeded":
-                error = job["error"] or {"code": job["status"], "message": "no error recorded"}
-                print(f"job {job['status']}: {error['code']}: {error['message']}", file=sys.stderr)
-                return 1
-            artifacts = download_artifacts(client, job["id"], output / job["id"])
-            print(f"job:     succeeded; {len(artifacts)} artifacts downloaded, sha256 checked")
-    qdq_top1 = onnx_top1(output / job["id"] / "model_qdq.onnx", inputs.held_out,
-                         inputs.mean, inputs.std)  # fmt: skip
-    print(f"\nmetrics ({job['metrics']['eval_images']} held-out digits, W4A4 LSQ):")
-    print_metrics(job["metrics"], qdq_top1)
-    print(f"\nfiles in {relative(output / job['id'])}/:")
-    print_table([(path.name, f"{path.stat().st_size:,} bytes") for path in artifacts])
+        try:
+            job = quantize(service.url, inputs, job_config(inputs), output)
+        except ApiError as exc:
+            service.check_alive()  # a dead service says so, with its log
+            raise DemoError(str(exc)) from exc
+    results = output / job.id
+    qdq_top1 = onnx_top1(results / "model_qdq.onnx", inputs.held_out, inputs.mean, inputs.std)
+    print(f"\nmetrics ({job.metrics['eval_images']} held-out digits, W4A4 LSQ):")
+    print_metrics(job.metrics, qdq_top1)
+    print(f"\nfiles in {relative(results)}/:")
+    files = sorted(results.iterdir())
+    print_table([(path.name, f"{path.stat().st_size:,} bytes") for path in files])
     print(f"inputs (teacher.onnx, train.zip, eval.zip) in {relative(output / 'inputs')}/")
     return 0
 

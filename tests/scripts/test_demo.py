@@ -39,17 +39,6 @@ def test_service_imports_the_teacher_and_onnx_runtime_agrees(inputs: demo.DemoIn
     assert onnx_top1 == pytest.approx(inputs.teacher_top1, abs=0.01)
 
 
-def test_progress_line_shows_stage_step_epoch_loss_and_eta() -> None:
-    progress = {"step": 6, "total_steps": 12, "epoch": 1, "epochs": 2, "loss": 0.25,
-                "eta_seconds": 3.4}  # fmt: skip
-    running = {"status": "running", "stage": "training", "progress": progress}
-
-    assert demo.progress_line({"status": "queued", "stage": None, "progress": None}) == "queued"
-    assert demo.progress_line(running, bar_width=4) == (
-        "training    [##..] 6/12  epoch 1/2  loss 0.2500  ETA 3s"
-    )
-
-
 def test_embedded_env_drops_the_service_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://elsewhere/db")
     monkeypatch.setenv("sqakd_data_dir", "/elsewhere")
