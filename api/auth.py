@@ -5,7 +5,8 @@ FastAPI reads a route's declared body (parsing JSON in memory, spooling multipar
 unauthenticated client stream gigabytes before its 401. ``ApiKeyAuth`` runs first instead: a
 pure ASGI middleware that resolves the bearer key to a tenant from the headers alone, answers
 401 without ever calling ``receive``, and leaves the tenant in ``scope["state"]``, where
-``api.deps.get_tenant`` reads it. Probes and the API docs stay public.
+``api.deps.get_tenant`` reads it. Probes, the API docs and the dashboard's page and static files
+stay public: they hold no data; the dashboard's own calls to ``/v1`` send the key.
 """
 
 from __future__ import annotations
@@ -66,21 +67,34 @@ def route_path(scope: Scope) -> str:
 class ApiKeyAuth:
     """Pure ASGI middleware: the caller's tenant from its API key, before any body is read.
 
-    Every path but ``public_paths`` needs a key when ``API_KEYS`` is set; without keys (the
-    embedded mode) every request is tenant ``local``. ``settings`` None reads the process's
-    settings (``get_settings``) per request, so that it agrees with the routes' dependency.
+    Every path but ``public_paths`` and those under ``public_prefixes`` needs a key when
+    ``API_KEYS`` is set; without keys (the embedded mode) every request is tenant ``local``.
+    A prefix ends with "/", so that ``/ui/`` makes ``/ui/app.js`` public but not ``/uix``.
+    ``settings`` None reads the process's settings (``get_settings``) per request, so that it
+    agrees with the routes' dependency.
     """
 
     def __init__(
-        self, app: ASGIApp, settings: Settings | None = None, public_paths: Collection[str] = ()
+        self,
+        app: ASGIApp,
+        settings: Settings | None = None,
+        public_paths: Collection[str] = (),
+        public_prefixes: Collection[str] = (),
     ) -> None:
+        bare = [prefix for prefix in public_prefixes if not prefix.endswith("/")]
+        if bare:
+            raise ValueError(f"public prefixes must end with '/': {bare}")
         self.app = app
         self.settings = settings
         self.public_paths = frozenset(public_paths)
+        self.public_prefixes = tuple(public_prefixes)
+
+    def is_public(self, path: str) -> bool:
+        return path in self.public_paths or path.startswith(self.public_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or route_path(scope) in self.public_paths:
-            await self.app(scope, receive, send)  # lifespan, probes, docs
+        if scope["type"] not in ("http", "websocket") or self.is_public(route_path(scope)):
+            await self.app(scope, receive, send)  # lifespan, probes, docs, the dashboard
             return
         settings = self.settings if self.settings is not None else get_settings()
         try:

@@ -17,6 +17,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import dashboard
 from api.auth import ApiKeyAuth
 from api.deps import current_settings
 from api.event_stream import EventWakeups
@@ -246,6 +247,7 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
     app.include_router(sweeps.router)
     app.include_router(engines.router)
     app.include_router(webhooks.router)
+    app.include_router(dashboard.router)
     app.add_exception_handler(InputError, _input_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -255,10 +257,16 @@ def create_app(settings: Settings | None = None, *, sweeper: bool = True) -> Fas
     # Keyless mode: refuse requests from web pages and re-bound DNS names (api/local_guard.py).
     app.add_middleware(LocalGuard, settings=settings)
     # API keys from the headers, before anything reads a body; added last, so it runs first.
-    # Public: the probes (api/routes/health.py) and the API's docs.
+    # Public: the probes (api/routes/health.py), the API's docs and the dashboard (its calls to
+    # /v1 send the key).
     probes = {route.path for route in health.router.routes if isinstance(route, APIRoute)}
     docs = {app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url}
-    app.add_middleware(ApiKeyAuth, settings=settings, public_paths={p for p in probes | docs if p})
+    app.add_middleware(
+        ApiKeyAuth,
+        settings=settings,
+        public_paths={p for p in probes | docs | {dashboard.PAGE_PATH} if p},
+        public_prefixes=[dashboard.STATIC_PREFIX + "/"],
+    )
     return app
 
 

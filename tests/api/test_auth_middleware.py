@@ -33,7 +33,7 @@ PIECE_BYTES = 512  # sent at a time, slowly
 WAIT_S = 0.5  # for an answer after each piece; plenty for a server that needs no body
 MOST_SENT_BYTES = 4 * 1024  # "a few KiB": a server still silent by then is reading the body
 PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect"}
-PUBLIC_PATHS |= {"/openapi.json", "/redoc"}
+PUBLIC_PATHS |= {"/openapi.json", "/redoc", "/"}  # "/": the dashboard page (api/dashboard.py)
 BOUNDARY = "sqakd-test-boundary"
 CONTENT_TYPES = ("application/json", f"multipart/form-data; boundary={BOUNDARY}")
 # How each body starts, so that a server that parses it keeps reading (a file, a JSON string).
