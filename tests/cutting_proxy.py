@@ -118,7 +118,8 @@ class CuttingProxy:
         return None
 
     def _serve(self, client: socket.socket) -> None:
-        with client:
+        # OSError: the client went away (it stopped reading a stream), or the service did.
+        with client, contextlib.suppress(OSError):
             head, rest = _read_head(client)
             if head is None:
                 return
@@ -128,20 +129,24 @@ class CuttingProxy:
                 upstream.sendall(upstream_head + rest)
                 pump = threading.Thread(target=_pump, args=(client, upstream), daemon=True)
                 pump.start()  # the rest of the request body, as the client sends it
-                sent = 0
-                while True:
-                    chunk = upstream.recv(CHUNK_BYTES)
-                    if not chunk:
-                        break
-                    if rule is None:
-                        client.sendall(chunk)
-                    elif rule.after_bytes is not None:
-                        client.sendall(chunk[: max(0, rule.after_bytes - sent)])
-                        if sent + len(chunk) >= rule.after_bytes:
-                            break  # the cut: both connections close mid-answer
-                    sent += len(chunk)
-                # Unblock the pump's recv on the client (the client may keep it open).
-                _shutdown(client)
+                try:
+                    _relay_answer(upstream, client, rule)
+                finally:
+                    _shutdown(client)  # unblocks the pump's recv on the client
+
+
+def _relay_answer(upstream: socket.socket, client: socket.socket, rule: _Rule | None) -> None:
+    """The service's answer to the client: whole, cut after ``rule.after_bytes``, or (a
+    swallow rule) read whole and dropped."""
+    sent = 0
+    while chunk := upstream.recv(CHUNK_BYTES):
+        if rule is None:
+            client.sendall(chunk)
+        elif rule.after_bytes is not None:
+            client.sendall(chunk[: max(0, rule.after_bytes - sent)])
+            if sent + len(chunk) >= rule.after_bytes:
+                return  # the cut: both connections close mid-answer
+        sent += len(chunk)
 
 
 def _read_head(client: socket.socket) -> tuple[bytes | None, bytes]:

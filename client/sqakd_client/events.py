@@ -19,6 +19,7 @@ from .errors import ConnectionFailed, WaitTimeout
 
 FINAL_JOB_STATUSES = ("succeeded", "failed", "canceled")
 PAGE_LIMIT = 500  # the API's largest page
+QUIET_STREAM_S = 60.0  # four of the service's keep-alives missed: the connection is dead
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ def follow(
     raise ``ConnectionFailed``. ``deadline`` (``time.monotonic()``): ``WaitTimeout`` after it."""
     last = after
     failures = 0
+    final_seen = False
     while True:
         delivered = False
         headers = {"Accept": "text/event-stream"}
@@ -115,9 +117,11 @@ def follow(
                     if event.id <= last:
                         continue  # never twice, whatever a server or proxy replays
                     last, delivered = event.id, True
+                    final_seen = final_seen or event.is_final_status
                     yield event
-            # The service ends a stream once the job is final; make sure it was not a proxy.
-            if _job_is_final(transport, job_id):
+            # The service ends a stream once the job is final: unless the final status came
+            # through, ask (a proxy may have ended it, or ``after`` was past that event).
+            if final_seen or _job_is_final(transport, job_id):
                 return
             cut: Exception = ConnectionFailed("the event stream ended before the job was final")
         except httpx.TransportError as exc:  # a cut connection, or silence past the deadline
@@ -149,12 +153,11 @@ def _check_deadline(deadline: Optional[float]) -> None:
 
 
 def _stream_timeout(transport: Transport, deadline: Optional[float]) -> httpx.Timeout:
-    """The client's timeouts, with reads that give up by the deadline (the server's
-    keep-alives arrive every 15 s, which would otherwise keep a quiet stream waiting)."""
+    """The client's timeouts, with reads that wait out the service's keep-alives (every 15 s)
+    and give up by the deadline, if any."""
     timeout = transport.http.timeout
-    if deadline is None:
-        return timeout
-    read = max(0.1, deadline - time.monotonic() + 0.1)
-    if timeout.read is not None:
-        read = min(read, timeout.read)
+    read = None if timeout.read is None else max(timeout.read, QUIET_STREAM_S)
+    if deadline is not None:
+        left = max(0.1, deadline - time.monotonic() + 0.1)
+        read = left if read is None else min(read, left)
     return httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write, pool=timeout.pool)

@@ -81,7 +81,7 @@ class JobBar:
         self._bar = Bar(
             enabled,
             "queued",
-            None,
+            1,  # until the first progress event; rich 12.0's bar cannot draw an unknown total
             BarColumn(),
             TextColumn("{task.fields[steps]}"),
             TextColumn("{task.fields[detail]}"),

@@ -31,6 +31,7 @@ from sqakd_client import (
     Model,
     NotFound,
     Unauthorized,
+    WaitTimeout,
     WebhookVerificationError,
     verify_webhook,
 )
@@ -145,6 +146,7 @@ def test_events_paged_and_followed_from_an_id(finished: FinishedJob) -> None:
     assert {"status", "stage", "progress", "metrics"} <= {event.type for event in paged}
     followed = list(finished.job.events(follow=True, after=5))
     assert followed == paged[5:]
+    assert list(finished.job.events(follow=True, after=paged[-1].id)) == []  # ends, final
 
 
 def test_a_cut_event_stream_resumes_with_last_event_id(
@@ -204,6 +206,8 @@ def test_a_create_whose_answer_was_lost_is_retried_into_one_job(
     assert [j.id for j in mine] == [job.id]
     assert job.config["steps"] == 100_000 and job.data["inputs"]["data"]["id"] == stored.data.id
 
+    with pytest.raises(WaitTimeout):
+        job.wait(timeout=0.5)
     assert job.cancel().data["cancel_requested"]
     assert job.wait(timeout=WAIT_S).status == "canceled"
     # Both of this module's jobs, a page at a time; by status too.
