@@ -198,7 +198,7 @@ def download(job: Job, directory: str, names: Optional[List[str]], out: Output) 
         }
         for path in paths
     ]
-    out.show("", render.artifacts_table(files, name_key="path"))
+    out.show("", render.artifacts_table(files))
     out.show(f"{len(files)} artifacts in {where} (sha256 checked)")
     return {"directory": str(where), "files": files}
 

@@ -11,7 +11,9 @@ import datetime as dt
 import json
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 MISSING = "-"
 SIZE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -57,7 +59,9 @@ def parse_time(value: Optional[str]) -> Optional[dt.datetime]:
     if value.endswith("Z"):
         value = value[:-1] + "+00:00"
     moment = dt.datetime.fromisoformat(value)
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+    if moment.tzinfo is None:  # the API's timestamps are UTC
+        return moment.replace(tzinfo=dt.timezone.utc)
+    return moment.astimezone(dt.timezone.utc)
 
 
 def between(start: Optional[str], end: Optional[str]) -> Optional[float]:
@@ -69,9 +73,23 @@ def between(start: Optional[str], end: Optional[str]) -> Optional[float]:
     return max(0.0, (ended - began).total_seconds())
 
 
+def time_text(value: Optional[str]) -> str:
+    """``2026-12-06 09:00:04 UTC (3 min 05 s ago)``."""
+    moment = parse_time(value)
+    if moment is None:
+        return MISSING
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC ({age_text(value)})"
+
+
 def age_text(created_at: Optional[str]) -> str:
+    """``12 s ago``, ``5 min ago``, ``3 h ago``, ``2 d ago``: how old, roughly."""
     seconds = between(created_at, None)
-    return MISSING if seconds is None else f"{seconds_text(seconds)} ago"
+    if seconds is None:
+        return MISSING
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"
 
 
 def compact_value(value: Any) -> str:
@@ -99,12 +117,15 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> List[Tuple[str, Any]]:
 # Jobs -------------------------------------------------------------------------------------------
 
 
-def config_text(config: Optional[Mapping[str, Any]]) -> str:
-    """``W4A4 lsq, 12 steps``: what a person compares jobs by."""
+def config_text(config: Optional[Mapping[str, Any]], length: bool = True) -> str:
+    """``W4A4 lsq, 12 steps``: what a person compares jobs by (``length``: the steps or
+    epochs)."""
     config = config or {}
     text = f"W{config.get('weight_bits', '?')}A{config.get('activation_bits', '?')}"
     if config.get("method"):
         text += f" {config['method']}"
+    if not length:
+        return text
     if config.get("steps"):
         text += f", {config['steps']} steps"
     elif config.get("epochs"):
@@ -132,16 +153,17 @@ def job_duration(job: Mapping[str, Any]) -> Optional[float]:
 
 def jobs_table(jobs: Iterable[Mapping[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False)
-    for header in ("id", "status", "config"):
+    table.add_column("id", no_wrap=True, min_width=36)  # cut the others on a narrow terminal
+    for header in ("status", "config"):
         table.add_column(header, no_wrap=True)
-    for header in ("agreement", "top-1", "packed", "age", "took"):
+    for header in ("agree", "top-1", "packed", "age", "took"):
         table.add_column(header, justify="right", no_wrap=True)
     for job in jobs:
         metrics = job.get("metrics") or {}
         table.add_row(
             str(job["id"]),
             status_text(job),
-            config_text(job.get("config")),
+            config_text(job.get("config"), length=False),
             percent(metrics.get("agreement")),
             percent(metrics.get("student_top1")),
             size_text(metrics.get("packed_bytes")),
@@ -176,7 +198,7 @@ def job_table(job: Mapping[str, Any]) -> Table:
     if job.get("sweep_id"):
         rows.append(("sweep", str(job["sweep_id"])))
     rows += [
-        ("created", str(job.get("created_at") or MISSING)),
+        ("created", time_text(job.get("created_at"))),
         ("took", seconds_text(job_duration(job))),
     ]
     if stages:
@@ -207,32 +229,31 @@ def _number(value: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _kl(value: Any) -> str:
+def kl_text(value: Any) -> str:
     number = _number(value)
-    return MISSING if number is None else f"{number:.4f}"
+    if number is None:
+        return MISSING
+    return f"{number:.4f}" if number >= 1e-3 or number == 0 else f"{number:.1e}"
 
 
-def metrics_table(metrics: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None) -> Table:
-    """A succeeded job's ``metrics`` (README, Artifacts and metrics): calibrated against trained,
-    sizes, training speed, ONNX parity, the TensorRT rule check and CPU latency."""
+def metrics_table(metrics: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None) -> Group:
+    """A succeeded job's ``metrics`` (README, Artifacts and metrics): the scores trained against
+    calibrated, then sizes, training speed, ONNX parity, the TensorRT rule check, CPU latency."""
     calibrated = metrics.get("calibrated") or {}
     source = "held-out" if metrics.get("eval_source") == "held_out" else "eval_data"
     title = f"metrics ({metrics.get('eval_images')} {source} images, {config_text(config)})"
-    table = Table(box=None, pad_edge=False, title=title, title_justify="left")
-    table.add_column("metric", no_wrap=True)
-    table.add_column("trained", justify="right")
-    table.add_column("calibrated", justify="right")
-    table.add_row(
-        "teacher/student agreement",
-        percent(metrics.get("agreement")),
-        percent(calibrated.get("agreement")),
-    )
-    table.add_row("KL(teacher || student)", _kl(metrics.get("kl")), _kl(calibrated.get("kl")))
-    for key, name in (("teacher_top1", "teacher top-1"), ("student_top1", "student top-1")):
-        table.add_row(name, percent(metrics.get(key)), percent(calibrated.get(key)))
-    for name, value in _outcome_rows(metrics):
-        table.add_row(name, value, "")
-    return table
+    scores = Table(box=None, pad_edge=False)
+    scores.add_column("", no_wrap=True)
+    scores.add_column("trained", justify="right", no_wrap=True)
+    scores.add_column("calibrated", justify="right", no_wrap=True)
+    for key, name, shown in (
+        ("agreement", "teacher/student agreement", percent),
+        ("kl", "KL(teacher || student)", kl_text),
+        ("teacher_top1", "teacher top-1", percent),
+        ("student_top1", "student top-1", percent),
+    ):
+        scores.add_row(name, shown(metrics.get(key)), shown(calibrated.get(key)))
+    return Group(Text(title, style="bold"), scores, key_value_table(_outcome_rows(metrics)))
 
 
 def _outcome_rows(metrics: Mapping[str, Any]) -> List[Tuple[str, str]]:
@@ -298,23 +319,22 @@ def _cpu_latency_text(inference: Any) -> Optional[str]:
 # Files, events, sweeps --------------------------------------------------------------------------
 
 
-def artifacts_table(artifacts: Iterable[Mapping[str, Any]], name_key: str = "name") -> Table:
-    """Artifacts (the API's listing, or files downloaded: ``name_key="path"``) with their size
-    and sha256."""
+def artifacts_table(artifacts: Iterable[Mapping[str, Any]]) -> Table:
+    """Artifacts (the API's listing, or the files downloaded) with their size and sha256."""
     table = Table(box=None, pad_edge=False)
-    table.add_column("file" if name_key == "path" else "artifact", no_wrap=True)
+    table.add_column("artifact", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("sha256", no_wrap=True)
     for artifact in artifacts:
-        name, size = str(artifact.get(name_key)), size_text(artifact.get("size"))
+        name, size = str(artifact.get("name")), size_text(artifact.get("size"))
         table.add_row(name, size, str(artifact.get("sha256")))
     return table
 
 
 def event_line(event_id: int, event_type: str, data: Mapping[str, Any], created_at: str) -> str:
     """``  7  09:00:04  stage     calibrating previous=validating previous_seconds=0.5``: the
-    field named like the type (status, stage) comes first and bare."""
-    pairs = flatten(data)
+    field named like the type (status, stage) comes first and bare; nulls are left out."""
+    pairs = [(key, value) for key, value in flatten(data) if value is not None]
     lead = [compact_value(value) for key, value in pairs if key == event_type]
     rest = [f"{key}={compact_value(value)}" for key, value in pairs if key != event_type]
     summary = " ".join(lead + rest)

@@ -181,7 +181,7 @@ def test_sweep_waits_and_prints_its_pareto_table(
                 "--eval", inputs["eval_data"]["id"], "--bits", "8,4", "--config", config,
                 "--wait")  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    rows = [line for line in run.stdout.splitlines() if re.search(r"W(8A8|4A4) lsq", line)]
+    rows = [line for line in run.stdout.splitlines() if re.match(r"\s*\*?\s*W(8A8|4A4) lsq ", line)]
     assert len(rows) == 2 and all("succeeded" in row and "KiB" in row for row in rows), rows
     assert any(row.lstrip().startswith("*") for row in rows)
     assert sum("<- recommended" in row for row in rows) == 1
