@@ -77,34 +77,22 @@ class Sweep(ApiObject):
         packed size, int8 latency; ``*`` marks the Pareto front, and the recommended row says
         so."""
         metric = self.pareto_metric
-        header = ["", "label", "status", METRIC_NAMES.get(metric, metric), "packed", "int8"]
-        lines = [header]
-        for row in self.rows:
-            accuracy, packed, latency = (
-                row.get(metric),
-                row.get("packed_bytes"),
-                row.get("int8_latency_ms"),
-            )
-            lines.append(
-                [
-                    "*" if row.get("pareto") else "",
-                    str(row.get("label")),
-                    str(row.get("status")),
-                    MISSING if accuracy is None else f"{100 * accuracy:.1f}%",
-                    MISSING if packed is None else f"{packed / 1024:.1f} KiB",
-                    MISSING if latency is None else f"{latency:.2f} ms",
-                ]
-            )
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        text = []
-        for line, row in zip(lines, [None, *self.rows]):
-            cells = [
-                cell.rjust(w) if i >= 3 else cell.ljust(w)
-                for i, (cell, w) in enumerate(zip(line, widths))
-            ]
-            recommended = row is not None and row.get("job_id") == self.recommended_job_id
-            text.append("  ".join(cells).rstrip() + ("  <- recommended" if recommended else ""))
-        return "\n".join(text)
+        lines = [["", "label", "status", METRIC_NAMES.get(metric, metric), "packed", "int8"]]
+        lines += [_row_cells(row, metric) for row in self.rows]
+        marks = [""] + [
+            "  <- recommended" if row["job_id"] == self.recommended_job_id else ""
+            for row in self.rows
+        ]
+        widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+        return "\n".join(
+            "  ".join(
+                # Text left-aligned, numbers right-aligned.
+                cell.ljust(width) if column < 3 else cell.rjust(width)
+                for column, (cell, width) in enumerate(zip(line, widths))
+            ).rstrip()
+            + mark
+            for line, mark in zip(lines, marks)
+        )
 
     def download(
         self,
@@ -118,6 +106,18 @@ class Sweep(ApiObject):
         return download_listed(
             transport, f"{self._path}/artifacts", listing, directory, names, progress
         )
+
+
+def _row_cells(row: Mapping[str, Any], metric: str) -> List[str]:
+    accuracy, packed, latency = row.get(metric), row.get("packed_bytes"), row.get("int8_latency_ms")
+    return [
+        "*" if row.get("pareto") else "",
+        str(row.get("label")),
+        str(row.get("status")),
+        MISSING if accuracy is None else f"{100 * accuracy:.1f}%",
+        MISSING if packed is None else f"{packed / 1024:.1f} KiB",
+        MISSING if latency is None else f"{latency:.2f} ms",
+    ]
 
 
 def _final_jobs(counts: Mapping[str, int]) -> int:
