@@ -48,7 +48,7 @@ class Output:
         # Piped output is not cut at 80 columns: job ids alone take 36.
         width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
         self.out = Console(markup=False, highlight=False, width=width)
-        self.err = Console(stderr=True, markup=False, highlight=False)
+        self.err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 
     @property
     def progress(self) -> bool:
@@ -262,7 +262,8 @@ def cmd_jobs_events(client: Client, args: argparse.Namespace, out: Output) -> in
                 }
             )
         else:
-            out.out.print(render.event_line(event.id, event.type, event.data, event.created_at))
+            line = render.event_line(event.id, event.type, event.data, event.created_at)
+            out.out.print(line, soft_wrap=True)  # one line per event, however wide
     out.document(events)
     return SUCCESS
 

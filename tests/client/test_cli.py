@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.factories import image_zip
+from tests.factories import png_bytes, zip_archive
 from tests.live_service import TINY_CONFIG, LiveService, TinyInputs
 
 CLI = [sys.executable, "-m", "sqakd_client.cli"]
@@ -48,11 +48,22 @@ def sqakd(
     )
 
 
-def api(service: LiveService, path: str) -> Any:
+def api(service: LiveService, path: str, method: str = "GET") -> Any:
     headers = {"Authorization": f"Bearer {service.api_key}"}
-    response = httpx.get(f"{service.url}{path}", headers=headers, timeout=30)
+    response = httpx.request(method, f"{service.url}{path}", headers=headers, timeout=30)
     response.raise_for_status()
     return response.json()
+
+
+def items(service: LiveService, collection: str) -> list[dict[str, Any]]:
+    """Every page of ``/v1/<collection>``."""
+    found, cursor = [], ""
+    while True:
+        page = api(service, f"/v1/{collection}?limit=100{cursor}")
+        found += page["items"]
+        if not page.get("next_cursor"):
+            return found
+        cursor = f"&cursor={page['next_cursor']}"
 
 
 def sha256(path: Path) -> str:
@@ -67,6 +78,11 @@ def job_id_in(text: str) -> str:
     found = re.search(rf"job ({UUID})", text)
     assert found, text
     return found.group(1)
+
+
+def sweep_rows(text: str) -> list[str]:
+    """The table's job rows: an optional front star, then the label."""
+    return [line for line in text.splitlines() if re.match(r"\s*\*?\s*W(8A8|4A4) lsq ", line)]
 
 
 @pytest.fixture(scope="module")
@@ -181,35 +197,28 @@ def test_sweep_waits_and_prints_its_pareto_table(
                 "--eval", inputs["eval_data"]["id"], "--bits", "8,4", "--config", config,
                 "--wait")  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    rows = [line for line in run.stdout.splitlines() if re.match(r"\s*\*?\s*W(8A8|4A4) lsq ", line)]
+    rows = sweep_rows(run.stdout)
     assert len(rows) == 2 and all("succeeded" in row and "KiB" in row for row in rows), rows
     assert any(row.lstrip().startswith("*") for row in rows)
     assert sum("<- recommended" in row for row in rows) == 1
     sweep_id = re.search(rf"sweep ({UUID})", run.stdout).group(1)
     again = sqakd(live_service, "sweeps", "get", sweep_id)
-    assert [line for line in again.stdout.splitlines() if "W8A8" in line or "W4A4" in line] == rows
+    assert sweep_rows(again.stdout) == rows
 
 
 def test_a_waited_job_canceled_from_another_command_exits_1(
     live_service: LiveService, tiny_inputs: TinyInputs
 ) -> None:
+    # --steps wins over --config's: a job long enough to be canceled before it ends
+    args = ["quantize", tiny_inputs.model, tiny_inputs.data, "--config", tiny_config()]
     waiting = subprocess.Popen(
-        [
-            *CLI,
-            "quantize",
-            str(tiny_inputs.model),
-            str(tiny_inputs.data),
-            "--bits",
-            "4",
-            "--config",
-            tiny_config(),
-            "--wait",
-        ],  # fmt: skip
+        [*CLI, *map(str, args), "--steps", "100000", "--wait"],
         env=cli_env(live_service),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    job_id = ""
     try:
         assert waiting.stdout is not None
         job_id = job_id_in(waiting.stdout.readline())
@@ -218,8 +227,11 @@ def test_a_waited_job_canceled_from_another_command_exits_1(
         stdout, stderr = waiting.communicate(timeout=JOB_TIMEOUT_S)
     finally:
         waiting.kill()
+        if job_id:  # whatever happened, free the shared worker
+            api(live_service, f"/v1/jobs/{job_id}/cancel", method="POST")
     assert waiting.returncode == 1, stdout + stderr
-    assert "error: " in stderr and "cancel" in stderr
+    assert "status   canceled" in stdout
+    assert f"error: job_canceled: job {job_id} ended canceled" in stderr
     assert sqakd(live_service, "jobs", "delete", job_id).returncode == 0
     gone = sqakd(live_service, "jobs", "get", job_id)
     assert gone.returncode == 1 and "error: job_not_found:" in gone.stderr
@@ -240,20 +252,22 @@ def test_a_bad_config_exits_1_with_the_apis_code(
     run = sqakd(live_service, "quantize", inputs["model"]["id"], inputs["data"]["id"],
                 "--bits", "99")  # fmt: skip
     assert run.returncode == 1
-    assert "error: invalid_config:" in run.stderr and "99" in run.stderr
+    assert "error: invalid_config:" in run.stderr and "weight_bits" in run.stderr
     assert run.stdout == ""
 
 
 def test_a_missing_file_exits_1_before_any_upload(
     live_service: LiveService, tiny_inputs: TinyInputs, tmp_path: Path
 ) -> None:
-    fresh_data = image_zip(tmp_path / "never-uploaded.zip", per_class=3)
+    # DATA exists and was never stored (its one image has a name no other test uses)
+    fresh_data = zip_archive(tmp_path / "fresh.zip", {f"cats/{uuid.uuid4()}.png": png_bytes(1)})
     run = sqakd(live_service, "quantize", tiny_inputs.model, fresh_data,
                 "--eval", tmp_path / "missing.zip", "--bits", "4")  # fmt: skip
     assert run.returncode == 1
     assert "error: file_not_found:" in run.stderr and "missing.zip" in run.stderr
-    stored = [item["sha256"] for item in api(live_service, "/v1/datasets?limit=100")["items"]]
-    assert sha256(fresh_data) not in stored
+    assert sha256(fresh_data) not in {
+        dataset["sha256"] for dataset in items(live_service, "datasets")
+    }
 
 
 def test_usage_errors_exit_2(live_service: LiveService) -> None:
