@@ -23,7 +23,7 @@ from rich.console import Console
 from sqakd_client import ApiError, Client, Job, Sweep
 from sqakd_client import cli_render as render
 
-SUCCESS, FAILURE, USAGE = 0, 1, 2
+SUCCESS, FAILURE = 0, 1  # argparse itself exits 2 on a usage error
 LIST_PAGE_SIZE = 100  # the API's largest page
 
 
@@ -35,9 +35,9 @@ class CommandFailed(Exception):
     """An outcome the caller must see as a failure (a waited job that failed): exit 1, after
     the command printed what it had to."""
 
-    def __init__(self, code: str, message: str, status: int = 0) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.code, self.message, self.status = code, message, status
+        self.code, self.message = code, message
 
 
 class Output:
@@ -136,16 +136,21 @@ def local_or_stored(value: Optional[str]) -> Union[None, str, Path]:
 
 
 def job_config(args: argparse.Namespace) -> Dict[str, Any]:
-    """``--config`` with the explicit flags merged over it."""
+    """``--config`` with the explicit flags merged over it (a sweep's --bits and --method are
+    its grid, not its base config)."""
     config = load_config(args.config)
-    for key in ("epochs", "steps"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    if getattr(args, "bits", None) is not None:
-        config["weight_bits"] = config["activation_bits"] = args.bits
-    for key in ("weight_bits", "activation_bits", "method"):
-        if getattr(args, key, None) is not None:
-            config[key] = getattr(args, key)
+    flags = [("epochs", args.epochs), ("steps", args.steps)]
+    if args.command == "quantize":
+        flags += [
+            ("weight_bits", args.bits),
+            ("activation_bits", args.bits),
+            ("weight_bits", args.weight_bits),  # later flags win
+            ("activation_bits", args.activation_bits),
+            ("method", args.method),
+        ]
+    for key, value in flags:
+        if value is not None:
+            config[key] = value
     return config
 
 
@@ -348,16 +353,32 @@ def common_options(defaults: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def add_training_options(parser: argparse.ArgumentParser, method_list: bool) -> None:
+def add_training_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
+    """What quantize and sweep share; a sweep takes lists of bit-widths and methods."""
     parser.add_argument("model", metavar="MODEL", help="an .onnx file, or a stored model's id")
     parser.add_argument("data", metavar="DATA", help="an image archive, or a stored dataset's id")
-    parser.add_argument("--eval", metavar="EVAL", help="labelled images (file or id) for top-1")
-    if method_list:
+    if sweep:
         parser.add_argument(
-            "--method", type=names_list, metavar="M[,M...]", help="quantizers to sweep (lsq,pact)"
+            "--bits",
+            type=bits_list,
+            required=True,
+            metavar="B[,B...]",
+            help="bit-widths, weights and activations tied: 8,4,2",
+        )
+        parser.add_argument(
+            "--method",
+            type=names_list,
+            metavar="M[,M...]",
+            help="quantizers to sweep, e.g. lsq,pact",
         )
     else:
+        parser.add_argument(
+            "--bits", type=int, metavar="N", help="weight and activation bits, 1..8 (default 4)"
+        )
+        parser.add_argument("--weight-bits", type=int, metavar="N", help="wins over --bits")
+        parser.add_argument("--activation-bits", type=int, metavar="N", help="wins over --bits")
         parser.add_argument("--method", help="lsq, ewgs, pact, dorefa or ste (default: lsq)")
+    parser.add_argument("--eval", metavar="EVAL", help="labelled images (file or id) for top-1")
     parser.add_argument("--epochs", type=int, help="training epochs")
     parser.add_argument("--steps", type=int, help="training steps (instead of epochs)")
     parser.add_argument(
@@ -372,7 +393,9 @@ def add_training_options(parser: argparse.ArgumentParser, method_list: bool) -> 
         help="a metadata pair (repeatable)",
     )
     parser.add_argument("--wait", action="store_true", help="wait for the end, show the results")
-    parser.add_argument("--timeout", type=float, help="with --wait: give up after these seconds")
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long"
+    )
     parser.add_argument("-o", "--output", metavar="DIR", help="where to download the results")
 
 
@@ -392,10 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a job; with --wait, follow it, show its metrics and download its "
         "artifacts to DIR (default ./<job id>).",
     )
-    add_training_options(quantize, method_list=False)
-    quantize.add_argument("--bits", type=int, help="weight and activation bits (1..8)")
-    quantize.add_argument("--weight-bits", type=int, help="weight bits (wins over --bits)")
-    quantize.add_argument("--activation-bits", type=int, help="activation bits (wins over --bits)")
+    add_training_options(quantize, sweep=False)
     quantize.set_defaults(run=cmd_quantize)
 
     sweep = commands.add_parser(
@@ -405,10 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a sweep over --bits (weights and activations tied: 8,4 is W8A8 and "
         "W4A4) and --method; with --wait, show its Pareto table; with -o, download its report.",
     )
-    add_training_options(sweep, method_list=True)
-    sweep.add_argument(
-        "--bits", type=bits_list, required=True, metavar="B[,B...]", help="bit-widths, e.g. 8,4,2"
-    )
+    add_training_options(sweep, sweep=True)
     sweep.set_defaults(run=cmd_sweep)
 
     download_cmd = commands.add_parser(

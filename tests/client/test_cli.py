@@ -194,8 +194,8 @@ def test_sweep_waits_and_prints_its_pareto_table(
     inputs = api(live_service, f"/v1/jobs/{waited[1]}")["inputs"]  # stored ids: no upload
     config = json.dumps({**TINY_CONFIG, "weight_bits": 2, "activation_bits": 2})  # the grid wins
     run = sqakd(live_service, "sweep", inputs["model"]["id"], inputs["data"]["id"],
-                "--eval", inputs["eval_data"]["id"], "--bits", "8,4", "--config", config,
-                "--wait")  # fmt: skip
+                "--eval", inputs["eval_data"]["id"], "--bits", "8,4", "--method", "lsq",
+                "--config", config, "--wait")  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     rows = sweep_rows(run.stdout)
     assert len(rows) == 2 and all("succeeded" in row and "KiB" in row for row in rows), rows
