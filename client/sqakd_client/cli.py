@@ -57,7 +57,8 @@ class Output:
 
     def show(self, *renderables: Any) -> None:
         if not self.as_json:
-            self.out.print(*renderables)
+            # a line of text is left to the terminal to wrap (a path or an id stays whole)
+            self.out.print(*renderables, soft_wrap=all(isinstance(r, str) for r in renderables))
 
     def document(self, value: Any) -> None:
         if self.as_json:
@@ -316,7 +317,7 @@ def show_sweep(sweep: Sweep, out: Output) -> None:
     if row:
         out.show(
             f"recommended: {row['label']} (job {row['job_id']}): the smallest front point within "
-            f"1 point of the best {sweep.pareto_metric}"
+            f"1 point of the best {render.metric_label(sweep.pareto_metric)}"
         )
 
 

@@ -347,15 +347,15 @@ def event_line(event_id: int, event_type: str, data: Mapping[str, Any], created_
 
 def sweep_table(sweep: Mapping[str, Any]) -> Table:
     """One row per job, the Pareto front starred, the recommended job marked."""
-    metric = sweep.get("pareto_metric") or "agreement"
+    metric = metric_label(sweep.get("pareto_metric"))
     recommended = sweep.get("recommended_job_id")
     counts = ", ".join(f"{n} {status}" for status, n in (sweep.get("counts") or {}).items() if n)
     title = f"sweep {sweep.get('id')}: {sweep.get('status')} ({counts}); front on {metric}"
     table = Table(box=None, pad_edge=False, title=title, title_justify="left")
-    table.add_column("front", justify="center", no_wrap=True)
+    table.add_column("", no_wrap=True)  # "*": on the Pareto front
     table.add_column("config", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    for header in ("agreement", "top-1", "packed", "int8 latency"):
+    for header in ("agreement", "top-1", "packed", "CPU int8"):  # int8: batch 1, OpenVINO
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("job", no_wrap=True)
     table.add_column("", no_wrap=True)
@@ -375,6 +375,11 @@ def sweep_table(sweep: Mapping[str, Any]) -> Table:
             "<- recommended" if recommended and row.get("job_id") == recommended else "",
         )
     return table
+
+
+def metric_label(pareto_metric: Optional[str]) -> str:
+    """The accuracy a sweep's front is on, as its table's column names it."""
+    return "top-1" if pareto_metric == "student_top1" else "agreement"
 
 
 def recommended_row(sweep: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
