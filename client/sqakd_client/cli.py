@@ -205,7 +205,8 @@ def download(job: Job, directory: str, names: Optional[List[str]], out: Output) 
         for path in paths
     ]
     out.show("", render.artifacts_table(files))
-    out.show(f"{len(files)} artifacts in {where} (sha256 checked)")
+    plural = "" if len(files) == 1 else "s"
+    out.show(f"{len(files)} artifact{plural} in {where} (sha256 checked)")
     return {"directory": str(where), "files": files}
 
 
