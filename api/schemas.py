@@ -17,7 +17,7 @@ from core.jobs import JobStatus, Metadata
 from core.models import EngineBuild, Job
 from core.sweeps import SweepView
 
-# POST /v1/sweeps and /v1/webhooks (core.idempotency); at most what the tables' column holds.
+# POST /v1/jobs, /v1/sweeps and /v1/webhooks (core.idempotency); at most what the column holds.
 IdempotencyKey = Annotated[
     str | None,
     Header(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -16,6 +16,7 @@ from api.schemas import (
     ArtifactList,
     ArtifactPublic,
     ErrorBody,
+    IdempotencyKey,
     JobList,
     JobPublic,
     error_responses,
@@ -98,7 +99,7 @@ async def create_job(
     settings: SettingsDep,
     tenant: TenantDep,
     enqueue: EnqueueDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Start quantizing: from a stored model and dataset (JSON), or from files (multipart).
 
