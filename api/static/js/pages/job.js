@@ -81,7 +81,12 @@ export async function render(view, { signal, params: [jobId] }) {
   }
 
   function showLive() {
+    update("head", [job.status, live.stage, job.cancel_requested], () => head(job, live.stage, cancel));
     fill(parts.timeline, timeline(job, live));
+    showProgress();
+  }
+
+  function showProgress() {
     const running = job.status === "running" && live.progress;
     fill(parts.progress, running ? progressLine(live.progress) : null);
   }
@@ -91,7 +96,6 @@ export async function render(view, { signal, params: [jobId] }) {
     live.stageSeconds = { ...live.stageSeconds, ...job.stage_seconds };
     if (format.FINAL.has(job.status)) live.stage = null;
     showLive();
-    update("head", [job.status, job.stage, job.cancel_requested], () => head(job, cancel));
     fill(parts.summary, summary(job));
     fill(parts.failure, job.error ? errorBox(`The job ${job.status}`, job.error) : null);
     update("metrics", job.metrics, () => (job.metrics ? metricTables(job.metrics) : null));
@@ -158,8 +162,14 @@ export async function render(view, { signal, params: [jobId] }) {
     if (event.type === "metrics") {
       loss.add(data.step, data.loss);
       if (typeof data.probe?.agreement === "number") agreement.add(data.step, data.probe.agreement);
+      // Progress events come every few seconds; curve points tell the step in between.
+      if (live.progress) {
+        live.progress = { ...live.progress, step: data.step, epoch: data.epoch, loss: data.loss };
+        showProgress();
+      }
     } else if (event.type === "progress") {
       live.progress = data;
+      showProgress();
     } else if (event.type === "stage") {
       if (data.previous) live.stageSeconds[data.previous] = Math.max(live.stageSeconds[data.previous] ?? 0, data.previous_seconds ?? 0);
       live.stage = data.stage;
@@ -200,13 +210,13 @@ export async function render(view, { signal, params: [jobId] }) {
   });
 }
 
-function head(job, cancel) {
-  const stage = job.status === "running" && job.stage ? h("span", { class: "muted" }, job.stage) : null;
+function head(job, stage, cancel) {
+  const where = job.status === "running" && stage ? h("span", { class: "muted" }, stage) : null;
   const canCancel = !format.FINAL.has(job.status) && !job.cancel_requested;
   return [
     h("h1", {}, "Job ", h("span", { class: "mono", title: job.id }, format.shortId(job.id))),
     badge(job.status),
-    stage,
+    where,
     job.cancel_requested && !format.FINAL.has(job.status) ? h("span", { class: "muted" }, "cancel requested") : null,
     h("span", { class: "spacer" }),
     canCancel ? h("button", { type: "button", class: "danger", id: "cancel-job", onclick: (e) => cancel(e.currentTarget) }, "Cancel job") : null,
@@ -298,7 +308,8 @@ function metricTables(metrics) {
     compareRow("Student top-1", "student_top1", format.percent),
     compareRow("Teacher top-1", "teacher_top1", format.percent),
   );
-  const evalSource = metrics.eval_source === "eval_data" ? "the eval data" : "held-out training images";
+  const images = format.integer(metrics.eval_images);
+  const evalImages = metrics.eval_source === "eval_data" ? `on ${images} images of the eval data` : `on ${images} held-out training images`;
   const train = metrics.train ?? {};
   const parity = metrics.onnx_parity;
   const rules = metrics.tensorrt_rules;
@@ -307,7 +318,7 @@ function metricTables(metrics) {
     h(
       "section",
       { class: "card" },
-      h("h2", {}, "Accuracy ", h("span", { class: "muted small" }, `on ${format.integer(metrics.eval_images)} images of ${evalSource}`)),
+      h("h2", {}, "Accuracy ", h("span", { class: "muted small" }, evalImages)),
       comparison.element,
     ),
     h(

@@ -59,7 +59,7 @@ function fileField(id, label, { accept, required, kind, describe }) {
 }
 
 function describeModel(info) {
-  const shape = (info.input_shape ?? []).map((side) => side ?? "?").join("\u00d7");
+  const shape = (info.input_shape ?? []).map((side, i) => side ?? (i === 0 ? "N" : "?")).join("\u00d7");
   return `${format.integer(info.parameters)} parameters, input ${shape}`;
 }
 
