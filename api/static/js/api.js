@@ -143,7 +143,11 @@ export async function saveDownload(path, fileName, expectedSha256) {
   const blob = await response.blob();
   const actual = await sha256Hex(blob);
   if (actual !== null && expectedSha256 && actual !== expectedSha256) {
-    throw new ApiError(0, "checksum_mismatch", `${fileName}: SHA-256 ${actual}, expected ${expectedSha256}`);
+    throw new ApiError(
+      0,
+      "checksum_mismatch",
+      `${fileName}: SHA-256 ${actual}, expected ${expectedSha256}`,
+    );
   }
   const url = URL.createObjectURL(blob);
   const link = document.createElement("a");

@@ -24,7 +24,10 @@ export class LiveChart {
       {
         width: this.width(),
         height: HEIGHT,
-        scales: { x: { time: false }, y: range ? { range: (_u, min, max) => range(min, max) } : {} },
+        scales: {
+          x: { time: false },
+          y: range ? { range: (_u, min, max) => range(min, max) } : {},
+        },
         series: [
           { label: "step" },
           {
@@ -44,7 +47,10 @@ export class LiveChart {
           setCursor: [
             (u) => {
               const i = u.cursor.idx;
-              this.readout.textContent = i === null || i === undefined ? "" : `step ${u.data[0][i]}: ${label} ${format(u.data[1][i])}`;
+              this.readout.textContent =
+                i === null || i === undefined
+                  ? ""
+                  : `step ${u.data[0][i]}: ${label} ${format(u.data[1][i])}`;
             },
           ],
         },
@@ -52,7 +58,9 @@ export class LiveChart {
       [[], []],
       container,
     );
-    this.resizer = new ResizeObserver(() => this.plot.setSize({ width: this.width(), height: HEIGHT }));
+    this.resizer = new ResizeObserver(() =>
+      this.plot.setSize({ width: this.width(), height: HEIGHT }),
+    );
     this.resizer.observe(container);
   }
 
@@ -77,6 +85,11 @@ export class LiveChart {
       this.empty.hidden = this.steps.length > 0;
       this.container.dataset.points = String(this.steps.length);
     });
+  }
+
+  /** The stream ended: an empty chart says why instead of promising points. */
+  finish(emptyMessage) {
+    if (!this.steps.length) this.empty.textContent = emptyMessage;
   }
 
   destroy() {

@@ -120,7 +120,9 @@ export function facts(rows, attributes = {}) {
       {},
       rows
         .filter((row) => row)
-        .map(([label, value]) => h("tr", {}, h("th", { scope: "row" }, label), h("td", { class: "num" }, value))),
+        .map(([label, value]) =>
+          h("tr", {}, h("th", { scope: "row" }, label), h("td", { class: "num" }, value)),
+        ),
     ),
   );
 }

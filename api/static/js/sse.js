@@ -25,7 +25,8 @@ export async function* eventStreamMessages(body) {
       buffer = lines.pop() + buffer.slice(complete);
       for (const line of lines) {
         if (line === "") {
-          if (message.data.length) yield { id: message.id, event: message.event, data: message.data.join("\n") };
+          if (message.data.length)
+            yield { id: message.id, event: message.event, data: message.data.join("\n") };
           message = { id: null, event: "message", data: [] };
           continue;
         }

@@ -18,7 +18,13 @@ export async function render(view, { signal, params: [jobId] }) {
   const path = `v1/jobs/${encodeURIComponent(jobId)}`;
   let job = await getJson(path, { signal });
   // What the events tell between two reads of the job.
-  const live = { stageSeconds: { ...job.stage_seconds }, stage: job.stage, stageSince: null, progress: job.progress, notes: [] };
+  const live = {
+    stageSeconds: { ...job.stage_seconds },
+    stage: job.stage,
+    stageSince: null,
+    progress: job.progress,
+    notes: [],
+  };
   const shownParts = new Map(); // section -> what it shows, so unchanged sections keep their state
 
   const notice = noticeLine();
@@ -49,7 +55,16 @@ export async function render(view, { signal, params: [jobId] }) {
       "div",
       { class: "charts" },
       section("loss", h("h2", {}, "Distillation loss ", streamState), lossBox),
-      section("agreement", h("h2", {}, "Agreement with the teacher ", h("span", { class: "muted small" }, "on the probe images")), agreementBox),
+      section(
+        "agreement",
+        h(
+          "h2",
+          {},
+          "Agreement with the teacher ",
+          h("span", { class: "muted small" }, "on the probe images"),
+        ),
+        agreementBox,
+      ),
     ),
     parts.notes,
     parts.metrics,
@@ -81,7 +96,9 @@ export async function render(view, { signal, params: [jobId] }) {
   }
 
   function showLive() {
-    update("head", [job.status, live.stage, job.cancel_requested], () => head(job, live.stage, cancel));
+    update("head", [job.status, live.stage, job.cancel_requested], () =>
+      head(job, live.stage, cancel),
+    );
     fill(parts.timeline, timeline(job, live));
     showProgress();
   }
@@ -106,11 +123,13 @@ export async function render(view, { signal, params: [jobId] }) {
   }
 
   function showNotes() {
-    // The same warning comes as an event and again in the metrics: show it once.
+    // The same warning comes as an event and again in the metrics: show it once; the error
+    // that ended the job has its own box.
     const byText = new Map();
     for (const note of [...(job.metrics?.warnings ?? []), ...live.notes]) {
       byText.set(`${note.code}\n${note.message}`, note);
     }
+    if (job.error) byText.delete(`${job.error.code}\n${job.error.message}`);
     const unique = [...byText.values()];
     fill(
       parts.notes,
@@ -118,7 +137,11 @@ export async function render(view, { signal, params: [jobId] }) {
         ? section(
             "warnings",
             h("h2", {}, "Warnings"),
-            h("ul", { class: "notes" }, unique.map((n) => h("li", {}, h("code", {}, n.code), " ", n.message))),
+            h(
+              "ul",
+              { class: "notes" },
+              unique.map((n) => h("li", {}, h("code", {}, n.code), " ", n.message)),
+            ),
           )
         : null,
     );
@@ -171,7 +194,11 @@ export async function render(view, { signal, params: [jobId] }) {
       live.progress = data;
       showProgress();
     } else if (event.type === "stage") {
-      if (data.previous) live.stageSeconds[data.previous] = Math.max(live.stageSeconds[data.previous] ?? 0, data.previous_seconds ?? 0);
+      if (data.previous)
+        live.stageSeconds[data.previous] = Math.max(
+          live.stageSeconds[data.previous] ?? 0,
+          data.previous_seconds ?? 0,
+        );
       live.stage = data.stage;
       live.stageSince = event.created_at;
       showLive();
@@ -201,6 +228,8 @@ export async function render(view, { signal, params: [jobId] }) {
   }
   if (signal.aborted) return;
   streamState.textContent = "";
+  loss.finish("No training curve: the job stopped before it trained.");
+  agreement.finish("No probe scores: the job stopped before its first probe.");
   await refresh();
   // Engine builds start after the job succeeded and outlive its event stream.
   await poll(signal, ENGINE_REFRESH_MS, async () => {
@@ -217,16 +246,32 @@ function head(job, stage, cancel) {
     h("h1", {}, "Job ", h("span", { class: "mono", title: job.id }, format.shortId(job.id))),
     badge(job.status),
     where,
-    job.cancel_requested && !format.FINAL.has(job.status) ? h("span", { class: "muted" }, "cancel requested") : null,
+    job.cancel_requested && !format.FINAL.has(job.status)
+      ? h("span", { class: "muted" }, "cancel requested")
+      : null,
     h("span", { class: "spacer" }),
-    canCancel ? h("button", { type: "button", class: "danger", id: "cancel-job", onclick: (e) => cancel(e.currentTarget) }, "Cancel job") : null,
+    canCancel
+      ? h(
+          "button",
+          {
+            type: "button",
+            class: "danger",
+            id: "cancel-job",
+            onclick: (e) => cancel(e.currentTarget),
+          },
+          "Cancel job",
+        )
+      : null,
   ];
 }
 
 function summary(job) {
   const config = job.config ?? {};
-  const item = (label, ...value) => h("li", {}, h("span", { class: "label" }, label), " ", ...value);
-  const length = config.steps ? `${format.integer(config.steps)} steps` : `${config.epochs ?? 1} epoch${(config.epochs ?? 1) === 1 ? "" : "s"}`;
+  const item = (label, ...value) =>
+    h("li", {}, h("span", { class: "label" }, label), " ", ...value);
+  const length = config.steps
+    ? `${format.integer(config.steps)} steps`
+    : `${config.epochs ?? 1} epoch${(config.epochs ?? 1) === 1 ? "" : "s"}`;
   const size = config.preprocessing?.input_size;
   return [
     item("config", h("span", { class: "mono" }, format.bits(config)), ` ${config.method ?? ""}`),
@@ -235,10 +280,22 @@ function summary(job) {
     item("model", format.bytes(job.inputs?.model?.size)),
     item("data", format.bytes(job.inputs?.data?.size)),
     job.inputs?.eval_data ? item("eval data", format.bytes(job.inputs.eval_data.size)) : null,
-    item("created", h("span", { title: format.timestamp(job.created_at) }, format.age(job.created_at))),
+    item(
+      "created",
+      h("span", { title: format.timestamp(job.created_at) }, format.age(job.created_at)),
+    ),
     job.started_at ? item("ran", format.jobDuration(job)) : null,
     job.attempts > 1 ? item("attempts", String(job.attempts)) : null,
-    job.sweep_id ? item("sweep", h("a", { href: `#/sweeps/${encodeURIComponent(job.sweep_id)}`, class: "mono" }, format.shortId(job.sweep_id))) : null,
+    job.sweep_id
+      ? item(
+          "sweep",
+          h(
+            "a",
+            { href: `#/sweeps/${encodeURIComponent(job.sweep_id)}`, class: "mono" },
+            format.shortId(job.sweep_id),
+          ),
+        )
+      : null,
     Object.entries(job.metadata ?? {}).map(([key, value]) => item(key, value)),
     item("id", h("code", {}, job.id)),
   ];
@@ -248,8 +305,10 @@ function progressLine(progress) {
   const parts = [`step ${format.integer(progress.step)} / ${format.integer(progress.total_steps)}`];
   if (progress.epochs) parts.push(`epoch ${progress.epoch} / ${progress.epochs}`);
   if (typeof progress.loss === "number") parts.push(`loss ${format.compact(progress.loss)}`);
-  if (typeof progress.eta_seconds === "number") parts.push(`ETA ${format.duration(progress.eta_seconds)}`);
-  if (progress.images_per_second) parts.push(`${format.integer(progress.images_per_second)} images/s`);
+  if (typeof progress.eta_seconds === "number")
+    parts.push(`ETA ${format.duration(progress.eta_seconds)}`);
+  if (progress.images_per_second)
+    parts.push(`${format.integer(progress.images_per_second)} images/s`);
   return [
     h("progress", { max: progress.total_steps || 1, value: progress.step ?? 0 }),
     h("span", {}, parts.join(" \u00b7 ")),
@@ -266,12 +325,18 @@ function timeline(job, live) {
   const lastWithTime = STAGES.filter((stage) => seconds[stage] !== undefined).pop();
   const stateOf = (stage) => {
     if (job.status === "running" && stage === live.stage) return "current";
-    if (job.status === "failed" && stage === lastWithTime) return "failed";
+    if ((job.status === "failed" || job.status === "canceled") && stage === lastWithTime)
+      return job.status;
     return seconds[stage] !== undefined ? "done" : "pending";
   };
   const total = STAGES.reduce((sum, stage) => sum + (seconds[stage] ?? 0), 0);
   return [
-    h("h2", {}, "Stages ", h("span", { class: "muted small" }, total ? `${format.duration(total)} in all` : "")),
+    h(
+      "h2",
+      {},
+      "Stages ",
+      h("span", { class: "muted small" }, total ? `${format.duration(total)} in all` : ""),
+    ),
     h(
       "ol",
       { class: "stages" },
@@ -280,7 +345,11 @@ function timeline(job, live) {
           "li",
           { class: `stage ${stateOf(stage)}`, dataset: { stage } },
           h("span", { class: "stage-name" }, stage),
-          h("span", { class: "stage-time" }, seconds[stage] === undefined ? format.NONE : format.duration(seconds[stage])),
+          h(
+            "span",
+            { class: "stage-time" },
+            seconds[stage] === undefined ? format.NONE : format.duration(seconds[stage]),
+          ),
         ),
       ),
     ),
@@ -288,7 +357,10 @@ function timeline(job, live) {
       "div",
       { class: "stage-bar", "aria-hidden": "true" },
       STAGES.filter((stage) => seconds[stage]).map((stage) => {
-        const segment = h("span", { class: `segment ${stage}`, title: `${stage}: ${format.duration(seconds[stage])}` });
+        const segment = h("span", {
+          class: `segment ${stage}`,
+          title: `${stage}: ${format.duration(seconds[stage])}`,
+        });
         segment.style.flexGrow = String(seconds[stage]); // CSSOM: allowed by the page's CSP
         return segment;
       }),
@@ -298,9 +370,17 @@ function timeline(job, live) {
 
 function metricTables(metrics) {
   const calibrated = metrics.calibrated ?? {};
-  const comparison = table([[""], ["Calibrated", "num"], ["Trained", "num"]], { id: "accuracy-table" });
+  const comparison = table([[""], ["Calibrated", "num"], ["Trained", "num"]], {
+    id: "accuracy-table",
+  });
   const compareRow = (label, key, show) =>
-    h("tr", {}, h("th", { scope: "row" }, label), h("td", { class: "num" }, show(calibrated[key])), h("td", { class: "num" }, show(metrics[key])));
+    h(
+      "tr",
+      {},
+      h("th", { scope: "row" }, label),
+      h("td", { class: "num" }, show(calibrated[key])),
+      h("td", { class: "num" }, show(metrics[key])),
+    );
   fill(
     comparison.body,
     compareRow("Agreement with the teacher", "agreement", format.percent),
@@ -309,11 +389,17 @@ function metricTables(metrics) {
     compareRow("Teacher top-1", "teacher_top1", format.percent),
   );
   const images = format.integer(metrics.eval_images);
-  const evalImages = metrics.eval_source === "eval_data" ? `on ${images} images of the eval data` : `on ${images} held-out training images`;
+  const evalImages =
+    metrics.eval_source === "eval_data"
+      ? `on ${images} images of the eval data`
+      : `on ${images} held-out training images`;
   const train = metrics.train ?? {};
   const parity = metrics.onnx_parity;
   const rules = metrics.tensorrt_rules;
-  const ratio = metrics.fp32_bytes && metrics.packed_bytes ? `${(metrics.fp32_bytes / metrics.packed_bytes).toFixed(1)}\u00d7 smaller` : null;
+  const ratio =
+    metrics.fp32_bytes && metrics.packed_bytes
+      ? `${(metrics.fp32_bytes / metrics.packed_bytes).toFixed(1)}\u00d7 smaller`
+      : null;
   return [
     h(
       "section",
@@ -327,7 +413,13 @@ function metricTables(metrics) {
       h("h2", {}, "Size"),
       facts([
         ["fp32 weights", format.bytes(metrics.fp32_bytes)],
-        ["Packed weights", [format.bytes(metrics.packed_bytes), ratio ? h("span", { class: "muted" }, ` (${ratio})`) : null]],
+        [
+          "Packed weights",
+          [
+            format.bytes(metrics.packed_bytes),
+            ratio ? h("span", { class: "muted" }, ` (${ratio})`) : null,
+          ],
+        ],
         ["model_int.safetensors", format.bytes(metrics.int_checkpoint_bytes)],
       ]),
     ),
@@ -336,13 +428,30 @@ function metricTables(metrics) {
       { class: "card" },
       h("h2", {}, "Export checks"),
       facts([
-        parity && ["ONNX parity (argmax agreement)", [format.percent(parity.top1_agreement, 2), h("span", { class: "muted" }, ` of ${format.integer(parity.images)}`)]],
+        parity && [
+          "ONNX parity (argmax agreement)",
+          [
+            format.percent(parity.top1_agreement, 2),
+            h("span", { class: "muted" }, ` of ${format.integer(parity.images)}`),
+          ],
+        ],
         parity && ["ONNX parity (max |logit diff|)", format.compact(parity.max_abs_diff)],
-        rules && ["TensorRT rules", rules.follows_rules ? h("span", { class: "ok" }, "followed") : h("span", { class: "bad" }, `${rules.violation_count} violations`)],
+        rules && [
+          "TensorRT rules",
+          rules.follows_rules
+            ? h("span", { class: "ok" }, "followed")
+            : h("span", { class: "bad" }, `${rules.violation_count} violations`),
+        ],
         !parity && !rules ? ["ONNX export", "not asked for"] : null,
       ]),
       rules?.violations?.length
-        ? h("ul", { class: "notes" }, rules.violations.map((v) => h("li", {}, h("code", {}, v.rule), " ", v.node, ": ", v.message)))
+        ? h(
+            "ul",
+            { class: "notes" },
+            rules.violations.map((v) =>
+              h("li", {}, h("code", {}, v.rule), " ", v.node, ": ", v.message),
+            ),
+          )
         : null,
     ),
     h(
@@ -356,7 +465,9 @@ function metricTables(metrics) {
         ["Final loss", format.compact(train.final_loss)],
         ["Peak memory", format.bytes(train.peak_memory_bytes)],
         ["Training images", format.integer(metrics.train_images)],
-        train.resumed_from_step ? ["Resumed from step", format.integer(train.resumed_from_step)] : null,
+        train.resumed_from_step
+          ? ["Resumed from step", format.integer(train.resumed_from_step)]
+          : null,
       ]),
     ),
   ];
@@ -365,7 +476,17 @@ function metricTables(metrics) {
 /** CPU latency per runtime and batch (metrics.inference, with export.speed). */
 function latencyTable(inference) {
   if (!inference) return null;
-  const latency = table([["Runtime"], ["Batch", "num"], ["Float model", "num"], ["model_qdq.onnx", "num"], ["model_qdq_cpu.onnx", "num"], ["Speed-up", "num"]], { id: "latency-table" });
+  const latency = table(
+    [
+      ["Runtime"],
+      ["Batch", "num"],
+      ["Float model", "num"],
+      ["model_qdq.onnx", "num"],
+      ["model_qdq_cpu.onnx", "num"],
+      ["Speed-up", "num"],
+    ],
+    { id: "latency-table" },
+  );
   const rows = [];
   for (const [runtime, name] of Object.entries(RUNTIMES)) {
     const times = inference[runtime];
@@ -381,7 +502,11 @@ function latencyTable(inference) {
           h("td", { class: "num" }, format.milliseconds(times.float_ms?.[batch])),
           h("td", { class: "num" }, format.milliseconds(times.qdq_ms?.[batch])),
           h("td", { class: "num" }, format.milliseconds(times.qdq_cpu_ms?.[batch])),
-          h("td", { class: "num" }, typeof speedup === "number" ? `${speedup.toFixed(2)}\u00d7` : format.NONE),
+          h(
+            "td",
+            { class: "num" },
+            typeof speedup === "number" ? `${speedup.toFixed(2)}\u00d7` : format.NONE,
+          ),
         ),
       );
     }
@@ -390,7 +515,17 @@ function latencyTable(inference) {
   return h(
     "section",
     { class: "card" },
-    h("h2", {}, "CPU latency ", h("span", { class: "muted small" }, `per batch, ${inference.threads} threads on the worker's CPU; speed-up of model_qdq_cpu.onnx over the float model`)),
+    h(
+      "h2",
+      {},
+      "CPU latency ",
+      h(
+        "span",
+        { class: "muted small" },
+        `per batch, ${inference.threads} threads on the worker's CPU; ` +
+          "speed-up of model_qdq_cpu.onnx over the float model",
+      ),
+    ),
     latency.element,
   );
 }
@@ -402,13 +537,21 @@ function artifactTable(path, artifacts) {
     files.body,
     artifacts.map((artifact) => {
       const result = h("span", { class: "muted small download-note" });
-      const button = h("button", { type: "button", class: "small", dataset: { artifact: artifact.name } }, "Download");
+      const button = h(
+        "button",
+        { type: "button", class: "small", dataset: { artifact: artifact.name } },
+        "Download",
+      );
       button.addEventListener("click", async () => {
         button.disabled = true;
         result.textContent = "downloading\u2026";
         result.classList.remove("bad");
         try {
-          const check = await saveDownload(`${path}/artifacts/${encodeURIComponent(artifact.name)}`, artifact.name, artifact.sha256);
+          const check = await saveDownload(
+            `${path}/artifacts/${encodeURIComponent(artifact.name)}`,
+            artifact.name,
+            artifact.sha256,
+          );
           result.textContent = check === "checked" ? "saved; SHA-256 checked" : "saved";
         } catch (error) {
           result.textContent = errorText(error);
@@ -422,7 +565,15 @@ function artifactTable(path, artifacts) {
         {},
         h("td", { class: "mono" }, artifact.name),
         h("td", { class: "num" }, format.bytes(artifact.size)),
-        h("td", {}, h("code", { class: "hash", title: artifact.sha256 }, `${artifact.sha256.slice(0, 16)}\u2026`)),
+        h(
+          "td",
+          {},
+          h(
+            "code",
+            { class: "hash", title: artifact.sha256 },
+            `${artifact.sha256.slice(0, 16)}\u2026`,
+          ),
+        ),
         h("td", { class: "actions" }, button, " ", result),
       );
     }),
@@ -434,28 +585,59 @@ function artifactTable(path, artifacts) {
 function describe(value) {
   if (value === null || value === undefined) return format.NONE;
   if (Array.isArray(value)) return value.map(describe).join(", ");
-  if (typeof value === "object") return Object.entries(value).map(([k, v]) => `${k}: ${describe(v)}`).join(", ");
+  if (typeof value === "object")
+    return Object.entries(value)
+      .map(([k, v]) => `${k}: ${describe(v)}`)
+      .join(", ");
   return String(value);
 }
 
 function engineTable(engines) {
   if (!engines.length) return null;
-  const builds = table([["Target"], ["Status"], ["Builder"], ["Build time", "num"], ["Provenance"]], { id: "engines-table" });
+  const builds = table(
+    [["Target"], ["Status"], ["Builder"], ["Build time", "num"], ["Provenance"]],
+    { id: "engines-table" },
+  );
   fill(
     builds.body,
     engines.map((build) =>
       h(
         "tr",
         {},
-        h("td", { class: "mono" }, build.target, h("div", { class: "muted small" }, `queue ${build.queue}`)),
-        h("td", {}, badge(build.status), build.error ? h("div", { class: "bad small" }, `${build.error.message} (${build.error.code})`) : null),
+        h(
+          "td",
+          { class: "mono" },
+          build.target,
+          h("div", { class: "muted small" }, `queue ${build.queue}`),
+        ),
+        h(
+          "td",
+          {},
+          badge(build.status),
+          build.error
+            ? h("div", { class: "bad small" }, `${build.error.message} (${build.error.code})`)
+            : null,
+        ),
         h("td", {}, build.builder ?? format.NONE),
-        h("td", { class: "num" }, build.started_at ? format.duration(format.secondsBetween(build.started_at, build.finished_at)) : format.NONE),
+        h(
+          "td",
+          { class: "num" },
+          build.started_at
+            ? format.duration(format.secondsBetween(build.started_at, build.finished_at))
+            : format.NONE,
+        ),
         h(
           "td",
           {},
           build.report
-            ? h("dl", { class: "provenance" }, Object.entries(build.report).map(([key, value]) => [h("dt", {}, key), h("dd", {}, describe(value))]))
+            ? h(
+                "dl",
+                { class: "provenance" },
+                Object.entries(build.report).map(([key, value]) => [
+                  h("dt", {}, key),
+                  h("dd", {}, describe(value)),
+                ]),
+              )
             : format.NONE,
         ),
       ),
@@ -464,7 +646,16 @@ function engineTable(engines) {
   return h(
     "section",
     { class: "card", id: "engines" },
-    h("h2", {}, "TensorRT engines ", h("span", { class: "muted small" }, "each built on its target; its files are the job's engine-<target>.* artifacts")),
+    h(
+      "h2",
+      {},
+      "TensorRT engines ",
+      h(
+        "span",
+        { class: "muted small" },
+        "each built on its target; its files are the job's engine-<target>.* artifacts",
+      ),
+    ),
     builds.element,
   );
 }

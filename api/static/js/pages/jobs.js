@@ -27,7 +27,12 @@ export function statusCell(job) {
     where.push(format.percent(progress.step / progress.total_steps, 0));
   }
   if (job.cancel_requested && !format.FINAL.has(job.status)) where.push("cancel requested");
-  return h("td", {}, badge(job.status), where.length ? h("span", { class: "muted" }, ` ${where.join(" \u00b7 ")}`) : null);
+  return h(
+    "td",
+    {},
+    badge(job.status),
+    where.length ? h("span", { class: "muted" }, ` ${where.join(" \u00b7 ")}`) : null,
+  );
 }
 
 function jobRow(job) {
@@ -42,9 +47,21 @@ function jobRow(job) {
     h(
       "td",
       {},
-      h("a", { href: `#/jobs/${encodeURIComponent(job.id)}`, title: job.id, class: "mono" }, format.shortId(job.id)),
-      job.sweep_id ? h("a", { class: "tag", href: `#/sweeps/${encodeURIComponent(job.sweep_id)}` }, "sweep") : null,
-      metadata.length ? h("div", { class: "muted small ellipsis", title: metadata.join(", ") }, metadata.join(", ")) : null,
+      h(
+        "a",
+        { href: `#/jobs/${encodeURIComponent(job.id)}`, title: job.id, class: "mono" },
+        format.shortId(job.id),
+      ),
+      job.sweep_id
+        ? h("a", { class: "tag", href: `#/sweeps/${encodeURIComponent(job.sweep_id)}` }, "sweep")
+        : null,
+      metadata.length
+        ? h(
+            "div",
+            { class: "muted small ellipsis", title: metadata.join(", ") },
+            metadata.join(", "),
+          )
+        : null,
     ),
     statusCell(job),
     h("td", { class: "mono" }, format.bits(job.config)),
@@ -62,7 +79,12 @@ export async function render(view, { signal }) {
   const jobs = table(COLUMNS, { id: "jobs-table" });
   const footnote = h("p", { class: "muted small" });
   view.append(
-    h("div", { class: "page-head" }, h("h1", {}, "Jobs"), h("a", { class: "button", href: "#/new" }, "New job")),
+    h(
+      "div",
+      { class: "page-head" },
+      h("h1", {}, "Jobs"),
+      h("a", { class: "button", href: "#/new" }, "New job"),
+    ),
     notice,
     h("div", { class: "card flush" }, jobs.element),
     footnote,
@@ -72,9 +94,19 @@ export async function render(view, { signal }) {
     REFRESH_MS,
     async () => {
       const page = await getJson(`v1/jobs?limit=${LIMIT}`, { signal });
-      const empty = h("tr", {}, h("td", { colspan: COLUMNS.length, class: "muted" }, "No jobs yet: start one with New job."));
+      const empty = h(
+        "tr",
+        {},
+        h(
+          "td",
+          { colspan: COLUMNS.length, class: "muted" },
+          "No jobs yet: start one with New job.",
+        ),
+      );
       fill(jobs.body, page.items.length ? page.items.map(jobRow) : empty);
-      footnote.textContent = page.next_cursor ? `The ${LIMIT} newest jobs; refreshed every few seconds.` : "Refreshed every few seconds.";
+      footnote.textContent = page.next_cursor
+        ? `The ${LIMIT} newest jobs; refreshed every few seconds.`
+        : "Refreshed every few seconds.";
     },
     notice,
   );

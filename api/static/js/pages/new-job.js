@@ -17,11 +17,21 @@ const ARCHIVES = ".zip,.tar,.tgz,.gz,.bz2,.xz,.tbz2,.txz";
 
 /** A form field: its label above the control, an optional hint below. */
 function field(label, control, hint) {
-  return h("div", { class: "field" }, h("label", { for: control.id }, label), control, hint ? h("small", { class: "muted" }, hint) : null);
+  return h(
+    "div",
+    { class: "field" },
+    h("label", { for: control.id }, label),
+    control,
+    hint ? h("small", { class: "muted" }, hint) : null,
+  );
 }
 
 function select(id, options, chosen) {
-  return h("select", { id, name: id }, options.map(([value, text]) => h("option", { value, selected: value === chosen }, text)));
+  return h(
+    "select",
+    { id, name: id },
+    options.map(([value, text]) => h("option", { value, selected: value === chosen }, text)),
+  );
 }
 
 function input(id, attributes = {}) {
@@ -39,7 +49,13 @@ function fileField(id, label, { accept, required, kind, describe }) {
     note.textContent = "";
   });
   return {
-    element: h("div", { class: "field" }, h("label", { for: id }, label), control, h("div", { class: "upload" }, bar, note)),
+    element: h(
+      "div",
+      { class: "field" },
+      h("label", { for: id }, label),
+      control,
+      h("div", { class: "upload" }, bar, note),
+    ),
     file: () => control.files[0] ?? null,
     async upload() {
       const file = control.files[0];
@@ -59,12 +75,16 @@ function fileField(id, label, { accept, required, kind, describe }) {
 }
 
 function describeModel(info) {
-  const shape = (info.input_shape ?? []).map((side, i) => side ?? (i === 0 ? "N" : "?")).join("\u00d7");
+  const shape = (info.input_shape ?? [])
+    .map((side, i) => side ?? (i === 0 ? "N" : "?"))
+    .join("\u00d7");
   return `${format.integer(info.parameters)} parameters, input ${shape}`;
 }
 
 function describeDataset(info) {
-  const classes = info.class_names ? `, ${info.class_names.length} class folders` : ", no class folders";
+  const classes = info.class_names
+    ? `, ${info.class_names.length} class folders`
+    : ", no class folders";
   return `${format.integer(info.image_count)} images${classes}`;
 }
 
@@ -116,7 +136,8 @@ function configOf(form) {
   for (const [key, value] of Object.entries(optional)) if (value !== undefined) config[key] = value;
   const height = numberOf(form, "input-height", "Input height");
   const width = numberOf(form, "input-width", "Input width");
-  if ((height === undefined) !== (width === undefined)) throw new Error("Input size: give both height and width, or neither");
+  if ((height === undefined) !== (width === undefined))
+    throw new Error("Input size: give both height and width, or neither");
   const preprocessing = {
     input_size: height === undefined ? undefined : [height, width],
     mean: rgbOf(form, "mean", "Mean"),
@@ -134,16 +155,32 @@ function configOf(form) {
     } catch (error) {
       throw new Error(`Raw JSON config: ${error.message}`);
     }
-    if (!isObject(extra)) throw new Error("Raw JSON config: a JSON object, like {\"temperature\": 2}");
+    if (!isObject(extra))
+      throw new Error('Raw JSON config: a JSON object, like {"temperature": 2}');
     return deepMerge(config, extra);
   }
   return config;
 }
 
 export function render(view) {
-  const model = fileField("model-file", "Model (.onnx)", { accept: ".onnx", required: true, kind: "models", describe: describeModel });
-  const data = fileField("data-file", "Training images (zip or tar)", { accept: ARCHIVES, required: true, kind: "datasets", describe: describeDataset });
-  const evalData = fileField("eval-file", "Labelled eval images (optional)", { accept: ARCHIVES, required: false, kind: "datasets", describe: describeDataset });
+  const model = fileField("model-file", "Model (.onnx)", {
+    accept: ".onnx",
+    required: true,
+    kind: "models",
+    describe: describeModel,
+  });
+  const data = fileField("data-file", "Training images (zip or tar)", {
+    accept: ARCHIVES,
+    required: true,
+    kind: "datasets",
+    describe: describeDataset,
+  });
+  const evalData = fileField("eval-file", "Labelled eval images (optional)", {
+    accept: ARCHIVES,
+    required: false,
+    kind: "datasets",
+    describe: describeDataset,
+  });
   const problems = h("div", { id: "form-errors" });
   const submit = h("button", { type: "submit", id: "submit-job" }, "Upload and start");
   const bitOptions = BITS.map((b) => [String(b), `${b} bit${b === 1 ? "" : "s"}`]);
@@ -157,7 +194,16 @@ export function render(view) {
       field("Weight bits", select("weight-bits", bitOptions, "4")),
       field("Activation bits", select("activation-bits", bitOptions, "4")),
       field("Method", select("method", Object.entries(METHODS), "lsq")),
-      field("Epochs", input("epochs", { type: "number", min: 1, step: 1, placeholder: "1", inputmode: "numeric" })),
+      field(
+        "Epochs",
+        input("epochs", {
+          type: "number",
+          min: 1,
+          step: 1,
+          placeholder: "1",
+          inputmode: "numeric",
+        }),
+      ),
     ),
     h(
       "details",
@@ -167,26 +213,74 @@ export function render(view) {
       h(
         "div",
         { class: "form-row" },
-        field("Steps", input("steps", { type: "number", min: 1, step: 1, inputmode: "numeric" }), "instead of epochs"),
-        field("Batch size", input("batch-size", { type: "number", min: 1, step: 1, placeholder: "64", inputmode: "numeric" })),
-        field("Input height", input("input-height", { type: "number", min: 1, step: 1, placeholder: "the model's", inputmode: "numeric" }), "pixels"),
-        field("Input width", input("input-width", { type: "number", min: 1, step: 1, placeholder: "the model's", inputmode: "numeric" }), "pixels"),
+        field(
+          "Steps",
+          input("steps", { type: "number", min: 1, step: 1, inputmode: "numeric" }),
+          "instead of epochs",
+        ),
+        field(
+          "Batch size",
+          input("batch-size", {
+            type: "number",
+            min: 1,
+            step: 1,
+            placeholder: "64",
+            inputmode: "numeric",
+          }),
+        ),
+        field(
+          "Input height",
+          input("input-height", {
+            type: "number",
+            min: 1,
+            step: 1,
+            placeholder: "the model's",
+            inputmode: "numeric",
+          }),
+          "pixels",
+        ),
+        field(
+          "Input width",
+          input("input-width", {
+            type: "number",
+            min: 1,
+            step: 1,
+            placeholder: "the model's",
+            inputmode: "numeric",
+          }),
+          "pixels",
+        ),
       ),
       h(
         "div",
         { class: "form-row" },
-        field("Mean", input("mean", { type: "text", placeholder: "0.485, 0.456, 0.406" }), "R, G, B of pixels in [0, 1]"),
+        field(
+          "Mean",
+          input("mean", { type: "text", placeholder: "0.485, 0.456, 0.406" }),
+          "R, G, B of pixels in [0, 1]",
+        ),
         field("Std", input("std", { type: "text", placeholder: "0.229, 0.224, 0.225" }), "R, G, B"),
         h(
           "div",
           { class: "field checkbox" },
-          h("label", {}, input("export-speed", { type: "checkbox", checked: true }), " Time the model on the CPU (export.speed)"),
+          h(
+            "label",
+            {},
+            input("export-speed", { type: "checkbox", checked: true }),
+            " Time the model on the CPU (export.speed)",
+          ),
           h("small", { class: "muted" }, "a few seconds after training"),
         ),
       ),
       field(
         "Raw JSON config",
-        h("textarea", { id: "raw-config", name: "raw-config", rows: 3, spellcheck: "false", placeholder: '{"temperature": 2, "export": {"tensorrt_targets": ["jetson-orin-nano"]}}' }),
+        h("textarea", {
+          id: "raw-config",
+          name: "raw-config",
+          rows: 3,
+          spellcheck: "false",
+          placeholder: '{"temperature": 2, "export": {"tensorrt_targets": ["jetson-orin-nano"]}}',
+        }),
         "merged last, over the fields above (README: Job config)",
       ),
     ),
@@ -229,7 +323,12 @@ export function render(view) {
 
   view.append(
     h("div", { class: "page-head" }, h("h1", {}, "New job")),
-    h("p", { class: "muted" }, "The model is the teacher: a quantized copy of it learns to match its outputs on your images. No labels needed; labelled eval images (class folders) add top-1."),
+    h(
+      "p",
+      { class: "muted" },
+      "The model is the teacher: a quantized copy of it learns to match its outputs on your " +
+        "images. No labels needed; labelled eval images (class folders) add top-1.",
+    ),
     form,
   );
 }

@@ -31,7 +31,8 @@ export async function render(view, { signal, params: [sweepId] }) {
         h(
           "p",
           { class: "plot-waiting muted", id: "plot-waiting" },
-          `The Pareto plot comes when every job is final (${final} of ${sweep.rows.length} so far).`,
+          "The Pareto plot comes when every job is final " +
+            `(${final} of ${sweep.rows.length} so far).`,
         ),
       );
       return;
@@ -40,18 +41,28 @@ export async function render(view, { signal, params: [sweepId] }) {
     // never runs an SVG's scripts, and no markup of the server's enters the page.
     const blob = await (await apiFetch(`${path}/artifacts/${PLOT}`, { signal })).blob();
     plotUrl = URL.createObjectURL(blob);
-    const image = h("img", { src: plotUrl, alt: "Packed size against accuracy, one point per configuration; the Pareto front drawn" });
+    const image = h("img", {
+      src: plotUrl,
+      alt: "Packed size against accuracy, one point per configuration; the Pareto front drawn",
+    });
     const reportNote = h("span", { class: "muted small" });
     const report = sweep.artifacts.find((a) => a.name === REPORT);
     const reportButton = report
-      ? h("button", { type: "button", class: "small", onclick: () => saveReport(report, reportNote) }, "Download report.html")
+      ? h(
+          "button",
+          { type: "button", class: "small", onclick: () => saveReport(report, reportNote) },
+          "Download report.html",
+        )
       : null;
     fill(plot, image, h("figcaption", {}, reportButton, " ", reportNote));
   }
 
   async function saveReport(report, note) {
     try {
-      note.textContent = (await saveDownload(`${path}/artifacts/${REPORT}`, REPORT, report.sha256)) === "checked" ? "saved; SHA-256 checked" : "saved";
+      note.textContent =
+        (await saveDownload(`${path}/artifacts/${REPORT}`, REPORT, report.sha256)) === "checked"
+          ? "saved; SHA-256 checked"
+          : "saved";
     } catch (error) {
       note.textContent = errorText(error);
     }
@@ -64,13 +75,19 @@ export async function render(view, { signal, params: [sweepId] }) {
       const sweep = await getJson(path, { signal });
       fill(
         head,
-        h("h1", {}, "Sweep ", h("span", { class: "mono", title: sweep.id }, format.shortId(sweep.id))),
+        h(
+          "h1",
+          {},
+          "Sweep ",
+          h("span", { class: "mono", title: sweep.id }, format.shortId(sweep.id)),
+        ),
         badge(sweep.status),
       );
       const c = sweep.counts;
       counts.textContent =
-        `${sweep.rows.length} configurations: ${c.succeeded ?? 0} succeeded, ${c.failed ?? 0} failed, ` +
-        `${c.canceled ?? 0} canceled, ${c.running ?? 0} running, ${c.queued ?? 0} queued \u00b7 created ${format.age(sweep.created_at)}`;
+        `${sweep.rows.length} configurations: ${c.succeeded ?? 0} succeeded, ` +
+        `${c.failed ?? 0} failed, ${c.canceled ?? 0} canceled, ${c.running ?? 0} running, ` +
+        `${c.queued ?? 0} queued \u00b7 created ${format.age(sweep.created_at)}`;
       fill(rows, sweepTable(sweep));
       await showPlot(sweep);
       return !plotUrl || sweep.status === "running"; // stop once final with its plot
@@ -81,7 +98,14 @@ export async function render(view, { signal, params: [sweepId] }) {
 
 function sweepTable(sweep) {
   const rows = table(
-    [["Configuration"], ["Status"], [ACCURACY[sweep.pareto_metric] ?? "Accuracy", "num"], ["Packed size", "num"], ["int8 latency", "num"], ["Pareto"]],
+    [
+      ["Configuration"],
+      ["Status"],
+      [ACCURACY[sweep.pareto_metric] ?? "Accuracy", "num"],
+      ["Packed size", "num"],
+      ["int8 latency", "num"],
+      ["Pareto"],
+    ],
     { id: "sweep-table" },
   );
   fill(
@@ -91,23 +115,54 @@ function sweepTable(sweep) {
         "tr",
         { class: row.job_id === sweep.recommended_job_id ? "recommended" : null },
         h("td", {}, h("a", { href: `#/jobs/${encodeURIComponent(row.job_id)}` }, row.label)),
-        h("td", {}, badge(row.status), row.error ? h("div", { class: "bad small" }, `${row.error.message} (${row.error.code})`) : null),
+        h(
+          "td",
+          {},
+          badge(row.status),
+          row.error
+            ? h("div", { class: "bad small" }, `${row.error.message} (${row.error.code})`)
+            : null,
+        ),
         h("td", { class: "num" }, format.percent(row[sweep.pareto_metric])),
         h("td", { class: "num" }, format.bytes(row.packed_bytes)),
-        h("td", { class: "num", title: "model_qdq_cpu.onnx under OpenVINO, batch 1, on the worker's CPU" }, format.milliseconds(row.int8_latency_ms)),
+        h(
+          "td",
+          {
+            class: "num",
+            title: "model_qdq_cpu.onnx under OpenVINO, batch 1, on the worker's CPU",
+          },
+          format.milliseconds(row.int8_latency_ms),
+        ),
         h("td", {}, paretoMark(row, sweep)),
       ),
     ),
   );
   return [
-    h("h2", {}, "Jobs ", h("span", { class: "muted small" }, `accuracy: ${ACCURACY[sweep.pareto_metric] ?? sweep.pareto_metric}`)),
+    h(
+      "h2",
+      {},
+      "Jobs ",
+      h(
+        "span",
+        { class: "muted small" },
+        `accuracy: ${ACCURACY[sweep.pareto_metric] ?? sweep.pareto_metric}`,
+      ),
+    ),
     h("div", { class: "scroll" }, rows.element),
-    h("p", { class: "muted small" }, "\u25cf front: no other job is both smaller and more accurate. \u2605 recommended: the smallest front job within 1 point of the best accuracy."),
+    h(
+      "p",
+      { class: "muted small" },
+      "\u25cf front: no other job is both smaller and more accurate. " +
+        "\u2605 recommended: the smallest front job within 1 point of the best accuracy.",
+    ),
   ];
 }
 
 /** The row's place on the front: recommended (always a front row), on the front, or neither. */
 function paretoMark(row, sweep) {
-  if (row.job_id === sweep.recommended_job_id) return h("span", { class: "ok" }, "\u2605 recommended");
-  return row.pareto ? h("span", { class: "front", title: "on the Pareto front" }, "\u25cf front") : "";
+  if (row.job_id === sweep.recommended_job_id)
+    return h("span", { class: "ok" }, "\u2605 recommended");
+  return row.pareto
+    ? h("span", { class: "front", title: "on the Pareto front" }, "\u25cf front")
+    : "";
 }

@@ -6,7 +6,14 @@ import * as format from "../format.js";
 
 const LIMIT = 20;
 const REFRESH_MS = 5000;
-const COLUMNS = [["Sweep"], ["Status"], ["Jobs", "num"], ["Configurations"], ["Recommended"], ["Age", "num"]];
+const COLUMNS = [
+  ["Sweep"],
+  ["Status"],
+  ["Jobs", "num"],
+  ["Configurations"],
+  ["Recommended"],
+  ["Age", "num"],
+];
 
 function sweepRow(sweep) {
   const total = sweep.rows.length;
@@ -16,12 +23,28 @@ function sweepRow(sweep) {
   return h(
     "tr",
     {},
-    h("td", {}, h("a", { href: `#/sweeps/${encodeURIComponent(sweep.id)}`, title: sweep.id, class: "mono" }, format.shortId(sweep.id))),
+    h(
+      "td",
+      {},
+      h(
+        "a",
+        { href: `#/sweeps/${encodeURIComponent(sweep.id)}`, title: sweep.id, class: "mono" },
+        format.shortId(sweep.id),
+      ),
+    ),
     h("td", {}, badge(sweep.status)),
-    h("td", { class: "num", title: `${final} of ${total} final` }, `${sweep.counts.succeeded ?? 0} / ${total} succeeded`),
+    h(
+      "td",
+      { class: "num", title: `${final} of ${total} final` },
+      `${sweep.counts.succeeded ?? 0} / ${total} succeeded`,
+    ),
     h("td", { class: "ellipsis", title: labels }, labels),
     h("td", {}, recommended ? recommended.label : format.NONE),
-    h("td", { class: "num", title: format.timestamp(sweep.created_at) }, format.age(sweep.created_at)),
+    h(
+      "td",
+      { class: "num", title: format.timestamp(sweep.created_at) },
+      format.age(sweep.created_at),
+    ),
   );
 }
 
@@ -30,7 +53,12 @@ export async function render(view, { signal }) {
   const sweeps = table(COLUMNS, { id: "sweeps-table" });
   view.append(
     h("div", { class: "page-head" }, h("h1", {}, "Sweeps")),
-    h("p", { class: "muted" }, "A sweep trains one job per configuration and compares their size and accuracy. Start one with POST /v1/sweeps, the SDK or the CLI."),
+    h(
+      "p",
+      { class: "muted" },
+      "A sweep trains one job per configuration and compares their size and accuracy. " +
+        "Start one with POST /v1/sweeps, the SDK or the CLI.",
+    ),
     notice,
     h("div", { class: "card flush" }, sweeps.element),
   );
@@ -39,7 +67,11 @@ export async function render(view, { signal }) {
     REFRESH_MS,
     async () => {
       const page = await getJson(`v1/sweeps?limit=${LIMIT}`, { signal });
-      const empty = h("tr", {}, h("td", { colspan: COLUMNS.length, class: "muted" }, "No sweeps yet."));
+      const empty = h(
+        "tr",
+        {},
+        h("td", { colspan: COLUMNS.length, class: "muted" }, "No sweeps yet."),
+      );
       fill(sweeps.body, page.items.length ? page.items.map(sweepRow) : empty);
     },
     notice,
