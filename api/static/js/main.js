@@ -11,7 +11,7 @@ import * as sweepsPage from "./pages/sweeps.js";
 
 const ROUTES = [
   { pattern: /^#\/jobs\/([^/]+)$/, nav: "jobs", page: jobPage },
-  { pattern: /^#\/jobs\/?$/, nav: "jobs", page: jobsPage },
+  { pattern: /^#\/(jobs\/?)?$/, nav: "jobs", page: jobsPage },
   { pattern: /^#\/sweeps\/([^/]+)$/, nav: "sweeps", page: sweepPage },
   { pattern: /^#\/sweeps\/?$/, nav: "sweeps", page: sweepsPage },
   { pattern: /^#\/new\/?$/, nav: "new", page: newJobPage },
