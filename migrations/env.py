@@ -49,8 +49,23 @@ def _run(connection: Connection) -> None:
 def run_migrations_online() -> None:
     # The service's own engine, so SQLite gets the same WAL/busy_timeout pragmas.
     with get_engine(_url()).connect() as connection:
-        _run(connection)
-        connection.commit()
+        if connection.dialect.name != "sqlite":
+            _run(connection)
+            connection.commit()
+            return
+        # Batch mode alters a table by dropping and re-creating it; with foreign keys enforced,
+        # the drop would run the ON DELETE rules of every table pointing at it (jobs losing
+        # their sweep_id, a webhook's messages deleted). The pragma is ignored inside a
+        # transaction, so it is set before the migrations' one and restored after (the pool
+        # hands this connection out again). Alembic's docs: "Dealing with Referencing Tables".
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        try:
+            _run(connection)
+            connection.commit()
+            if broken := connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall():
+                raise RuntimeError(f"migrations left dangling foreign keys: {broken[:5]}")
+        finally:
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
 if context.is_offline_mode():

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Connection,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
 
-from core.db import engine_for, migrate
-from core.models import Base
+from core.db import alembic_config, engine_for, migrate
+from core.models import Base, utcnow
 from core.settings import Settings
 
 
@@ -25,3 +39,45 @@ def test_sqlite_schema_matches_models(settings: Settings) -> None:
 def test_postgresql_schema_matches_models(tmp_path: Path, postgres_url: str) -> None:
     settings = Settings(data_dir=tmp_path, database_url=postgres_url)
     assert _schema_differences(settings) == []
+
+
+def _insert_row(connection: Connection, table: Table, **values: Any) -> None:
+    """A row with ``values`` and a placeholder in every other required column."""
+    placeholders = {
+        String: "x",
+        Text: "x",
+        Integer: 0,
+        Boolean: False,
+        JSON: {},
+        DateTime: utcnow(),
+    }
+    for column in table.columns:
+        if column.name in values or column.nullable or column.server_default is not None:
+            continue
+        kind = next(kind for kind in placeholders if isinstance(column.type, kind))
+        values[column.name] = placeholders[kind]
+    connection.execute(table.insert().values(**values))
+
+
+def test_sqlite_upgrade_keeps_the_rows_that_point_at_a_rebuilt_table(tmp_path: Path) -> None:
+    """SQLite rebuilds a table to alter it (batch mode): drop and re-create. With foreign keys
+    enforced, the drop would run the ON DELETE rules of every table pointing at it (jobs'
+    sweep_id set NULL, a webhook's messages deleted)."""
+    settings = Settings(data_dir=tmp_path)
+    command.upgrade(alembic_config(settings), "0004")  # sweeps and webhooks without 0005's keys
+    engine = engine_for(settings)
+    old = MetaData()
+    old.reflect(engine)
+    with engine.begin() as connection:
+        _insert_row(connection, old.tables["sweeps"], id="sweep-1")
+        _insert_row(connection, old.tables["jobs"], id="job-1", status="queued", sweep_id="sweep-1")
+        _insert_row(connection, old.tables["webhooks"], id="hook-1")
+        messages = old.tables["webhook_messages"]
+        _insert_row(connection, messages, id="msg-1", webhook_id="hook-1", status="pending")
+
+    migrate(settings)
+
+    with engine.connect() as connection:
+        assert connection.scalar(text("SELECT sweep_id FROM jobs")) == "sweep-1"
+        assert connection.scalar(text("SELECT count(*) FROM webhook_messages")) == 1
+        assert connection.scalar(text("PRAGMA foreign_keys")) == 1  # enforced again after
