@@ -33,8 +33,8 @@ class Client:
         url = url or os.environ.get("SQAKD_URL") or DEFAULT_URL
         api_key = api_key if api_key is not None else os.environ.get("SQAKD_API_KEY")
         self._transport = Transport(url, api_key, timeout, retries)
-        self.models: StoredFiles[Model] = StoredFiles(self, "models", Model)
-        self.datasets: StoredFiles[Dataset] = StoredFiles(self, "datasets", Dataset)
+        self.models: StoredFiles[Model] = StoredFiles(self, Model)
+        self.datasets: StoredFiles[Dataset] = StoredFiles(self, Dataset)
         self.jobs = Jobs(self)
         self.sweeps = Sweeps(self)
         self.webhooks = Webhooks(self)

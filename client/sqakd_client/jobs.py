@@ -32,6 +32,7 @@ class Job(ApiObject):
     """A quantization job. ``status``: queued, running, succeeded, failed or canceled; while
     running, ``stage`` and ``progress`` say where it is."""
 
+    _collection = "/v1/jobs"
     status: str = field("status")
     stage: Optional[str] = field("stage")
     progress: Optional[Dict[str, Any]] = field(
@@ -59,22 +60,9 @@ class Job(ApiObject):
     def is_final(self) -> bool:
         return self.status in FINAL_JOB_STATUSES
 
-    @property
-    def _path(self) -> str:
-        return f"/v1/jobs/{self.id}"
-
-    def refresh(self) -> Job:
-        self.data = self._client._transport.request("GET", self._path).json()
-        return self
-
     def cancel(self) -> Job:
         """Queued: canceled at once. Running: stops at its next step (``wait()`` for it)."""
-        self.data = self._client._transport.request("POST", f"{self._path}/cancel").json()
-        return self
-
-    def delete(self) -> None:
-        """Delete a queued or final job with its files; ``Conflict`` while it runs."""
-        self._client._transport.request("DELETE", self._path)
+        return self._cancel()
 
     def events(self, follow: bool = False, after: int = 0) -> Iterator[Event]:
         """The events after ``after``, oldest first. ``follow=False``: what the log holds now;

@@ -15,6 +15,7 @@ from typing import (
     Any,
     BinaryIO,
     Callable,
+    ClassVar,
     Dict,
     Generic,
     Iterator,
@@ -35,16 +36,36 @@ def field(name: str, doc: str = "") -> Any:
     return property(lambda self: self.data.get(name), doc=doc or f"The JSON's {name!r}.")
 
 
+Self = TypeVar("Self", bound="ApiObject")
+
+
 class ApiObject:
-    """An object of the API, as its last answer described it (``refresh()`` where there is
-    one reads it again)."""
+    """An object of the API, as its last answer described it; ``refresh()`` reads it again."""
 
     id: str = field("id")
     created_at: str = field("created_at", "ISO 8601, UTC.")
+    _collection: ClassVar[str]  # its route: "/v1/jobs"
 
     def __init__(self, client: Client, data: Dict[str, Any]) -> None:
         self._client = client
         self.data = data
+
+    @property
+    def _path(self) -> str:
+        return f"{self._collection}/{self.id}"
+
+    def refresh(self: Self) -> Self:
+        self.data = self._client._transport.request("GET", self._path).json()
+        return self
+
+    def delete(self) -> None:
+        """Delete it (and its files); ``Conflict`` while it is in use or running."""
+        self._client._transport.request("DELETE", self._path)
+
+    def _cancel(self: Self) -> Self:
+        """``POST .../cancel``: jobs and sweeps."""
+        self.data = self._client._transport.request("POST", f"{self._path}/cancel").json()
+        return self
 
     def __repr__(self) -> str:
         status = self.data.get("status")
@@ -68,9 +89,13 @@ class Model(StoredFile):
     """A stored ONNX model: ``info`` has input_name, input_shape, num_outputs, opset,
     parameters."""
 
+    _collection = "/v1/models"
+
 
 class Dataset(StoredFile):
     """A stored image archive: ``info`` has image_count, class_names, formats, image_sizes."""
+
+    _collection = "/v1/datasets"
 
 
 Local = Union[str, "os.PathLike[str]"]
@@ -81,9 +106,9 @@ F = TypeVar("F", bound=StoredFile)
 class StoredFiles(Generic[F]):
     """``client.models`` or ``client.datasets``."""
 
-    def __init__(self, client: Client, plural: str, object_class: Type[F]) -> None:
+    def __init__(self, client: Client, object_class: Type[F]) -> None:
         self._client = client
-        self._path = f"/v1/{plural}"
+        self._path = object_class._collection
         self._class = object_class
 
     def upload(self, path: Local, progress: bool = False) -> F:

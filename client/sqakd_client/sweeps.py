@@ -32,27 +32,16 @@ class Sweep(ApiObject):
     recommended_job_id: Optional[str] = field("recommended_job_id")
     artifacts: List[Dict[str, Any]] = field("artifacts", "report.html and pareto.svg.")
     completed_at: Optional[str] = field("completed_at", "When every job was final.")
+    _collection = "/v1/sweeps"
 
     @property
     def is_final(self) -> bool:
         """Every job final and the report stored (completed, or canceled and stopped)."""
         return self.completed_at is not None
 
-    @property
-    def _path(self) -> str:
-        return f"/v1/sweeps/{self.id}"
-
-    def refresh(self) -> Sweep:
-        self.data = self._client._transport.request("GET", self._path).json()
-        return self
-
     def cancel(self) -> Sweep:
         """Cancel its jobs: queued ones at once, running ones at their next step."""
-        self.data = self._client._transport.request("POST", f"{self._path}/cancel").json()
-        return self
-
-    def delete(self) -> None:
-        self._client._transport.request("DELETE", self._path)
+        return self._cancel()
 
     def wait(
         self, progress: bool = False, timeout: Optional[float] = None, poll_interval: float = 1.0

@@ -17,10 +17,7 @@ class Webhook(ApiObject):
     url: str = field("url")
     events: List[str] = field("events")
     secret: Optional[str] = field("secret", "The signing secret; None except after create.")
-
-    @property
-    def _path(self) -> str:
-        return f"/v1/webhooks/{self.id}"
+    _collection = "/v1/webhooks"
 
     def rotate_secret(self) -> Webhook:
         """A new secret (in ``.secret``); the old one stops signing at once."""
@@ -33,9 +30,6 @@ class Webhook(ApiObject):
         """Every delivery attempt, newest first: ``message_id``, ``event_type``, ``attempt``,
         ``status_code`` (None: no answer), ``error``, ``duration_ms``."""
         return self._client._transport.pages(f"{self._path}/deliveries", {"limit": page_size})
-
-    def delete(self) -> None:
-        self._client._transport.request("DELETE", self._path)
 
 
 class Webhooks:
