@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import signal
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.factories import CLASSES, INPUT_SIZE, image_zip
-from tests.utils import free_port, start_launcher, wait_ready
+from tests.utils import free_port, start_launcher, stop_process, wait_ready
 
 STARTUP_TIMEOUT_S = 90
 TENANT = "acme"
@@ -75,12 +73,7 @@ def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServi
         wait_ready(service.url, launcher, STARTUP_TIMEOUT_S, service.log_tail)
         yield service
     finally:
-        launcher.send_signal(signal.SIGTERM)
-        try:
-            launcher.wait(60)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            launcher.wait()
+        stop_process(launcher)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -42,6 +41,7 @@ from tests.utils import (
     children,
     free_port,
     start_launcher,
+    stop_process,
     wait_ready,
 )
 
@@ -122,12 +122,7 @@ def running_service(data_dir: Path, env: dict[str, str]) -> Iterator[Service]:
         wait_ready(service.url, launcher, STARTUP_TIMEOUT_S, service.log_tail)
         yield service
     finally:
-        launcher.send_signal(signal.SIGTERM)
-        try:
-            code = launcher.wait(60)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            code = launcher.wait()
+        code = stop_process(launcher)
         assert code == 0, f"launcher exited with {code}:\n{service.log_tail()}"
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from core import webhooks
 from core.db import session_factory
 from core.settings import Settings
 from tests.factories import make_job
-from tests.utils import REPO_ROOT, SERVICE_ENV, SettingsFactory, make_client
+from tests.utils import REPO_ROOT, SERVICE_ENV, SettingsFactory, make_client, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -117,12 +116,7 @@ def webhook_worker(webhook_settings: Settings, tmp_path: Path) -> Iterator[Path]
     try:
         yield log
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker, timeout_s=20)
 
 
 def test_a_canceled_job_is_delivered_signed_and_retried(

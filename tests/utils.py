@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -71,6 +72,17 @@ def start_launcher(
         stdout=output,
         stderr=subprocess.STDOUT,
     )
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
+    """SIGTERM, as Ctrl-C or an orchestrator would; SIGKILL after ``timeout_s``; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def wait_ready(

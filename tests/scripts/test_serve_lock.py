@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from tests.factories import VALID_CONFIG, post_job
-from tests.utils import children, free_port, start_launcher, wait_ready
+from tests.utils import children, free_port, start_launcher, stop_process, wait_ready
 
 pytestmark = [
     pytest.mark.e2e,
@@ -38,14 +38,7 @@ class Launcher:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> int:
-        """SIGTERM, as Ctrl-C would; the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return stop_process(self.process)
 
 
 @pytest.fixture
