@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from rich.console import Console
 
@@ -115,27 +115,6 @@ def load_config(text: Optional[str]) -> Dict[str, Any]:
     return config
 
 
-def looks_like_path(value: str) -> bool:
-    """Stored ids are bare tokens; a file name has a separator, a suffix or a ``~``."""
-    separators = {"/", os.sep, os.altsep or "/"}
-    return value.startswith("~") or "." in value or any(sep in value for sep in separators)
-
-
-def local_or_stored(value: Optional[str]) -> Union[None, str, Path]:
-    """A MODEL/DATA/EVAL argument: a local file (uploaded by the SDK) or a stored id. A
-    path-like argument naming no file fails here, before any upload."""
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    if path.is_file():
-        return path
-    if path.exists():
-        raise FileNotFoundError(2, "not a file", value)
-    if looks_like_path(value):
-        raise FileNotFoundError(2, "no such file", value)
-    return value
-
-
 def job_config(args: argparse.Namespace) -> Dict[str, Any]:
     """``--config`` with the explicit flags merged over it (a sweep's --bits and --method are
     its grid, not its base config)."""
@@ -159,11 +138,10 @@ def job_config(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def cmd_quantize(client: Client, args: argparse.Namespace, out: Output) -> int:
-    inputs = [local_or_stored(value) for value in (args.model, args.data, args.eval)]
     job = client.jobs.create(
-        model=inputs[0],
-        data=inputs[1],
-        eval_data=inputs[2],
+        model=args.model,
+        data=args.data,
+        eval_data=args.eval,
         config=job_config(args),
         metadata=dict(args.metadata) or None,
         progress=out.progress,
@@ -276,14 +254,13 @@ def cmd_jobs_events(client: Client, args: argparse.Namespace, out: Output) -> in
 
 
 def cmd_sweep(client: Client, args: argparse.Namespace, out: Output) -> int:
-    model, data, eval_data = (local_or_stored(v) for v in (args.model, args.data, args.eval))
     grid: Dict[str, List[Any]] = {"weight_bits": args.bits, "activation_bits": args.bits}
     if args.method:
         grid["method"] = args.method
     sweep = client.sweeps.create(
-        model=model,
-        data=data,
-        eval_data=eval_data,
+        model=args.model,
+        data=args.data,
+        eval_data=args.eval,
         grid=grid,
         base_config=job_config(args),
         metadata=dict(args.metadata) or None,

@@ -22,7 +22,7 @@ from . import events as job_events
 from .downloads import download_listed
 from .events import FINAL_JOB_STATUSES, Event
 from .progress import JobBar
-from .resources import ApiObject, Dataset, InputArgument, Model, field
+from .resources import ApiObject, Dataset, InputArgument, Model, field, input_ids
 
 if TYPE_CHECKING:
     from .client import Client
@@ -127,9 +127,7 @@ class Jobs:
         Retried safely: every try carries the same Idempotency-Key."""
         client = self._client
         body = {
-            "model_id": client.models.resolve(model, progress),
-            "data_id": client.datasets.resolve(data, progress),
-            "eval_data_id": client.datasets.resolve(eval_data, progress),
+            **input_ids(client, model, data, eval_data, progress),
             "config": {**(config or {}), **config_fields},
             "metadata": dict(metadata) if metadata else None,
         }

@@ -137,19 +137,42 @@ class StoredFiles(Generic[F]):
 
     def resolve(self, value: InputArgument, progress: bool = False) -> Optional[str]:
         """The id a job or sweep names: a stored object's, an id as given, or a local file's
-        after uploading it. A str is a path if such a file exists; a str that names none but
-        looks like a path (a separator or a dot: ids have neither) is ``FileNotFoundError``."""
-        if value is None:
-            return None
-        if isinstance(value, StoredFile):
-            return value.id
-        if isinstance(value, str) and not os.path.exists(value) and not _looks_like_path(value):
-            return value
-        return str(self.upload(value, progress=progress).id)
+        after uploading it (see ``local_file``)."""
+        path = local_file(value)
+        if path is not None:
+            return str(self.upload(path, progress=progress).id)
+        return value.id if isinstance(value, StoredFile) else value
 
 
-def _looks_like_path(text: str) -> bool:
-    return "." in text or "/" in text or os.sep in text
+def local_file(value: InputArgument) -> Optional[Path]:
+    """``value`` as a local file to upload, or None for a stored object, an id or None. A str
+    is a path if such a file exists, or if it looks like one (a separator, a dot or a leading
+    ``~``: ids have none), and then it must be a file: else ``FileNotFoundError``."""
+    if value is None or isinstance(value, StoredFile):
+        return None
+    text = os.fspath(value)
+    looks_like_path = text.startswith("~") or "." in text or "/" in text or os.sep in text
+    if not isinstance(value, str) or os.path.exists(text) or looks_like_path:
+        return existing_file(os.path.expanduser(text))
+    return None
+
+
+def input_ids(
+    client: Client,
+    model: InputArgument,
+    data: InputArgument,
+    eval_data: InputArgument,
+    progress: bool,
+) -> Dict[str, Optional[str]]:
+    """The ``model_id``, ``data_id`` and ``eval_data_id`` of a job or sweep, local files
+    uploaded; every path is checked before anything is uploaded."""
+    for value in (model, data, eval_data):
+        local_file(value)
+    return {
+        "model_id": client.models.resolve(model, progress),
+        "data_id": client.datasets.resolve(data, progress),
+        "eval_data_id": client.datasets.resolve(eval_data, progress),
+    }
 
 
 def existing_file(path: Local) -> Path:

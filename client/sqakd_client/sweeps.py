@@ -12,7 +12,7 @@ from .errors import WaitTimeout
 from .events import FINAL_JOB_STATUSES
 from .jobs import Job
 from .progress import count_bar
-from .resources import ApiObject, Dataset, InputArgument, Model, field
+from .resources import ApiObject, Dataset, InputArgument, Model, field, input_ids
 
 if TYPE_CHECKING:
     from .client import Client
@@ -136,9 +136,7 @@ class Sweeps:
         ``base_config``. ``model``/``data``/``eval_data`` as for ``jobs.create``."""
         client = self._client
         body: Dict[str, Any] = {
-            "model_id": client.models.resolve(model, progress),
-            "data_id": client.datasets.resolve(data, progress),
-            "eval_data_id": client.datasets.resolve(eval_data, progress),
+            **input_ids(client, model, data, eval_data, progress),
             "base_config": dict(base_config or {}),
         }
         optional = {"grid": grid, "configs": configs, "tie": tie, "metadata": metadata}
