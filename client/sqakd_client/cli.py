@@ -1,7 +1,7 @@
 """The ``sqakd`` command line: quantize a model in one line, follow and fetch jobs, run sweeps.
 
 A thin layer over the SDK (``sqakd_client.Client``): argparse reads the command, a few SDK calls
-do the work, ``cli_render`` shows the result. Tables go to stdout, progress bars and errors to
+do the work, ``render`` shows the result. Tables go to stdout, progress bars and errors to
 stderr; ``--json`` prints one JSON document on stdout instead, and nothing else there.
 
 Exit codes: 0 success; 1 an API error, a missing local file, or a waited job (or sweep job)
@@ -20,8 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from rich.console import Console
 
-from sqakd_client import ApiError, Client, Job, Sweep
-from sqakd_client import cli_render as render
+from sqakd_client import ApiError, Client, Job, Sweep, render
 
 SUCCESS, FAILURE = 0, 1  # argparse itself exits 2 on a usage error
 LIST_PAGE_SIZE = 100  # the API's largest page

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
+from . import render
 from .downloads import download_listed
 from .errors import WaitTimeout
 from .events import FINAL_JOB_STATUSES
@@ -16,9 +17,6 @@ from .resources import ApiObject, Dataset, InputArgument, Model, field, input_id
 
 if TYPE_CHECKING:
     from .client import Client
-
-METRIC_NAMES = {"student_top1": "top-1", "agreement": "agreement"}
-MISSING = "-"
 
 
 class Sweep(ApiObject):
@@ -62,26 +60,10 @@ class Sweep(ApiObject):
         return [self._client.jobs.get(row["job_id"]) for row in self.rows]
 
     def table(self) -> str:
-        """A plain-text table, one row per job: label, status, accuracy (the pareto metric),
-        packed size, int8 latency; ``*`` marks the Pareto front, and the recommended row says
-        so."""
-        metric = self.pareto_metric
-        lines = [["", "label", "status", METRIC_NAMES.get(metric, metric), "packed", "int8"]]
-        lines += [_row_cells(row, metric) for row in self.rows]
-        marks = [""] + [
-            "  <- recommended" if row["job_id"] == self.recommended_job_id else ""
-            for row in self.rows
-        ]
-        widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
-        return "\n".join(
-            "  ".join(
-                # Text left-aligned, numbers right-aligned.
-                cell.ljust(width) if column < 3 else cell.rjust(width)
-                for column, (cell, width) in enumerate(zip(line, widths))
-            ).rstrip()
-            + mark
-            for line, mark in zip(lines, marks)
-        )
+        """A plain-text table, one row per job: configuration, status, agreement, top-1,
+        packed size, int8 latency and job id; ``*`` marks the Pareto front, and the
+        recommended row says so (the table ``sqakd sweep`` prints)."""
+        return render.as_text(render.sweep_table(self.data))
 
     def download(
         self,
@@ -95,18 +77,6 @@ class Sweep(ApiObject):
         return download_listed(
             transport, f"{self._path}/artifacts", listing, directory, names, progress
         )
-
-
-def _row_cells(row: Mapping[str, Any], metric: str) -> List[str]:
-    accuracy, packed, latency = row.get(metric), row.get("packed_bytes"), row.get("int8_latency_ms")
-    return [
-        "*" if row.get("pareto") else "",
-        str(row.get("label")),
-        str(row.get("status")),
-        MISSING if accuracy is None else f"{100 * accuracy:.1f}%",
-        MISSING if packed is None else f"{packed / 1024:.1f} KiB",
-        MISSING if latency is None else f"{latency:.2f} ms",
-    ]
 
 
 def _final_jobs(counts: Mapping[str, int]) -> int:

@@ -266,11 +266,12 @@ def test_a_sweep_runs_to_its_pareto_table(
     )
     assert sweep.wait(timeout=WAIT_S, poll_interval=0.5) is sweep
     assert sweep.status == "completed" and sweep.counts["succeeded"] == 2
-    lines = sweep.table().splitlines()
-    assert len(lines) == 3 and lines[0].split() == ["label", "status", "top-1", "packed", "int8"]
-    assert [line.lstrip("* ").split()[0] for line in lines[1:]] == ["W8A8", "W4A4"]
-    assert all("succeeded" in line and "KiB" in line for line in lines[1:])
-    assert sum("<- recommended" in line for line in lines) == 1
+    title, header, *rows = sweep.table().splitlines()
+    assert title.startswith(f"sweep {sweep.id}: completed (2 succeeded)")
+    assert header.split()[:4] == ["config", "status", "agreement", "top-1"]
+    assert [row.lstrip("* ").split()[0] for row in rows] == ["W8A8", "W4A4"]
+    assert all("succeeded" in row and "KiB" in row for row in rows)
+    assert sum(row.endswith("<- recommended") for row in rows) == 1
     assert {job.sweep_id for job in sweep.jobs()} == {sweep.id}
     files = sweep.download(tmp_path)
     assert {file.name for file in files} == {"report.html", "pareto.svg"}

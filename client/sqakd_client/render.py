@@ -1,5 +1,6 @@
-"""How the ``sqakd`` command line shows things to a person: numbers with their units, and rich
-tables of jobs, metrics, artifacts, events and sweeps, built from the API's JSON (``.data``).
+"""How the SDK and the ``sqakd`` command line show things to a person: numbers with their
+units, and rich tables of jobs, metrics, artifacts, events and sweeps, built from the API's JSON
+(``.data``).
 
 Only formatting lives here; ``sqakd_client.cli`` decides what to show and when. Every function
 takes plain dicts, so the tables read the same fields a ``--json`` user sees.
@@ -8,10 +9,11 @@ takes plain dicts, so the tables read the same fields a ``--json`` user sees.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from rich.console import Group
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -375,6 +377,15 @@ def sweep_table(sweep: Mapping[str, Any]) -> Table:
             "<- recommended" if recommended and row.get("job_id") == recommended else "",
         )
     return table
+
+
+def as_text(renderable: RenderableType, width: int = 200) -> str:
+    """A table as plain text (no colour), each line without trailing spaces."""
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, markup=False, highlight=False, color_system=None).print(
+        renderable
+    )
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
 
 
 def metric_label(pareto_metric: Optional[str]) -> str:
