@@ -6,6 +6,8 @@ A job is submitted through the form (files uploaded, advanced fields filled), it
 is watched gaining points while it trains, it succeeds and an artifact is downloaded through
 the page and checked against the API's sha256; a sweep made over HTTP shows its table, then
 its Pareto plot; a wrong key shows the API's error; keyless local mode never asks for a key.
+A long job is canceled with the job page's button; a config the API refuses (422) is shown
+next to the form, and no job is made.
 Screenshots of the jobs, job and sweep pages at 1366x768 go to $SQAKD_SCREENSHOTS (README).
 """
 
@@ -38,6 +40,8 @@ WATCHED_CONFIG = TINY_CONFIG | {"steps": CURVE_STEPS}
 PROBE_POINTS = 20
 DOWNLOADED = "model_qdq.onnx"
 CUT_AFTER_BYTES = 4096  # of the event stream's answer: its head and a dozen events
+# Far more training than any test waits for: still running when the Cancel button is clicked.
+LONG_CONFIG = TINY_CONFIG | {"steps": 100_000}
 STATUS_BADGE = "document.querySelector('.page-head .badge')?.textContent"
 JOB_IS_FINAL = f"() => ['succeeded', 'failed', 'canceled'].includes({STATUS_BADGE})"
 # Each redraw of the loss chart (its data-points attribute), with the status shown then.
@@ -107,6 +111,25 @@ def store_inputs(client: httpx.Client, inputs: TinyInputs) -> dict[str, str]:
         return str(response.json()["id"])
 
     return {"model_id": store("models", inputs.model), "data_id": store("datasets", inputs.data)}
+
+
+def start_job(client: httpx.Client, inputs: TinyInputs, config: dict[str, object]) -> str:
+    """A job on the tiny inputs, made over HTTP; its id."""
+    response = client.post("/v1/jobs", json={**store_inputs(client, inputs), "config": config})
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def all_job_ids(client: httpx.Client) -> list[str]:
+    """Every job of the tenant, newest first, a page at a time."""
+    ids: list[str] = []
+    params: dict[str, str | int] = {"limit": 100}
+    while True:
+        page = client.get("/v1/jobs", params=params).json()
+        ids += [job["id"] for job in page["items"]]
+        if not page["next_cursor"]:
+            return ids
+        params["cursor"] = page["next_cursor"]
 
 
 def screenshot(page: Page, path: Path) -> None:
@@ -224,6 +247,56 @@ def test_a_job_from_the_form_to_a_checked_download(
     expect(page.locator("#artifacts-table")).to_contain_text("saved; SHA-256 checked")
 
 
+def test_the_cancel_button_cancels_a_running_job(
+    page: Page, live_service: LiveService, tiny_inputs: TinyInputs
+) -> None:
+    with api(live_service) as client:
+        job_id = start_job(client, tiny_inputs, LONG_CONFIG)
+        try:
+            sign_in(page, live_service.api_key, f"#/jobs/{job_id}")
+            status = page.locator(".page-head .badge")
+            # Running, so the page must follow the worker stopping it, a step later.
+            expect(status).to_have_text("running", timeout=WAIT_MS)
+            page.once("dialog", lambda dialog: dialog.accept())  # were the page to ask to confirm
+            page.get_by_role("button", name="Cancel job").click()
+
+            expect(status).to_have_text("canceled")
+            expect(page.locator("#cancel-job")).to_have_count(0)
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            assert (job["status"], job["cancel_requested"]) == ("canceled", True)
+        finally:  # the one training worker is shared: never leave it busy with this job
+            client.post(f"/v1/jobs/{job_id}/cancel")
+
+
+def test_a_config_the_api_refuses_is_shown_by_the_form(
+    page: Page, live_service: LiveService, tiny_inputs: TinyInputs
+) -> None:
+    with api(live_service) as client:
+        jobs_before = all_job_ids(client)
+    sign_in(page, live_service.api_key, "#/new")
+    page.set_input_files("#model-file", tiny_inputs.model)
+    page.set_input_files("#data-file", tiny_inputs.data)
+    page.locator("#advanced summary").click()
+    page.fill("#raw-config", '{"weight_bits": 99}')  # valid JSON: only the API can refuse it
+    with page.expect_response(
+        lambda r: r.request.method == "POST" and r.url.endswith("/v1/jobs")
+    ) as answered:
+        page.click("#submit-job")
+    assert answered.value.status == 422
+    refusal = answered.value.json()["error"]
+    assert refusal["code"] == "invalid_config" and "weight_bits" in refusal["message"]
+
+    # The API's words, next to the form, which stays filled for another try.
+    shown = page.locator("#form-errors").get_by_role("alert")
+    expect(shown).to_contain_text("The service refused the job")
+    expect(shown).to_contain_text(refusal["message"])
+    expect(shown.locator("code")).to_have_text(refusal["code"])
+    expect(page.locator("#raw-config")).to_have_value('{"weight_bits": 99}')
+    expect(page.locator("#submit-job")).to_be_enabled()
+    assert page.url.endswith("#/new")
+    with api(live_service) as client:
+        assert all_job_ids(client) == jobs_before
+
 
 def test_a_cut_event_stream_resumes_with_last_event_id(
     browser: Browser, live_service: LiveService, tiny_inputs: TinyInputs
@@ -231,10 +304,7 @@ def test_a_cut_event_stream_resumes_with_last_event_id(
     """The job page through a connection that drops while the job trains: it reconnects with
     Last-Event-ID and plots every point once."""
     with api(live_service) as client:
-        stored = store_inputs(client, tiny_inputs)
-        response = client.post("/v1/jobs", json={**stored, "config": WATCHED_CONFIG})
-    assert response.status_code == 202, response.text
-    job_id = response.json()["id"]
+        job_id = start_job(client, tiny_inputs, WATCHED_CONFIG)
     events_path = f"/v1/jobs/{job_id}/events"
     with CuttingProxy(live_service.url) as proxy, tab_on(browser, proxy.url) as tab:
         proxy.cut_next("GET", events_path, after_bytes=CUT_AFTER_BYTES)
