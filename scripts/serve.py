@@ -261,7 +261,11 @@ def serve(settings: Settings) -> int:
         children.append(Child("worker", worker_argv(settings), env, niceness=WORKER_NICENESS))
         children.append(Child("webhook-worker", webhook_worker_argv(settings), env))
         children.append(Child("api", api_argv(settings), env))
-        log.info("serving on http://%s:%d", settings.host, settings.port)
+        log.info(
+            "serving on http://%s:%d (dashboard: open it in a browser; the API under /v1)",
+            settings.host,
+            settings.port,
+        )
         while True:
             for child in children:
                 if (code := child.exited()) is not None:
