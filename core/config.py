@@ -97,27 +97,51 @@ class Preprocessing(_Strict):
         return std
 
 
+ExportTarget = Literal["tensorrt", "cpu"]
+"""Where the student will run: its grids and its files are laid out for it (``ExportConfig``)."""
+
+
 class ExportConfig(_Strict):
+    """What a job exports, and for which target the student's grids are trained.
+
+    ``target`` is the choice a user makes; ``tensorrt`` is the older, finer switch within the
+    TensorRT target (false: the papers' grids). ``grids`` derives the student's layout from the
+    two, in this one place: "tensorrt", "cpu" or "papers".
+    """
+
+    target: ExportTarget = Field(
+        "tensorrt",
+        description="Where the student will run. tensorrt: int8 grids with zero point 0 "
+        "(TensorRT's only INT8 form; see tensorrt) and model_qdq.onnx checked against "
+        "TensorRT's rules. cpu: ONNX Runtime's and OpenVINO's x86 layout: 256-level 8-bit "
+        "grids (unsigned activations uint8 from zero, signed ones and weights int8 with zero "
+        "point 0, weights per channel), both inputs of every residual addition quantized at 8 "
+        "bits; no TensorRT check or engines. Either way model_qdq_cpu.onnx is the file to run "
+        "on a CPU.",
+    )
     onnx: bool = Field(True, description="Write model_qdq.onnx (QuantizeLinear/DequantizeLinear).")
     speed: bool = Field(
         True,
-        description="Time model_qdq.onnx against the uploaded float model under OpenVINO and "
-        "ONNX Runtime on the worker's CPU at batch 1 and 32 (metrics.inference; a few seconds).",
+        description="Time model_qdq.onnx and model_qdq_cpu.onnx against the uploaded float "
+        "model under OpenVINO and ONNX Runtime on the worker's CPU at batch 1 and 32 "
+        "(metrics.inference, whose int8_pays says whether int8 beats the float model under "
+        "OpenVINO; a few seconds).",
     )
     tensorrt: bool = Field(
         True,
-        description="Train a TensorRT-compatible student: every grid fits int8 with zero point "
-        "0 (8-bit unsigned activations keep 0..127, EWGS's 8-bit zero point is pinned; grids "
-        "below 8 bits are the same either way), and both inputs of every residual addition "
-        "are quantized at 8 bits, where TensorRT expects Q/DQ. Defaults to onnx: the exported "
-        "model_qdq.onnx then follows TensorRT's rules; false trains the papers' grids.",
+        description="Target tensorrt only: train a TensorRT-compatible student: every grid fits "
+        "int8 with zero point 0 (8-bit unsigned activations keep 0..127, EWGS's 8-bit zero "
+        "point is pinned; grids below 8 bits are the same either way), and both inputs of "
+        "every residual addition are quantized at 8 bits, where TensorRT expects Q/DQ. "
+        "Defaults to onnx: the exported model_qdq.onnx then follows TensorRT's rules; false "
+        "trains the papers' grids. With target cpu it is false (true is an error).",
     )
     tensorrt_targets: tuple[str, ...] = Field(
         (),
         max_length=8,
         description="TensorRT engines to build from model_qdq.onnx, one per target (for example "
         "jetson-orin-nano, x86-sm90): each is built by an engine worker or device agent serving "
-        "the queue engine.<target>. Asking for one turns on tensorrt.",
+        "the queue engine.<target>. Asking for one turns on tensorrt; target tensorrt only.",
     )
 
     @field_validator("tensorrt_targets")
@@ -134,11 +158,24 @@ class ExportConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _tensorrt_follows_onnx_and_targets(cls, data: Any) -> Any:
+    def _tensorrt_follows_target_onnx_and_targets(cls, data: Any) -> Any:
         """An unset ``tensorrt`` follows ``onnx`` (issue 4: the TensorRT-compatible student
-        whenever an ONNX export or a TensorRT target is asked for); targets require it."""
+        whenever an ONNX export or a TensorRT target is asked for); engines require it. Target
+        cpu trains the CPU's grids instead: ``tensorrt`` is false, engines are refused."""
         if not isinstance(data, dict):
             return data
+        if data.get("target") == "cpu":
+            if data.get("tensorrt_targets"):
+                raise ValueError(
+                    "tensorrt_targets build TensorRT engines, which need target 'tensorrt'; "
+                    "target 'cpu' trains grids for CPUs: drop one of them"
+                )
+            if data.get("tensorrt") is True:
+                raise ValueError(
+                    "tensorrt: true trains TensorRT's grids and target 'cpu' the CPU's: "
+                    "set target 'tensorrt', or leave tensorrt out"
+                )
+            return {**data, "tensorrt": False}
         if data.get("tensorrt_targets"):
             if data.get("tensorrt") is False:
                 raise ValueError("tensorrt_targets need the TensorRT-compatible student (tensorrt)")
@@ -146,6 +183,14 @@ class ExportConfig(_Strict):
         if "tensorrt" not in data:
             return {**data, "tensorrt": data.get("onnx", True)}
         return data
+
+    @property
+    def grids(self) -> Literal["tensorrt", "cpu", "papers"]:
+        """The student's grid layout: the CPU's for target cpu; TensorRT's for target tensorrt
+        with ``tensorrt`` (the default); else the papers' (``core.engine.quant_spec``)."""
+        if self.target == "cpu":
+            return "cpu"
+        return "tensorrt" if self.tensorrt else "papers"
 
 
 # Most classes a job can name (`JobConfig.class_names`, numbered class folders); each name's length.

@@ -27,7 +27,10 @@ from core.sqakd.teacher import inference_teacher
 from core.sqakd.trainer import TrainConfig, TrainStats, steps_per_epoch, train
 
 CALIBRATION_IMAGES = 256  # ranges from one batch: enough for a stable fit, still quick
-RESIDUAL_BITS = 8  # residual additions' inputs for TensorRT: int8, its only integer type
+# Residual additions' inputs, quantized for TensorRT's and the CPU's grids: 8 bits, so that the
+# runtime fuses each addition into the integer convolution before it (int8, TensorRT's only
+# integer type; the CPU's uint8 from zero or int8)
+RESIDUAL_BITS = 8
 
 
 @dataclass
@@ -38,6 +41,8 @@ class Quantized:
 
 
 def quant_spec(config: JobConfig) -> QuantSpec:
+    """The student's quantization, its grids laid out for ``config.export.grids``."""
+    grids = config.export.grids
     return QuantSpec(
         method=config.method,
         weight_bits=config.weight_bits,
@@ -45,8 +50,9 @@ def quant_spec(config: JobConfig) -> QuantSpec:
         per_channel=config.per_channel,
         first_last_bits=config.first_last_bits,
         layer_bits=dict(config.layer_bits),
-        int8_grids=config.export.tensorrt,
-        residual_bits=RESIDUAL_BITS if config.export.tensorrt else None,
+        int8_grids=grids == "tensorrt",
+        uint8_grids=grids == "cpu",
+        residual_bits=None if grids == "papers" else RESIDUAL_BITS,
     )
 
 

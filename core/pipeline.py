@@ -30,7 +30,7 @@ from core.export.onnx_qdq import (
     tensorrt_report,
     write_cpu_variant,
 )
-from core.export.runtime_speed import int8_speed
+from core.export.runtime_speed import int8_slower_batches, int8_speed
 from core.inputs.images import ImageSet, load_image_archive, normalize
 from core.inputs.onnx_model import load_onnx_model
 from core.settings import get_settings
@@ -212,12 +212,16 @@ def run_quantization(
         export_qdq_onnx(student, (3, *input_size), onnx_path)
         eval_inputs = normalize(eval_set.pixels[:PARITY_IMAGES], prep.mean, prep.std)
         metrics["onnx_parity"] = onnx_parity(student, onnx_path, eval_inputs.split(64))
-        metrics["tensorrt_rules"] = tensorrt_report(student, onnx_path)
+        if config.export.target == "tensorrt":  # the CPU's grids are not TensorRT's
+            metrics["tensorrt_rules"] = tensorrt_report(student, onnx_path)
         cpu_path = artifacts["model_qdq_cpu.onnx"] = workdir / "model_qdq_cpu.onnx"
         write_cpu_variant(onnx_path, cpu_path)
         if config.export.speed:
             models = {"float": inputs.model_path, "qdq": onnx_path, "qdq_cpu": cpu_path}
             metrics["inference"] = _inference_speed(models, (3, *input_size))
+            for warning in int8_warnings(metrics["inference"]):
+                reporter.warning(warning["code"], warning["message"])
+                metrics["warnings"].append(warning)
     artifacts["metrics.json"].write_text(json.dumps(metrics, indent=2))
     return JobResult(metrics=metrics, artifacts=artifacts)
 
@@ -263,6 +267,28 @@ def label_warnings(
         "class_names in the job config to the model's output order."
     )
     return [{"code": "labels_mismatch", "message": message}]
+
+
+def int8_warnings(inference: dict[str, Any]) -> list[dict[str, str]]:
+    """An ``int8_slower_than_float`` warning when, under OpenVINO on the worker's CPU, no int8
+    file beats the uploaded float model at some batch size (``metrics.inference.int8_pays``
+    is false): on this CPU the model is better deployed in float."""
+    if "openvino" not in inference:  # not measured (``_inference_speed``'s error)
+        return []
+    slower = int8_slower_batches(inference)
+    if not slower:
+        return []
+    at = " and ".join(
+        f"{speedup:.2f}x the float model's speed at batch {batch}"
+        for batch, speedup in slower.items()
+    )
+    message = (
+        "int8 does not pay for this model on the worker's CPU: under OpenVINO the faster of "
+        f"model_qdq.onnx and model_qdq_cpu.onnx runs at {at}. On a CPU like this one, deploy "
+        "the float model; the int8 files are for runtimes whose int8 kernels do pay for it "
+        "(TensorRT on a GPU, say)."
+    )
+    return [{"code": "int8_slower_than_float", "message": message}]
 
 
 def _usable_labels(images: ImageSet, num_outputs: int | None) -> Tensor | None:

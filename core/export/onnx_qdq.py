@@ -21,7 +21,10 @@ Exactness (the ONNX model equals the student up to float summation order):
   zero point 0, their codes shifted by the grid's zero point, preceded by a Clip to the b-bit
   range when the grid is narrower than int8; only 256-level grids that do not fit int8 that way
   (unsigned 8 bits) keep uint8 or a zero point, unless trained on TensorRT-compatible grids
-  (``QuantSpec.int8_grids``). A student with ``QuantSpec.residual_bits`` quantizes both inputs
+  (``QuantSpec.int8_grids``). The CPU's grids (``QuantSpec.uint8_grids``) are uint8 from zero
+  when unsigned (0..255 at 8 bits: the type's whole range, so no Clip) and int8 with zero point
+  0 when signed, and ``write_cpu_variant`` turns the narrower unsigned ones into uint8 too.
+  A student with ``QuantSpec.residual_bits`` quantizes both inputs
   of its residual additions, and so does the file. A BatchNorm that alone reads a quantized
   convolution is folded into it (``_fold_batchnorm``), as TensorRT wants.
 - Not exact: 1-bit signed activations (levels +-s: a QuantizeLinear cannot skip the 0 between

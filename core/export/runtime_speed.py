@@ -9,6 +9,11 @@ int8 kernels are often slower than its float ones; they are reported, not optimi
 Latency: the best of ``ROUNDS`` timed windows of back-to-back inferences on one request (the
 minimum filters out other work on shared cores), in milliseconds per batch; models compared
 with each other take turns (``best_window_ms``).
+
+Whether int8 pays (``int8_pays``): the fastest int8 file under OpenVINO against the float model,
+at each batch size. It need not: a small, depthwise-heavy model (a MobileNetV3 at 224 px ran
+W4A4 at 0.98x and 1.08x of its float model here) spends its time outside the convolutions
+that int8 speeds up, and pays for the quantization steps between them.
 """
 
 from __future__ import annotations
@@ -124,7 +129,10 @@ def int8_speed(
 
     {"threads": 2, "batches": [1, 32], "openvino": {"float_ms": {"1": .., "32": ..},
     "qdq_ms": {..}, "qdq_speedup": {..}, "qdq_layers": {"u8": 21, ...}, ...},
-    "onnxruntime": {the same but layers}}
+    "onnxruntime": {the same but layers}, "int8_pays": true}
+
+    ``int8_pays``: under OpenVINO some int8 file beats "float" at every batch size
+    (``int8_slower_batches`` names the others).
     """
     result: dict[str, Any] = {"threads": threads, "batches": list(batches)}
     runners: dict[str, Callable[[Path, int], Callable[[], Any]]] = {
@@ -146,4 +154,16 @@ def int8_speed(
     for name, path in models.items():
         if name != "float":
             result["openvino"][f"{name}_layers"] = openvino_layers(path, input_shape)
+    if len(models) > 1:
+        result["int8_pays"] = not int8_slower_batches(result)
     return result
+
+
+def int8_slower_batches(inference: dict[str, Any]) -> dict[str, float]:
+    """The batch sizes at which no int8 file of ``int8_speed``'s result runs faster than the
+    float model under OpenVINO, each with the best int8 speed-up there: {"1": 0.98}. OpenVINO,
+    not ONNX Runtime, because its int8 kernels are the CPU stand-in for a deployment's."""
+    openvino = inference["openvino"]
+    speedups = [times for key, times in openvino.items() if key.endswith("_speedup")]
+    best = {batch: max(times[batch] for times in speedups) for batch in speedups[0]}
+    return {batch: speedup for batch, speedup in best.items() if speedup <= 1.0}

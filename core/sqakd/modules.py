@@ -35,8 +35,13 @@ class QuantSpec:
     first_last_bits: int | None = 8
     layer_bits: dict[str, int] = field(default_factory=dict)  # name pattern -> bits (w and a)
     int8_grids: bool = False  # TensorRT-compatible grids (``Quantizer.int8``)
+    uint8_grids: bool = False  # the CPU's grids: uint8 from zero, 256 levels (``Quantizer.uint8``)
     # Bits of both inputs of every residual addition (``QuantAdd``); None: plain additions.
     residual_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.int8_grids and self.uint8_grids:
+            raise ValueError("int8_grids (TensorRT) and uint8_grids (CPU) exclude each other")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,14 +65,17 @@ class QuantModule:
         act_bits: int,
         per_channel: bool,
         int8: bool = False,
+        uint8: bool = False,
     ) -> QuantModule:
         quant = _rebind(layer, cls)
         out_channels = quant.weight.shape[0]
         channels = out_channels if per_channel else None
         quant.weight_quantizer = create_quantizer(
-            method, weight_bits, weight=True, channels=channels, int8=int8
+            method, weight_bits, weight=True, channels=channels, int8=int8, uint8=uint8
         )
-        quant.act_quantizer = create_quantizer(method, act_bits, weight=False, int8=int8)
+        quant.act_quantizer = create_quantizer(
+            method, act_bits, weight=False, int8=int8, uint8=uint8
+        )
         quant.weight_quantizer.to(quant.weight.device)  # quantizers live beside their layer
         quant.act_quantizer.to(quant.weight.device)
         return quant
@@ -131,14 +139,15 @@ class QuantAdd(nn.Module):
     """A residual addition whose two inputs are fake-quantized.
 
     NVIDIA's QAT guidance puts Q/DQ on both inputs of a residual addition, so that TensorRT
-    fuses the addition into the convolution before it and runs the block in int8; the student
-    quantizes them too, so that the exported model computes exactly what the student does.
+    fuses the addition into the convolution before it and runs the block in int8 (OpenVINO
+    does the same on a CPU, as ONNX Runtime's PTQ models place them); the student quantizes
+    them too, so that the exported model computes exactly what the student does.
     """
 
-    def __init__(self, method: str, bits: int, *, int8: bool) -> None:
+    def __init__(self, method: str, bits: int, *, int8: bool, uint8: bool = False) -> None:
         super().__init__()
         self.input_quantizers = nn.ModuleList(
-            create_quantizer(method, bits, weight=False, int8=int8) for _ in range(2)
+            create_quantizer(method, bits, weight=False, int8=int8, uint8=uint8) for _ in range(2)
         )
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
@@ -209,12 +218,20 @@ def prepare(teacher: nn.Module, spec: QuantSpec) -> nn.Module:
     student = copy.deepcopy(teacher)
     names = [name for name, m in student.named_modules() if type(m) in QUANT_MODULES]
     if spec.residual_bits is not None:  # before the swap: fx traces through float layers only
-        student = quantize_residual_adds(student, spec.method, spec.residual_bits, spec.int8_grids)
+        student = quantize_residual_adds(
+            student, spec.method, spec.residual_bits, spec.int8_grids, spec.uint8_grids
+        )
     for name, (w_bits, a_bits) in layer_bits(names, spec).items():
         float_layer = student.get_submodule(name)
         quant_cls = QUANT_MODULES[type(float_layer)]
         quant_layer = quant_cls.from_float(
-            float_layer, spec.method, w_bits, a_bits, spec.per_channel, spec.int8_grids
+            float_layer,
+            spec.method,
+            w_bits,
+            a_bits,
+            spec.per_channel,
+            spec.int8_grids,
+            spec.uint8_grids,
         )
         _set_submodule(student, name, quant_layer)  # type: ignore[arg-type]
     if spec.residual_bits is not None:
@@ -257,7 +274,9 @@ def share_input_quantizers(model: nn.Module) -> None:
     passes_of(model)  # so that each shared quantizer quantizes its tensor once per forward
 
 
-def quantize_residual_adds(model: nn.Module, method: str, bits: int, int8: bool) -> nn.Module:
+def quantize_residual_adds(
+    model: nn.Module, method: str, bits: int, int8: bool, uint8: bool = False
+) -> nn.Module:
     """``model`` with every addition of two computed tensors done by a ``QuantAdd``.
 
     Imported ONNX models are torch.fx graphs already, their additions modules, each replaced
@@ -275,7 +294,7 @@ def quantize_residual_adds(model: nn.Module, method: str, bits: int, int8: bool)
     for node in list(model.graph.nodes):
         if not _is_residual_add(model, node):
             continue
-        add = QuantAdd(method, bits, int8=int8).to(device)
+        add = QuantAdd(method, bits, int8=int8, uint8=uint8).to(device)
         if node.op == "call_module":
             model.set_submodule(node.target, add)
             continue

@@ -48,14 +48,25 @@ def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]
 
 
 def create_quantizer(
-    method: str, bits: int, *, weight: bool, channels: int | None = None, int8: bool = False
+    method: str,
+    bits: int,
+    *,
+    weight: bool,
+    channels: int | None = None,
+    int8: bool = False,
+    uint8: bool = False,
 ) -> Quantizer:
     """A quantizer of ``method``; ``channels`` makes it per output channel (weights only);
-    ``int8`` keeps its grid inside int8 with zero point 0 (``Quantizer.int8``)."""
+    ``int8`` keeps its grid inside int8 with zero point 0 (``Quantizer.int8``, TensorRT's
+    grids), ``uint8`` makes each 8-bit grid its type's whole range (``Quantizer.uint8``, the
+    CPU's grids)."""
     if method not in QUANTIZERS:
         raise ValueError(f"unknown quantization method {method!r}; known: {sorted(QUANTIZERS)}")
+    if int8 and uint8:
+        raise ValueError("int8 (TensorRT's grids) and uint8 (the CPU's grids) exclude each other")
     quantizer = QUANTIZERS[method](bits, weight=weight, channels=channels)
     quantizer.int8 = int8
+    quantizer.uint8 = uint8
     return quantizer
 
 
@@ -329,6 +340,12 @@ class Quantizer(nn.Module):
     # already is; at 8 bits unsigned grids keep 0..127 (one bit of resolution less) and EWGS's
     # zero point is pinned to 128 (signed) so that its 256 codes are int8's.
     int8: bool = False
+    # The CPU variant (``export.target: cpu``): every grid in its integer type with zero point
+    # 0, at 8 bits the type's whole range, which x86 int8 kernels fold into their saturation:
+    # unsigned grids 0..2**bits - 1 from zero (uint8), signed ones inside int8. The papers'
+    # grids already are, but for EWGS's free zero point: pinned to 0 (unsigned) or as ``int8``
+    # pins it (signed: 128 at 8 bits).
+    uint8: bool = False
 
     def __init__(self, bits: int, *, weight: bool, channels: int | None = None) -> None:
         super().__init__()
@@ -539,9 +556,12 @@ class EWGSQuantizer(Quantizer):
     def zero_point(self, lower: Tensor, step: Tensor) -> Tensor:
         """The lower bound snapped to a whole number of steps below zero, so that zero is a
         level (only then does the grid export exactly to int8); with ``int8`` also kept where
-        the codes shifted by it fit -128..127 (pinned to 128 for 8-bit signed grids)."""
+        the codes shifted by it fit -128..127 (pinned to 128 for 8-bit signed grids); with
+        ``uint8`` the same for signed grids and 0 for unsigned ones (codes from zero)."""
         zero_point = round_ste(-lower / step)
-        if self.int8:
+        if self.uint8 and not self.signed:
+            return torch.zeros_like(zero_point)
+        if self.int8 or self.uint8:
             zero_point = zero_point.clamp(self.steps - INT8_MAX, INT8_MAX + 1)
         return zero_point
 

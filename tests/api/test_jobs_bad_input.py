@@ -46,6 +46,10 @@ def assert_rejected(
         (with_config(learning_rate=0.1), ("config.learning_rate",)),
         (with_config(layer_bits={"layer1.*": 9}), ("config.layer_bits", "1..8")),
         (with_config(method="lsq", ewgs_delta=0.1), ("ewgs_delta", "'ewgs' only")),
+        (
+            with_config(export={"target": "cpu", "tensorrt_targets": ["x86-sm90"]}),
+            ("config.export", "need target 'tensorrt'"),
+        ),
         ("{not json", ("not valid JSON",)),
         ("[1, 2]", ("JSON object",)),
     ],
@@ -57,6 +61,7 @@ def assert_rejected(
         "unknown-key",
         "layer-bits-9",
         "ewgs-delta-for-lsq",
+        "engines-for-the-cpu-target",
         "not-json",
         "list",
     ],

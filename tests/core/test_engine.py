@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from core.config import JobConfig
-from core.engine import calibrated_student, quantize, train_config
+from core.engine import RESIDUAL_BITS, calibrated_student, quant_spec, quantize, train_config
 from core.errors import InputError
 from core.sqakd.hessian import ewgs_quantizers
 from core.sqakd.modules import quant_layers
@@ -102,6 +102,12 @@ def test_a_layer_pattern_that_matches_nothing_fails_the_job_with_its_layers() ->
         ({"method": "pact", "ewgs_delta_every": 3}, "apply to method 'ewgs' only"),
         ({"method": "ewgs", "ewgs_delta": 11.0}, "0..10"),
         ({"method": "ewgs", "ewgs_delta": "newton"}, "ewgs_delta"),
+        (
+            {"export": {"target": "cpu", "tensorrt_targets": ["x86-sm90"]}},
+            "tensorrt_targets build TensorRT engines, which need target 'tensorrt'",
+        ),
+        ({"export": {"target": "cpu", "tensorrt": True}}, "set target 'tensorrt', or leave"),
+        ({"export": {"target": "arm"}}, "'tensorrt' or 'cpu'"),
     ],
 )
 def test_job_config_refuses_bad_engine_choices(fields: dict[str, object], message: str) -> None:
@@ -109,9 +115,36 @@ def test_job_config_refuses_bad_engine_choices(fields: dict[str, object], messag
         JobConfig.model_validate(fields)
 
 
+@pytest.mark.parametrize(
+    ("export", "grids", "int8_grids", "uint8_grids", "residual_bits"),
+    [
+        ({}, "tensorrt", True, False, RESIDUAL_BITS),  # the default target, as before it
+        ({"tensorrt": False}, "papers", False, False, None),  # the older spelling still works
+        ({"target": "cpu"}, "cpu", False, True, RESIDUAL_BITS),
+        ({"target": "cpu", "tensorrt": False, "onnx": False}, "cpu", False, True, RESIDUAL_BITS),
+    ],
+)
+def test_the_export_target_lays_out_the_students_grids(
+    export: dict[str, object],
+    grids: str,
+    int8_grids: bool,
+    uint8_grids: bool,
+    residual_bits: int | None,
+) -> None:
+    job = config(export=export)
+    spec = quant_spec(job)
+    assert job.export.grids == grids and job.export.tensorrt is int8_grids
+    assert (spec.int8_grids, spec.uint8_grids, spec.residual_bits) == (
+        int8_grids,
+        uint8_grids,
+        residual_bits,
+    )
+
+
 def test_job_config_round_trips_through_its_stored_json() -> None:
     for job in (
         JobConfig(),
         JobConfig(method="ewgs", ewgs_delta=0.0, ewgs_delta_every=4, layer_bits={"fc": 6}),
+        JobConfig.model_validate({"export": {"target": "cpu"}}),
     ):
         assert JobConfig.model_validate(job.model_dump(mode="json")) == job

@@ -52,6 +52,7 @@ def trained_student(
     *,
     per_channel: bool = True,
     int8_grids: bool = False,
+    uint8_grids: bool = False,
     residual_bits: int | None = None,
 ) -> tuple[nn.Module, QuantSpec]:
     """Prepared, calibrated and trained two steps, so every range has moved off calibration."""
@@ -63,6 +64,7 @@ def trained_student(
         first_last_bits=None,
         layer_bits={"fc*": 8},
         int8_grids=int8_grids,
+        uint8_grids=uint8_grids,
         residual_bits=residual_bits,
     )
     pixels = uint8_images(32)
@@ -108,6 +110,22 @@ def test_quantized_residual_adds_round_trip(method: str, tmp_path: Path) -> None
 
     loaded = load_int_student(path, teacher)
     assert read_manifest(path)["residual_adds"] == {"residual_add": [False, True]}
+    inputs = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs), student(inputs))
+
+
+def test_cpu_grids_round_trip(tmp_path: Path) -> None:
+    """The CPU's grids (``export.target: cpu``) with quantized residual additions, for EWGS,
+    the one method whose grids they change (zero points pinned): the same outputs back."""
+    torch.manual_seed(0)
+    teacher = TinyCNN().eval()
+    student, spec = trained_student(teacher, "ewgs", 8, uint8_grids=True, residual_bits=8)
+    path = tmp_path / "model_int.safetensors"
+    save_int_checkpoint(student, spec, path)
+
+    loaded = load_int_student(path, teacher)
+    assert read_manifest(path)["quant_spec"]["uint8_grids"]
     inputs = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(inputs), student(inputs))

@@ -338,6 +338,51 @@ def test_int8_grids_export_w8a8_as_int8_with_zero_point_0(method: str, tmp_path:
 
 
 TENSORRT_SPEC = {"int8_grids": True, "residual_bits": 8}  # what ``export.tensorrt`` asks for
+CPU_SPEC = {"uint8_grids": True, "residual_bits": 8}  # what ``export.target: cpu`` asks for
+
+
+@pytest.mark.parametrize(
+    ("method", "bits"), [(m, 8) for m in ("lsq", "ewgs", "pact", "dorefa", "ste")] + [("ewgs", 4)]
+)
+def test_cpu_grids_export_exact_with_every_quantization_from_zero(
+    method: str, bits: int, tmp_path: Path
+) -> None:
+    """The CPU's grids (``export.target: cpu``): in ``model_qdq_cpu.onnx`` every activation is
+    quantized with zero point 0, non-negative ones as uint8; at 8 bits each is its type's whole
+    range, so no Clip is left, and the residual addition reads Q/DQ on both inputs. EWGS
+    bounds moved by training keep it so. Both files compute what the student does."""
+    teacher = TinyCNN().eval()
+    spec = QuantSpec(
+        method=method, weight_bits=bits, activation_bits=bits, first_last_bits=None, **CPU_SPEC
+    )
+    student = prepare(teacher, spec)
+    calibrate(student, teacher, torch.randn(8, *INPUT_SHAPE))
+    student.eval()
+    if method == "ewgs":
+        with torch.no_grad():
+            for quantizer in quantizers(student):
+                width = quantizer.upper - quantizer.lower
+                quantizer.lower.sub_(0.13 * width)
+                quantizer.upper.add_(0.05 * width)
+    qdq, cpu = tmp_path / "model_qdq.onnx", tmp_path / "model_qdq_cpu.onnx"
+    export_qdq_onnx(student, INPUT_SHAPE, qdq)
+    write_cpu_variant(qdq, cpu)
+    assert_weights_exact(check_graph(qdq, student), student)
+    assert_residual_adds_read_qdq(cpu, adds=1)
+    graph = onnx.load(str(cpu)).graph
+    constants = tensorrt_rules.constant_arrays(graph)
+    zero_points = [constants[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert not any(zero_point.any() for zero_point in zero_points)
+    # the image, ReLU(conv1) (read by conv2 and the addition), ReLU(conv2), conv3's output (the
+    # addition's other input) and the pooled sum: signed, unsigned, unsigned, signed, signed
+    assert [str(zero_point.dtype) for zero_point in zero_points] == [
+        "int8", "uint8", "uint8", "int8", "int8"
+    ]  # fmt: skip
+    assert sum(n.op_type == "Clip" for n in graph.node) == (0 if bits == 8 else 4)
+    session_batches = batches()
+    parity = onnx_parity(student, qdq, session_batches)
+    assert_lsq_parity(parity, student)
+    assert onnx_parity(student, cpu, session_batches) == parity
 
 
 def assert_residual_adds_read_qdq(path: Path, adds: int) -> None:

@@ -656,3 +656,52 @@ def test_int8_grids_change_nothing_below_8_bits(method: str) -> None:
         quantizer.calibrate(x, signed=False)
         outputs.append(quantizer(x))
     assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("method", sorted(QUANTIZERS))
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("signed", [False, True])
+def test_uint8_grids_span_their_type_from_zero_at_8_bits(
+    method: str, weight: bool, signed: bool
+) -> None:
+    """The CPU's variant: an 8-bit grid, shifted by its zero point, is uint8's 0..255 when
+    unsigned and lies in int8's -128..127 when signed, also after training moved EWGS's lower
+    bound (here by a tenth of the range, below zero), whose zero point the papers' grid
+    follows."""
+    x = torch.randn(16, 8, 4, 4) * 2
+    x = x if signed else x.abs()
+    channels = 16 if weight else None
+    quantizer = create_quantizer(method, 8, weight=weight, channels=channels, uint8=True)
+    quantizer.calibrate(x, signed=signed)
+    if isinstance(quantizer, EWGSQuantizer):
+        with torch.no_grad():
+            quantizer.lower.sub_(0.1 * (quantizer.upper - quantizer.lower))
+    grid = quantizer.grid()
+    shifted = torch.tensor([grid.qmin, grid.qmax]) - grid.zero_point.reshape(-1, 1)
+    codes = _int8_codes(quantizer, x)
+    assert shifted.min() <= codes.min() and codes.max() <= shifted.max()
+    if signed:
+        assert shifted.min() >= -128 and shifted.max() <= 127
+    else:
+        assert shifted.min() == 0 and shifted.max() == 255
+
+
+def test_ewgs_uint8_grids_pin_unsigned_zero_points_at_every_width() -> None:
+    """Unsigned activations start at zero below 8 bits too (a 4-bit grid's codes 0..15), so
+    the CPU file stores them as uint8 from zero; the papers' grid follows the lower bound."""
+    x = torch.rand(64, 8)
+    zero_points = {}
+    for uint8 in (False, True):
+        quantizer = create_quantizer("ewgs", 4, weight=False, uint8=uint8)
+        quantizer.calibrate(x, signed=False)
+        with torch.no_grad():
+            quantizer.lower.fill_(-0.24)
+            quantizer.upper.fill_(0.96)
+        zero_points[uint8] = quantizer.grid().zero_point.item()
+        _int8_codes(quantizer, x)  # the output is on that grid
+    assert zero_points == {False: 3.0, True: 0.0}  # 0.24 below zero in steps of 1.2 / 15
+
+
+def test_int8_and_uint8_grids_exclude_each_other() -> None:
+    with pytest.raises(ValueError, match="exclude each other"):
+        create_quantizer("lsq", 8, weight=False, int8=True, uint8=True)
