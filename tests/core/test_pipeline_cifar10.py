@@ -64,7 +64,11 @@ def test_sqakd_students_agree_with_the_cifar10_teacher(
     floor: float,
 ) -> None:
     inputs, preprocessing = cifar_job_inputs
-    config = JobConfig.model_validate({**job, "batch_size": 64, "preprocessing": preprocessing})
+    # No CPU speed timing: tests/core/export/test_runtime_speed.py covers it, in a fraction
+    # of the seconds it takes per job here.
+    config = JobConfig.model_validate(
+        {**job, "batch_size": 64, "preprocessing": preprocessing, "export": {"speed": False}}
+    )
     reporter = RecordingReporter()
 
     result = run_quantization(inputs, config, tmp_path, reporter)
