@@ -15,24 +15,17 @@ from typing import Any
 
 import pytest
 
-from tests.factories import CLASSES, INPUT_SIZE, image_zip
+from tests.factories import CLASSES, VALID_CONFIG, image_zip
 from tests.utils import free_port, start_launcher, stop_process, wait_ready
 
 STARTUP_TIMEOUT_S = 90
 TENANT = "acme"
 
-# Trains, evaluates and exports in a few seconds on 2 CPU cores (no CPU speed test).
+# factories.VALID_CONFIG at a fixed 12 steps, without the CPU speed test: trains, evaluates and
+# exports in a few seconds on 2 CPU cores.
 TINY_CONFIG: dict[str, Any] = {
-    "weight_bits": 4,
-    "activation_bits": 4,
-    "method": "lsq",
+    **{key: value for key, value in VALID_CONFIG.items() if key != "epochs"},
     "steps": 12,
-    "batch_size": 16,
-    "preprocessing": {
-        "input_size": list(INPUT_SIZE),
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.25, 0.25, 0.25],
-    },
     "export": {"speed": False},
 }
 
