@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from api.auth import TENANT_STATE
 from core.db import session_factory
 from core.settings import Settings, get_settings
-from core.storage import Storage
+from core.storage import Storage, open_storage
 from worker.app import enqueue_train
 
 # Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` one in the thread
@@ -37,7 +37,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 async def get_storage(settings: SettingsDep) -> Storage:
-    return Storage(settings.data_dir)
+    return open_storage(settings)
 
 
 StorageDep = Annotated[Storage, Depends(get_storage)]

@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from core.errors import InputError, TooLargeError
 from core.jobs import JobUpload, parse_metadata
 from core.settings import Settings
-from core.storage import CappedWriter, Storage, StoredFile, human_bytes
+from core.storage import CappedWriter, Storage, StoredFile, human_bytes, open_storage
 
 CONFIG_MAX_BYTES = 64 * 1024
 METADATA_MAX_BYTES = 16 * 1024  # 16 keys of 64 and values of 512 characters, escaped
@@ -277,7 +277,7 @@ async def receive_form(
     _check_content_length(request, max_body_bytes(form), caps)  # 413 before reading a byte
     boundary = _boundary(request, form)
     with disk_full_is_507():
-        directory = Storage(settings.data_dir).new_upload_dir()
+        directory = open_storage(settings).new_upload_dir()
     receiver = _Receiver(form, directory)
     try:
         parser = MultipartParser(

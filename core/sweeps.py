@@ -21,11 +21,9 @@ import itertools
 import json
 import logging
 import math
-import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -38,7 +36,7 @@ from core.models import Job, Resource, Sweep, utcnow
 from core.pages import Page, newest_first
 from core.resources import prepare_job
 from core.settings import Settings
-from core.storage import Storage, check_name
+from core.storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -521,39 +519,23 @@ def delete_sweep(session: Session, settings: Settings, tenant: str, sweep_id: st
             pass
     session.delete(get_sweep(session, tenant, sweep_id))
     session.commit()
-    Storage.remove_tree(sweep_dir(Storage(settings.data_dir), sweep_id))
+    storage = open_storage(settings)
+    storage.remove(storage.sweep_key(sweep_id))
 
 
 def get_artifact(
     session: Session, settings: Settings, tenant: str, sweep_id: str, name: str
-) -> tuple[Path, dict[str, Any]]:
-    """The stored file of one report artifact, and its record (name, size, sha256)."""
+) -> tuple[str, dict[str, Any]]:
+    """The storage key of one report artifact, and its record (name, size, sha256)."""
     sweep = get_sweep(session, tenant, sweep_id)
     for artifact in sweep.artifacts or []:
         if artifact["name"] == name:
-            return artifacts_dir(Storage(settings.data_dir), sweep.id) / name, artifact
+            return open_storage(settings).sweep_artifact_key(sweep.id, name), artifact
     raise SweepArtifactNotFound(sweep_id, name)
 
 
 # ---------------------------------------------------------------------------------------------
 # Completion
-
-
-def sweep_dir(storage: Storage, sweep_id: str) -> Path:
-    return storage.root / "sweeps" / check_name(sweep_id)
-
-
-def artifacts_dir(storage: Storage, sweep_id: str) -> Path:
-    return sweep_dir(storage, sweep_id) / "artifacts"
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
-    try:
-        partial.write_bytes(content)
-        os.replace(partial, path)  # a reader sees the old file or the whole new one
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def input_names(session: Session, sweep: Sweep) -> dict[str, str | None]:
@@ -602,10 +584,9 @@ def complete_if_final(session: Session, settings: Settings, sweep_id: str) -> bo
         session.rollback()
         return False
     try:
-        folder = artifacts_dir(Storage(settings.data_dir), sweep_id)
-        folder.mkdir(parents=True, exist_ok=True)
+        storage = open_storage(settings)
         for name, content in encoded.items():
-            _write_atomically(folder / name, content)
+            storage.put_bytes(storage.sweep_artifact_key(sweep_id, name), content)
         webhooks.announce(session, sweep.tenant, "sweep.completed", sweep_id)
         session.commit()
     except BaseException:

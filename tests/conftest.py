@@ -19,8 +19,9 @@ from tests.factories import export_tiny_cnn, image_zip
 from tests.fixtures_paths import unavailable
 from tests.utils import REDIS_TEST_DB, REDIS_URL, SettingsFactory, make_client
 
-# live_service, tiny_inputs: one real keyed service for the client, CLI and dashboard tests.
-pytest_plugins = ["tests.live_service"]
+# live_service, tiny_inputs: one real keyed service for the client, CLI and dashboard tests;
+# moto_endpoint, bucket, s3_env: an S3 server (moto) for the object-storage tests.
+pytest_plugins = ["tests.live_service", "tests.object_storage"]
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ from core.export.tensorrt_engine import TensorRTUnavailable, build_engine
 from core.models import EngineBuild, Job, utcnow
 from core.pipeline import CHECKPOINT, JobCanceled, JobInputs, run_quantization
 from core.settings import Settings, get_settings
-from core.storage import Storage, StoredFile
+from core.storage import Storage, StoredObject, open_storage
 from worker.app import (
     BUILD_ENGINE_TASK,
     TRAIN_TASK,
@@ -215,21 +215,24 @@ def heartbeat(
 
 def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
     """Run a job whose lease ``owner`` holds, and record how it ended."""
-    storage = Storage(settings.data_dir)
+    storage = open_storage(settings)
     started_at = job.started_at or utcnow()
     deadline = started_at + dt.timedelta(seconds=settings.max_job_seconds)
     reporter = DbReporter(settings, job.id, owner, deadline=deadline)
-    stored: list[StoredFile] = []
+    stored: list[StoredObject] = []
     metrics: dict[str, Any] = {}
     error: tuple[str, str] | None = None  # (code, message)
     canceled = False
     try:
         with heartbeat(settings, job.id, owner, reporter.lease_lost):
+            # Files on this machine: a bucket's are fetched to the cache once per content.
             inputs = JobInputs(
-                model_path=storage.absolute(job.model_path),
-                data_path=storage.absolute(job.data_path),
+                model_path=storage.local_file(job.model_path, job.model_sha256),
+                data_path=storage.local_file(job.data_path, job.data_sha256),
                 eval_data_path=(
-                    storage.absolute(job.eval_data_path) if job.eval_data_path else None
+                    storage.local_file(job.eval_data_path, job.eval_data_sha256)
+                    if job.eval_data_path and job.eval_data_sha256
+                    else None
                 ),
             )
             config = JobConfig.model_validate(job.config)
@@ -271,13 +274,14 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
             jobs.fail(session, job.id, owner, *error, last_stage_seconds=last_stage_seconds)
         else:
             for file in stored:
-                jobs.record_artifact(session, settings, job.id, file)
+                jobs.record_artifact(session, job.id, file)
             if jobs.succeed(session, job.id, owner, metrics, last_stage_seconds=last_stage_seconds):
                 log.info("job %s: succeeded", job.id)
                 announce_engine_builds(settings, session, job.id)
         sweeps.finish_sweep_of(session, settings, job.sweep_id)  # was it its sweep's last?
     if not canceled and error is None:  # only an unfinished job resumes from its checkpoint
         (storage.work_dir(job.id) / CHECKPOINT).unlink(missing_ok=True)
+    storage.discard_work_dir(job.id)
 
 
 def announce_engine_builds(settings: Settings, session: Session, job_id: str) -> None:
@@ -302,9 +306,11 @@ def build_claimed_engine(settings: Settings, build: EngineBuild, builder: str) -
     it ended. Nothing is stored for a failed build, nor for one whose lease was lost."""
     lease_token = build.lease_token
     assert lease_token is not None, "only a claimed build has a lease token"
-    storage = Storage(settings.data_dir)
+    storage = open_storage(settings)
     plan_name, _ = engines.artifact_names(build.target)
-    onnx_path = storage.artifact_path(build.job_id, "model_qdq.onnx")
+    with session_scope(settings) as session:
+        source = engines.source_artifact(session, build.job_id)
+        source_file = (source.path, source.sha256) if source is not None else None
     work_dir = storage.work_dir(build.job_id)
     work_dir.mkdir(parents=True, exist_ok=True)
     # A folder of this attempt alone: what a crashed attempt left never meets the next one.
@@ -321,9 +327,9 @@ def build_claimed_engine(settings: Settings, build: EngineBuild, builder: str) -
             settings, f"engine build {build.id}", renew, ENGINE_RENEW_SECONDS, lease_lost
         ):
             try:
-                if not onnx_path.exists():
+                if source_file is None:
                     raise FileNotFoundError("the job has no model_qdq.onnx (export.onnx was off)")
-                report = build_engine(onnx_path, attempt_dir / plan_name)
+                report = build_engine(storage.local_file(*source_file), attempt_dir / plan_name)
             except TensorRTUnavailable as exc:
                 error = ("tensorrt_unavailable", f"this engine worker cannot build: {exc}")
             except Exception as exc:

@@ -45,7 +45,7 @@ def readyz(session: SessionDep, settings: SettingsDep, storage: StorageDep) -> J
 
     def storage_writable() -> None:
         if not storage.is_writable():
-            raise PermissionError(str(settings.data_dir))
+            raise PermissionError(settings.storage_url or str(settings.data_dir))
 
     checks = {
         # Reading the jobs table proves the connection and that migrations ran.

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import EnqueueDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from api.downloads import checksummed_file
+from api.downloads import stored_download
 from api.schemas import (
     ArtifactList,
     ArtifactPublic,
@@ -290,11 +290,31 @@ def list_artifacts(job_id: str, session: SessionDep, tenant: TenantDep) -> Artif
 @router.get(
     "/{job_id}/artifacts/{name}",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 206: {}, **ERRORS},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {},
+        307: {"description": "with STORAGE_DOWNLOAD_REDIRECT: the file at a presigned URL"},
+        **ERRORS,
+    },
 )
 def download_artifact(
-    job_id: str, name: str, session: SessionDep, tenant: TenantDep, storage: StorageDep
-) -> FileResponse:
-    """The file, streamed from disk; ``Range`` requests are answered with 206."""
+    job_id: str,
+    name: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    storage: StorageDep,
+) -> Response:
+    """The file, streamed; ``Range`` requests are answered with 206. With object storage and
+    ``STORAGE_DOWNLOAD_REDIRECT``, a 307 to a presigned URL of the bucket instead."""
     artifact = jobs.get_artifact(session, tenant, job_id, name)
-    return checksummed_file(storage.absolute(artifact.path), artifact.name, artifact.sha256)
+    return stored_download(
+        request,
+        storage,
+        artifact.path,
+        name=artifact.name,
+        size=artifact.size,
+        sha256=artifact.sha256,
+        redirect=settings.storage_download_redirect,
+    )

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import EnqueueDep, SessionDep, SettingsDep, TenantDep
-from api.downloads import checksummed_file
+from api.deps import EnqueueDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.downloads import stored_download
 from api.schemas import (
     ErrorBody,
     IdempotencyKey,
@@ -172,14 +172,24 @@ def delete_sweep(
     },
 )
 def download_sweep_artifact(
-    sweep_id: str, name: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
-) -> FileResponse:
-    """``report.html`` or ``pareto.svg``, once every job of the sweep is final (404 before)."""
-    path, artifact = sweeps.get_artifact(session, settings, tenant, sweep_id, name)
-    return checksummed_file(
-        path,
-        artifact["name"],
-        artifact["sha256"],
+    sweep_id: str,
+    name: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    storage: StorageDep,
+) -> Response:
+    """``report.html`` or ``pareto.svg``, once every job of the sweep is final (404 before).
+    Always through the API, never redirected: the report's headers keep it inert."""
+    key, artifact = sweeps.get_artifact(session, settings, tenant, sweep_id, name)
+    return stored_download(
+        request,
+        storage,
+        key,
+        name=artifact["name"],
+        size=artifact["size"],
+        sha256=artifact["sha256"],
         media_type=MEDIA_TYPES.get(artifact["name"], "application/octet-stream"),
         headers=REPORT_HEADERS,
     )

@@ -18,7 +18,7 @@ from core import engines
 from core.db import session_factory
 from core.models import EngineBuild
 from core.settings import Settings
-from core.storage import Storage
+from core.storage import LocalStorage
 from tests.core.test_engines import config_with_targets
 from tests.factories import VALID_CONFIG, make_job, post_job
 from tests.fixtures_paths import unavailable
@@ -76,7 +76,7 @@ def assert_error(response: Any, status: int, code: str) -> None:
 
 def nothing_stored(settings: Settings, job_id: str) -> None:
     """No engine artifact of the job, and no staged upload left behind."""
-    storage = Storage(settings.data_dir)
+    storage = LocalStorage(settings.data_dir)
     assert not storage.artifact_path(job_id, "engine-jetson-nano.plan").exists()
     assert not storage.artifact_path(job_id, "engine-jetson-nano.json").exists()
     uploads = storage.uploads_dir
@@ -126,9 +126,9 @@ def test_an_agent_claims_builds_and_uploads_the_engine(
     # a second upload for a finished build is refused, even with its (spent) token
     again = upload(client, build_id, lease(claimed), plan=b"other", report="{}")
     assert_error(again, 409, "engine_build_not_claimed")
-    plan_path = Storage(settings.data_dir).artifact_path(job_id, "engine-jetson-nano.plan")
+    plan_path = LocalStorage(settings.data_dir).artifact_path(job_id, "engine-jetson-nano.plan")
     assert plan_path.read_bytes() == PLAN
-    assert not any(Storage(settings.data_dir).uploads_dir.iterdir())
+    assert not any(LocalStorage(settings.data_dir).uploads_dir.iterdir())
 
 
 def test_an_agent_reports_a_failed_build(client: TestClient, session: Session) -> None:
@@ -226,7 +226,7 @@ def test_a_leftover_partial_file_does_not_break_a_later_upload(
     job_id = succeeded_job(session, "jetson-nano")
     claimed = claim(client, "jetson-nano")
     build_id = claimed["build"]["id"]
-    storage = Storage(settings.data_dir)
+    storage = LocalStorage(settings.data_dir)
     # Where the old code wrote the engine, exclusively, before checking the claim.
     leftover = storage.work_dir(job_id) / "engine-jetson-nano" / "engine-jetson-nano.plan"
     leftover.parent.mkdir(parents=True)
@@ -313,7 +313,7 @@ def test_a_multipart_boundary_over_70_characters_is_a_400(
         response = client.post(path, content=body, headers=headers | extra)
         assert_error(response, 400, "invalid_multipart")
         assert "70" in response.json()["error"]["message"]
-    assert not any(Storage(settings.data_dir).uploads_dir.glob("*"))
+    assert not any(LocalStorage(settings.data_dir).uploads_dir.glob("*"))
 
 
 @pytest.fixture
@@ -338,7 +338,7 @@ def test_a_full_disk_is_a_507_and_the_upload_is_removed(
     with session_factory(full_disk)() as session:
         succeeded_job(session, "jetson-nano")
     claimed = claim(client, "jetson-nano")
-    storage = Storage(full_disk.data_dir)
+    storage = LocalStorage(full_disk.data_dir)
 
     engine = upload(client, claimed["build"]["id"], lease(claimed), plan=bytes(1024 * 1024))
 

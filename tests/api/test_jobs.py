@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from core import jobs
 from core.models import Job
 from core.settings import Settings
-from core.storage import Storage
+from core.storage import LocalStorage
 from tests.factories import VALID_CONFIG, make_job, post_job
 from tests.utils import SettingsFactory, make_client
 
@@ -64,7 +64,7 @@ def test_submit_stores_inputs_and_enqueues_after_commit(
         "id": None,  # uploaded with the job, not a stored model
     }
     assert queue_length(queued_settings) == 1
-    storage = Storage(queued_settings.data_dir)
+    storage = LocalStorage(queued_settings.data_dir)
     assert (storage.inputs_dir(job["id"]) / "model.onnx").read_bytes() == onnx_model.read_bytes()
     assert not any(storage.uploads_dir.iterdir())
     assert client.get(f"/v1/jobs/{job['id']}").json() == job
@@ -83,7 +83,7 @@ def test_idempotency_key_returns_the_original_job(
     assert again.json()["id"] == first.json()["id"]
     assert session.scalar(select(func.count()).select_from(Job)) == 1
     assert queue_length(queued_settings) == 1
-    assert not any(Storage(queued_settings.data_dir).uploads_dir.iterdir())
+    assert not any(LocalStorage(queued_settings.data_dir).uploads_dir.iterdir())
 
 
 def test_broker_down_answers_503_and_a_retry_with_the_same_key_submits_anew(
@@ -103,7 +103,7 @@ def test_broker_down_answers_503_and_a_retry_with_the_same_key_submits_anew(
     assert response.json()["error"]["code"] == "broker_unavailable"
     # Nothing is kept of a job the queue refused: no row, no files.
     assert session.scalar(select(func.count()).select_from(Job)) == 0
-    storage = Storage(down.data_dir)
+    storage = LocalStorage(down.data_dir)
     assert not any(storage.uploads_dir.iterdir())
     assert not (storage.root / "jobs").exists() or not any((storage.root / "jobs").iterdir())
 
@@ -185,8 +185,8 @@ def test_artifact_download_with_checksum_and_range(
     content = bytes(range(256)) * 40
     source = tmp_path / "student.safetensors"
     source.write_bytes(content)
-    stored = Storage(settings.data_dir).store_artifact(job.id, source.name, source)
-    jobs.record_artifact(session, settings, job.id, stored)
+    stored = LocalStorage(settings.data_dir).store_artifact(job.id, source.name, source)
+    jobs.record_artifact(session, job.id, stored)
     digest = hashlib.sha256(content).hexdigest()
 
     listed = client.get(f"/v1/jobs/{job.id}/artifacts").json()["items"]

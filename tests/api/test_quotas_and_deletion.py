@@ -17,12 +17,12 @@ from core.db import session_factory
 from core.housekeeping import run_housekeeping
 from core.models import Artifact, Job, utcnow
 from core.settings import Settings
-from core.storage import Storage
+from core.storage import LocalStorage
 from tests.factories import make_job, post_job
 from tests.utils import SettingsFactory, make_client
 
 
-def job_files(storage: Storage, job_id: str) -> list[Path]:
+def job_files(storage: LocalStorage, job_id: str) -> list[Path]:
     """A job's folders as the worker leaves them: inputs, work and an artifact."""
     files = [
         storage.inputs_dir(job_id) / "model.onnx",
@@ -36,7 +36,7 @@ def job_files(storage: Storage, job_id: str) -> list[Path]:
 
 
 def nothing_left(settings: Settings) -> bool:
-    storage = Storage(settings.data_dir)
+    storage = LocalStorage(settings.data_dir)
     folders = [storage.uploads_dir, storage.root / "jobs"]
     return not any(folder.is_dir() and any(folder.iterdir()) for folder in folders)
 
@@ -46,14 +46,14 @@ def test_delete_removes_row_and_every_file(
     settings: Settings, session: Session, status: str
 ) -> None:
     job = make_job(session, status=status)
-    files = job_files(Storage(settings.data_dir), job.id)
+    files = job_files(LocalStorage(settings.data_dir), job.id)
 
     response = make_client(settings).delete(f"/v1/jobs/{job.id}")
 
     assert response.status_code == 204, response.text
     assert session.get(Job, job.id, populate_existing=True) is None
     assert not any(file.exists() for file in files)
-    assert not Storage(settings.data_dir).job_dir(job.id).exists()
+    assert not LocalStorage(settings.data_dir).job_dir(job.id).exists()
     assert make_client(settings).get(f"/v1/jobs/{job.id}").status_code == 404
 
 
@@ -61,7 +61,7 @@ def test_delete_of_a_running_job_answers_409_and_keeps_it(
     settings: Settings, session: Session
 ) -> None:
     job = make_job(session, status="running", lease_owner="w", lease_expires_at=utcnow())
-    files = job_files(Storage(settings.data_dir), job.id)
+    files = job_files(LocalStorage(settings.data_dir), job.id)
 
     response = make_client(settings).delete(f"/v1/jobs/{job.id}")
 
@@ -93,7 +93,7 @@ def test_active_jobs_quota_answers_429_with_retry_after(
     assert response.status_code == 429, response.text
     assert response.json()["error"]["code"] == "too_many_active_jobs"
     assert int(response.headers["Retry-After"]) > 0
-    assert not any(Storage(settings.data_dir).uploads_dir.glob("*"))
+    assert not any(LocalStorage(settings.data_dir).uploads_dir.glob("*"))
 
 
 def test_stored_bytes_quota_answers_413_before_the_body_is_read(
@@ -110,7 +110,7 @@ def test_stored_bytes_quota_answers_413_before_the_body_is_read(
     assert response.status_code == 413, response.text
     assert response.json()["error"]["code"] == "storage_quota_exceeded"
     assert "stores 8.8 KiB" in response.json()["error"]["message"]  # 9,000 bytes
-    assert not Storage(settings.data_dir).uploads_dir.exists() or nothing_left(settings)
+    assert not LocalStorage(settings.data_dir).uploads_dir.exists() or nothing_left(settings)
 
 
 def test_deleting_frees_the_quota(
@@ -140,7 +140,7 @@ def test_retention_deletes_inputs_and_work_of_old_finished_jobs_only(
     make_settings: SettingsFactory,
 ) -> None:
     settings = make_settings(input_retention_days=7)
-    storage = Storage(settings.data_dir)
+    storage = LocalStorage(settings.data_dir)
     now = utcnow()
     with session_factory(settings)() as session:
         old = make_job(session, status="succeeded", finished_at=now - dt.timedelta(days=8))
@@ -164,7 +164,7 @@ def test_orphan_sweep_removes_stale_uploads_and_jobless_folders_only(
     make_settings: SettingsFactory,
 ) -> None:
     settings = make_settings(orphan_upload_seconds=600)
-    storage = Storage(settings.data_dir)
+    storage = LocalStorage(settings.data_dir)
     stale_upload, fresh_upload = storage.new_upload_dir(), storage.new_upload_dir()
     for folder in (stale_upload, fresh_upload):
         (folder / "data.zip").write_bytes(b"partial")
@@ -202,7 +202,7 @@ def test_a_full_validation_line_answers_429_before_the_body_is_read(
     assert response.status_code == 429, response.text
     assert response.json()["error"]["code"] == "validation_busy"
     assert int(response.headers["Retry-After"]) > 0
-    assert not Storage(settings.data_dir).uploads_dir.exists()  # not a byte was stored
+    assert not LocalStorage(settings.data_dir).uploads_dir.exists()  # not a byte was stored
 
 
 def test_an_unreachable_database_is_a_503_not_a_500(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from core.db import session_factory
 from core.housekeeping import run_housekeeping
 from core.models import Artifact, Job, Resource, utcnow
 from core.settings import Settings
-from core.storage import Storage
+from core.storage import LocalStorage
 from tests.api.test_auth import KEY_OF_A, KEY_OF_B, KEYS, bearer
 from tests.api.test_jobs import queue_length, queued_settings  # noqa: F401 (a fixture)
 from tests.api.test_quotas_and_deletion import age
@@ -60,7 +60,7 @@ def stored(
 ) -> Resource:
     """A resource row with a file, as store_resource leaves it (no validation: for state tests)."""
     resource_id = str(uuid.uuid4())
-    storage = Storage(settings.data_dir)
+    storage = LocalStorage(settings.data_dir)
     folder = storage.resource_dir(resource_id)
     folder.mkdir(parents=True)
     file = folder / ("model.onnx" if kind == "model" else "data.zip")
@@ -99,7 +99,7 @@ def test_a_model_is_stored_once_with_what_validation_found(
     assert model["info"]["input_shape"] == [None, 3, 16, 16]
     assert model["info"]["num_outputs"] == 2
     assert model["info"]["opset"] >= 17 and model["info"]["parameters"] == 4226
-    storage = Storage(settings.data_dir)
+    storage = LocalStorage(settings.data_dir)
     stored_file = storage.resource_dir(model["id"]) / "model.onnx"
     assert stored_file.read_bytes() == onnx_model.read_bytes()
     assert not any(storage.uploads_dir.iterdir())
@@ -131,12 +131,12 @@ def test_a_dataset_reports_images_classes_formats_and_sizes(
         "images_sampled": 64,
         "unreadable_in_sample": 0,
     }
-    assert (Storage(settings.data_dir).resource_dir(dataset["id"]) / "data.zip").is_file()
+    assert (LocalStorage(settings.data_dir).resource_dir(dataset["id"]) / "data.zip").is_file()
 
     not_images = zip_archive(tmp_path / "notes.zip", {"a.txt": b"hello"})
     refused = upload(client, "dataset", not_images)
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "no_images"
-    assert not any(Storage(settings.data_dir).uploads_dir.iterdir())
+    assert not any(LocalStorage(settings.data_dir).uploads_dir.iterdir())
 
 
 def test_a_tenant_sees_only_its_own_resources(
@@ -179,7 +179,7 @@ def test_delete_answers_409_while_a_queued_job_uses_it_then_removes_row_and_file
     dataset = stored(session, settings, "dataset")
     queued = make_job(session, status="queued", eval_data_id=dataset.id)
     finished = make_job(session, status="succeeded", data_id=dataset.id)
-    folder = Storage(settings.data_dir).resource_dir(dataset.id)
+    folder = LocalStorage(settings.data_dir).resource_dir(dataset.id)
 
     refused = client.delete(f"/v1/datasets/{dataset.id}")
 
@@ -226,7 +226,7 @@ def test_a_json_job_shares_the_stored_files_and_trains(
     assert queue_length(queued_settings) == 1
     replay = json_job(client, body, **{"Idempotency-Key": "k1"})
     assert (replay.status_code, replay.json()["id"]) == (200, job["id"])
-    storage = Storage(queued_settings.data_dir)
+    storage = LocalStorage(queued_settings.data_dir)
     with session_factory(queued_settings)() as session:
         row = session.get(Job, job["id"])
         assert row is not None
@@ -299,7 +299,7 @@ def test_a_json_job_the_broker_refuses_keeps_the_stored_files(
 
     assert response.status_code == 503, response.text
     assert session.scalar(select(func.count()).select_from(Job)) == 0
-    storage = Storage(settings.data_dir)
+    storage = LocalStorage(settings.data_dir)
     assert storage.absolute(model.path).is_file() and storage.absolute(data.path).is_file()
 
 
@@ -322,14 +322,14 @@ def test_stored_bytes_count_each_resource_once(
     response = upload(make_client(settings), "model", onnx_model)
     assert response.status_code == 413, response.text
     assert response.json()["error"]["code"] == "storage_quota_exceeded"
-    assert not Storage(settings.data_dir).uploads_dir.exists()
+    assert not LocalStorage(settings.data_dir).uploads_dir.exists()
 
 
 def test_housekeeping_keeps_resource_files_and_removes_rowless_resource_folders(
     make_settings: SettingsFactory,
 ) -> None:
     settings = make_settings(input_retention_days=1, orphan_upload_seconds=600)
-    storage = Storage(settings.data_dir)
+    storage = LocalStorage(settings.data_dir)
     with session_factory(settings)() as session:
         model, data = stored(session, settings, "model"), stored(session, settings, "dataset")
         make_job(session, status="succeeded", model_id=model.id, data_id=data.id,

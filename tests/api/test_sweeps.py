@@ -23,7 +23,7 @@ from core.intake import inspect_dataset, inspect_model
 from core.models import Job, Sweep
 from core.resources import store_resource
 from core.settings import Settings
-from core.storage import Storage, hash_file
+from core.storage import LocalStorage, hash_file
 from scripts.serve import worker_argv
 from tests.api import test_jobs
 from tests.core.test_sweeps import realistic_metrics
@@ -42,7 +42,7 @@ E2E_TIMEOUT_S = 120
 
 def store(session: Session, settings: Settings, kind: str, source: Path, tenant: str) -> str:
     """A stored model or dataset, as POST /v1/models and /v1/datasets leave it."""
-    upload_dir = Storage(settings.data_dir).new_upload_dir()
+    upload_dir = LocalStorage(settings.data_dir).new_upload_dir()
     copy = Path(shutil.copy(source, upload_dir / source.name))
     inspect = inspect_model if kind == "model" else inspect_dataset
     resource, _ = store_resource(
@@ -335,7 +335,8 @@ def test_delete_refuses_while_a_job_runs_then_removes_jobs_and_report(
     api.post(f"/v1/sweeps/{sweep['id']}/cancel")
     assert jobs.cancel(session, running, "w")
     sweeps.finish_sweep_of(session, queued_settings, sweep["id"])
-    report_dir = sweeps.sweep_dir(Storage(queued_settings.data_dir), sweep["id"])
+    storage = LocalStorage(queued_settings.data_dir)
+    report_dir = storage.absolute(storage.sweep_key(sweep["id"]))
     assert report_dir.is_dir()
 
     assert api.delete(f"/v1/sweeps/{sweep['id']}").status_code == 204

@@ -17,7 +17,7 @@ from core.db import session_factory
 from core.errors import InputError
 from core.models import Sweep, Webhook, WebhookMessage, utcnow
 from core.settings import Settings
-from core.storage import Storage
+from core.storage import LocalStorage
 from core.sweep_report import render_html, render_svg
 from core.sweeps import SweepRow, SweepView, build_table, expand, grid_points, pareto_front
 from tests.factories import make_job
@@ -322,7 +322,8 @@ def test_a_sweep_completes_once_when_its_last_job_is_final(
     assert sweeps.complete_finished(session, settings) == 0
     stored = session.get(Sweep, sweep.id, populate_existing=True)
     assert stored is not None and stored.completed_at is not None
-    folder = sweeps.artifacts_dir(Storage(settings.data_dir), sweep.id)
+    storage = LocalStorage(settings.data_dir)
+    folder = storage.absolute(storage.sweep_artifact_key(sweep.id, "report.html")).parent
     assert sorted(a["name"] for a in stored.artifacts) == ["pareto.svg", "report.html"]
     for artifact in stored.artifacts:
         content = (folder / artifact["name"]).read_bytes()
@@ -393,7 +394,8 @@ def test_two_processes_completing_at_once_store_the_report_once(
     with factory() as session:
         stored = session.get(Sweep, sweep.id)
         assert stored is not None and stored.completed_at is not None
-        folder = sweeps.artifacts_dir(Storage(settings.data_dir), sweep.id)
+        storage = LocalStorage(settings.data_dir)
+        folder = storage.absolute(storage.sweep_artifact_key(sweep.id, "report.html")).parent
         for artifact in stored.artifacts:
             content = (folder / artifact["name"]).read_bytes()
             assert hashlib.sha256(content).hexdigest() == artifact["sha256"]

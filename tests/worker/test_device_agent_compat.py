@@ -24,7 +24,7 @@ from core import engines, jobs
 from core.db import session_factory
 from core.models import Job
 from core.settings import Settings
-from core.storage import Storage
+from core.storage import LocalStorage
 from tests.factories import VALID_CONFIG, make_job
 from tests.utils import SettingsFactory, served_by_uvicorn
 from worker import device_agent
@@ -181,8 +181,8 @@ def real_api(make_settings: SettingsFactory, tmp_path: Path) -> Iterator[tuple[s
         engines.create_builds(session, job)
         source = tmp_path / "model_qdq.onnx"
         source.write_bytes(b"onnx bytes of the job")
-        stored = Storage(settings.data_dir).store_artifact(job.id, "model_qdq.onnx", source)
-        jobs.record_artifact(session, settings, job.id, stored)
+        stored = LocalStorage(settings.data_dir).store_artifact(job.id, "model_qdq.onnx", source)
+        jobs.record_artifact(session, job.id, stored)
     with served_by_uvicorn(create_app(settings, sweeper=False)) as port:
         yield f"http://127.0.0.1:{port}", settings
 
@@ -199,7 +199,7 @@ def job_of(settings: Settings) -> dict[str, Any]:
                 "lease_expires_at": build.lease_expires_at,
             },
             "artifacts": {
-                a.name: Storage(settings.data_dir).absolute(a.path) for a in job.artifacts
+                a.name: LocalStorage(settings.data_dir).absolute(a.path) for a in job.artifacts
             },
         }
 

@@ -11,7 +11,7 @@ from core import jobs
 from core.db import session_factory
 from core.models import Job, utcnow
 from core.settings import Settings
-from core.storage import Storage
+from core.storage import LocalStorage
 from tests.factories import make_job
 from tests.utils import SettingsFactory
 from worker.tasks import run_claimed_job
@@ -19,7 +19,7 @@ from worker.tasks import run_claimed_job
 
 def claimed_job_with_files(session: Session, settings: Settings, model: bytes, data: Path) -> Job:
     job = make_job(session)
-    storage = Storage(settings.data_dir)
+    storage = LocalStorage(settings.data_dir)
     inputs = storage.inputs_dir(job.id)
     inputs.mkdir(parents=True)
     (inputs / "model.onnx").write_bytes(model)
