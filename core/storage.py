@@ -573,8 +573,9 @@ class S3Storage(Storage):
 
     def discard_work_dir(self, job_id: str) -> None:
         """Workers of a bucket may run on any machine, whose folders nobody else cleans: a
-        job's local work folder goes once the job has ended (its inputs stay cached)."""
-        self.remove_tree(self.work_dir(job_id))
+        job's local folder (its work folder alone) goes once the job has ended; its inputs
+        stay cached."""
+        self.remove_tree(self.root / self.job_key(job_id))
 
 
 def _missing(error: ClientError) -> bool:
