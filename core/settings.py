@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         description="Files from this size on go to and from the bucket in parts of this size, "
         "several at once.",
     )
+    storage_cache_days: float = Field(
+        7,
+        gt=0,
+        description="A worker deletes its cached copies of the bucket's inputs that no job used "
+        "for this long; more than MAX_JOB_SECONDS, so that no running job loses its input.",
+    )
     train_queue: str = Field("train", min_length=1)
     lease_seconds: int = Field(
         120, ge=5, description="How long a worker owns a running job without a heartbeat."
@@ -193,6 +199,11 @@ class Settings(BaseSettings):
             object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'sqakd.db'}")
         if self.broker_url is None:
             object.__setattr__(self, "broker_url", f"redis+socket://{self.redis_socket}")
+        if self.storage_cache_days * 24 * 3600 <= self.max_job_seconds:
+            raise ValueError(
+                f"STORAGE_CACHE_DAYS ({self.storage_cache_days}) must be longer than "
+                f"MAX_JOB_SECONDS ({self.max_job_seconds} s): a running job's input would go"
+            )
         return self
 
     @property

@@ -29,9 +29,11 @@ import hashlib
 import os
 import re
 import shutil
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -427,12 +429,14 @@ class S3Storage(Storage):
         *,
         multipart_bytes: int = 64 * 1024 * 1024,
         presign_seconds: int = 300,
+        cache_seconds: float = 7 * 24 * 3600,
     ) -> None:
         super().__init__(data_dir)
         self.bucket = bucket
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         self.client = client
         self.presign_seconds = presign_seconds
+        self.cache_seconds = cache_seconds
         self.transfer = TransferConfig(
             multipart_threshold=multipart_bytes, multipart_chunksize=multipart_bytes
         )
@@ -472,12 +476,17 @@ class S3Storage(Storage):
 
     def local_file(self, key: str, sha256: str) -> Path:
         """A cached copy under ``cache/objects/<sha256>/``: fetched once per content (and file
-        name), checked against ``sha256``, and reused by every later job that names it."""
+        name), checked against ``sha256``, and reused by every later job that names it. Each
+        fetch first deletes the copies no job used for ``cache_seconds``."""
         if not _SHA256.fullmatch(sha256):
             raise ValueError(f"{sha256!r} is not a sha256")
         target = self.cache_dir / sha256 / check_name(key.rsplit("/", 1)[-1])
-        if target.is_file():
+        try:
+            os.utime(target)  # used now: the last to be evicted
             return target
+        except FileNotFoundError:
+            pass
+        self._evict_unused()
         target.parent.mkdir(parents=True, exist_ok=True)
         # A name of this fetch alone: two workers on one data directory may fetch at once.
         partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
@@ -497,6 +506,17 @@ class S3Storage(Storage):
         finally:
             partial.unlink(missing_ok=True)
         return target
+
+    def _evict_unused(self) -> None:
+        # By age, not size: a copy a running job reads was used at its start, less than
+        # MAX_JOB_SECONDS ago, which STORAGE_CACHE_DAYS must exceed (core.settings).
+        cutoff = time.time() - self.cache_seconds
+        for file in self.cache_dir.glob("*/*"):
+            with suppress(FileNotFoundError):  # another worker on this directory was quicker
+                if file.stat().st_mtime < cutoff:
+                    file.unlink()
+                    with suppress(OSError):  # not empty: another copy of that content is used
+                        file.parent.rmdir()
 
     def file_path(self, key: str) -> Path | None:
         return None
@@ -606,4 +626,5 @@ def open_storage(settings: Settings) -> Storage:
         _s3_client(settings.storage_endpoint_url),
         multipart_bytes=settings.storage_multipart_bytes,
         presign_seconds=settings.storage_presign_seconds,
+        cache_seconds=settings.storage_cache_days * 24 * 3600,
     )

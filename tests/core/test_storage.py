@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,26 @@ def test_a_missing_bucket_is_not_ready(s3_settings: Settings) -> None:
 def test_storage_urls_are_checked(url: str) -> None:
     with pytest.raises(ValueError, match="STORAGE_URL"):
         Settings(storage_url=url)
+
+
+def test_cached_inputs_unused_for_the_cache_days_go(s3_settings: Settings) -> None:
+    storage = open_storage(s3_settings)
+    contents = {name: name.encode() * 100 for name in ("old.zip", "used.zip", "new.zip")}
+    key = storage.adopt(staged(storage, contents), storage.resource_key("r1"))
+    digests = {name: hashlib.sha256(content).hexdigest() for name, content in contents.items()}
+    cached = {name: storage.local_file(f"{key}/{name}", digests[name]) for name in contents}
+    cached.pop("new.zip").unlink()  # fetched again below
+    eight_days_ago = time.time() - 8 * 24 * 3600
+    for path in cached.values():
+        os.utime(path, (eight_days_ago, eight_days_ago))
+    storage.local_file(f"{key}/used.zip", digests["used.zip"])  # a job uses it: fresh again
+
+    storage.local_file(f"{key}/new.zip", digests["new.zip"])
+
+    assert not cached["old.zip"].parent.exists()
+    assert cached["used.zip"].read_bytes() == contents["used.zip"]
+
+
+def test_the_cache_outlives_the_longest_job() -> None:
+    with pytest.raises(ValueError, match="STORAGE_CACHE_DAYS"):
+        Settings(storage_cache_days=1, max_job_seconds=2 * 24 * 3600)
