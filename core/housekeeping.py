@@ -53,7 +53,7 @@ def delete_expired_inputs(
     )
     for job_id in ids:
         storage.remove(storage.inputs_key(job_id))
-        storage.remove_tree(storage.work_dir(job_id))
+        storage.remove(storage.work_key(job_id))
     if ids:
         session.execute(update(Job).where(Job.id.in_(ids)).values(inputs_deleted_at=now))
         session.commit()

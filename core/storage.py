@@ -211,8 +211,11 @@ class Storage(ABC):
         path.mkdir(parents=True)
         return path
 
+    def work_key(self, job_id: str) -> str:
+        return f"{self.job_key(job_id)}/work"
+
     def work_dir(self, job_id: str) -> Path:
-        return self.root / self.job_key(job_id) / "work"
+        return self.root / self.work_key(job_id)
 
     @staticmethod
     def remove_tree(path: Path) -> None:
@@ -271,6 +274,15 @@ class Storage(ABC):
     @abstractmethod
     def discard_work_dir(self, job_id: str) -> None:
         """Called by a worker once a job has ended on this machine."""
+
+    @abstractmethod
+    def mirror_work_file(self, job_id: str, path: Path) -> None:
+        """Keep a copy of the work file ``path`` (a checkpoint) where any worker finds it."""
+
+    @abstractmethod
+    def restore_work_file(self, job_id: str, name: str) -> None:
+        """Put the mirrored work file ``name`` in this machine's work folder, if it has none
+        and there is one (a job that another worker started resumes from its checkpoint)."""
 
     # -- built on the above ----------------------------------------------------------------------
 
@@ -410,6 +422,13 @@ class LocalStorage(Storage):
     def discard_work_dir(self, job_id: str) -> None:
         """Kept: the job's work folder lies with its other files and goes with them (deletion,
         or housekeeping once the inputs' retention has passed)."""
+
+    # The work folder is the store's own: every worker on this directory sees it already.
+    def mirror_work_file(self, job_id: str, path: Path) -> None:
+        pass
+
+    def restore_work_file(self, job_id: str, name: str) -> None:
+        pass
 
 
 class S3Storage(Storage):
@@ -593,9 +612,43 @@ class S3Storage(Storage):
 
     def discard_work_dir(self, job_id: str) -> None:
         """Workers of a bucket may run on any machine, whose folders nobody else cleans: a
-        job's local folder (its work folder alone) goes once the job has ended; its inputs
-        stay cached."""
+        job's local folder (its work folder alone) goes once the job has ended, and so does
+        its mirrored checkpoint; its inputs stay cached."""
         self.remove_tree(self.root / self.job_key(job_id))
+        self.remove(self.work_key(job_id))
+
+    def mirror_work_file(self, job_id: str, path: Path) -> None:
+        # A hard link pins this version: the upload reads its parts by name, and the trainer
+        # replaces the file (os.replace) whenever it saves a new checkpoint.
+        snapshot = path.with_name(f".{path.name}.{uuid.uuid4().hex}.mirror")
+        os.link(path, snapshot)
+        try:
+            key = f"{self.work_key(job_id)}/{check_name(path.name)}"
+            self.client.upload_file(
+                str(snapshot), self.bucket, self._key(key), Config=self.transfer
+            )
+        finally:
+            snapshot.unlink()
+
+    def restore_work_file(self, job_id: str, name: str) -> None:
+        target = self.work_dir(job_id) / check_name(name)
+        if target.exists():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        try:
+            self.client.download_file(
+                self.bucket,
+                self._key(f"{self.work_key(job_id)}/{name}"),
+                str(partial),
+                Config=self.transfer,
+            )
+            os.replace(partial, target)
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def _missing(error: ClientError) -> bool:

@@ -213,6 +213,36 @@ def heartbeat(
         yield
 
 
+@contextmanager
+def mirrored_checkpoint(storage: Storage, job_id: str, interval: float) -> Iterator[None]:
+    """From a thread, copy the job's checkpoint to the store whenever it changed (looked at
+    every ``interval`` seconds), so that a worker elsewhere resumes from it if this one dies.
+    A failed copy is logged and tried again; a local store needs no copy (the call is free)."""
+    checkpoint = storage.work_dir(job_id) / CHECKPOINT
+    stop = threading.Event()
+
+    def mirror() -> None:
+        mirrored: int | None = None  # st_mtime_ns of the version copied last
+        while not stop.wait(interval):
+            try:
+                version = checkpoint.stat().st_mtime_ns
+                if version != mirrored:
+                    storage.mirror_work_file(job_id, checkpoint)
+                    mirrored = version
+            except FileNotFoundError:  # none yet, or replaced just now: next time
+                continue
+            except Exception:  # noqa: BLE001 - boto3 raises many types; training goes on
+                log.warning("job %s: checkpoint not mirrored", job_id, exc_info=True)
+
+    thread = threading.Thread(target=mirror, name=f"checkpoint {job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
     """Run a job whose lease ``owner`` holds, and record how it ended."""
     storage = open_storage(settings)
@@ -225,6 +255,8 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
     canceled = False
     try:
         with heartbeat(settings, job.id, owner, reporter.lease_lost):
+            # A job another worker started resumes from the checkpoint it mirrored.
+            storage.restore_work_file(job.id, CHECKPOINT)
             # Files on this machine: a bucket's are fetched to the cache once per content.
             inputs = JobInputs(
                 model_path=storage.local_file(job.model_path, job.model_sha256),
@@ -236,7 +268,8 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
                 ),
             )
             config = JobConfig.model_validate(job.config)
-            result = run_quantization(inputs, config, storage.work_dir(job.id), reporter)
+            with mirrored_checkpoint(storage, job.id, settings.lease_seconds / 4):
+                result = run_quantization(inputs, config, storage.work_dir(job.id), reporter)
             stored = [
                 storage.store_artifact(job.id, name, path)
                 for name, path in result.artifacts.items()

@@ -31,7 +31,7 @@ def settings_of(
                 "storage_endpoint_url": request.getfixturevalue("moto_endpoint"),
                 **overrides,
             }
-        return Settings(data_dir=tmp_path / "data", **overrides)
+        return Settings(**{"data_dir": tmp_path / "data", **overrides})
 
     return make
 
@@ -117,6 +117,29 @@ def test_folders_and_when_they_last_changed(storage: Storage) -> None:
     changed = storage.last_change("resources/r1")
     assert changed is not None and before <= changed <= time.time() + 5
     assert storage.last_change("resources/r2") is None
+
+
+def test_a_checkpoint_mirrored_by_one_worker_is_restored_by_another(
+    settings_of: Any, tmp_path: Path
+) -> None:
+    # Two machines' data directories on one store (a bucket); a local store is one directory.
+    first = open_storage(settings_of())
+    other_dir = tmp_path / "other" if isinstance(first, S3Storage) else tmp_path / "data"
+    second = open_storage(settings_of(data_dir=other_dir))
+    checkpoint = first.work_dir(JOB) / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"step 100")
+
+    first.mirror_work_file(JOB, checkpoint)
+    second.restore_work_file(JOB, "checkpoint.pt")
+
+    assert (second.work_dir(JOB) / "checkpoint.pt").read_bytes() == b"step 100"
+    assert checkpoint.read_bytes() == b"step 100"  # mirrored, not moved
+    second.discard_work_dir(JOB)  # the job ended
+    (third := open_storage(settings_of(data_dir=tmp_path / "third"))).restore_work_file(
+        JOB, "checkpoint.pt"
+    )
+    assert not (third.work_dir(JOB) / "checkpoint.pt").exists()
 
 
 def test_keys_cannot_climb_out_of_the_store(storage: Storage) -> None:
