@@ -88,12 +88,14 @@ class Server:
         url = path if "://" in path else self.base_url + "/" + path.lstrip("/")
         headers = {"Accept": "application/json", "User-Agent": "sqakd-device-agent"}
         headers.update(extra_headers or {})
-        if self.api_key:
-            headers["Authorization"] = "Bearer " + self.api_key
         if content_type:
             headers["Content-Type"] = content_type
         method = "GET" if body is None else "POST"
         request = urllib.request.Request(url, data=body, headers=headers, method=method)
+        if self.api_key:
+            # Not sent on after a redirect: a download may answer 307 to a presigned URL of
+            # the service's bucket, which must not see the key (and refuses a second auth).
+            request.add_unredirected_header("Authorization", "Bearer " + self.api_key)
         try:
             return urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:

@@ -61,7 +61,11 @@ class Transport:
         headers = {"User-Agent": f"sqakd-client/{__version__}", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # Redirects: a download may answer 307 to a presigned URL of the service's bucket
+        # (STORAGE_DOWNLOAD_REDIRECT); httpx does not send the API key to another origin.
+        self.http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, follow_redirects=True
+        )
 
     def close(self) -> None:
         self.http.close()

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqakd_client import Client
 from sqlalchemy.orm import Session
 
+from api.main import create_app
 from core import housekeeping, jobs
 from core.db import session_factory
 from core.housekeeping import run_housekeeping
@@ -21,7 +24,8 @@ from core.settings import Settings
 from core.storage import open_storage
 from tests.factories import make_job
 from tests.object_storage import bucket_keys
-from tests.utils import SettingsFactory, make_client
+from tests.utils import SettingsFactory, make_client, served_by_uvicorn
+from worker.device_agent import Server
 
 CONTENT = bytes(range(256)) * 40
 
@@ -140,3 +144,32 @@ def test_housekeeping_cleans_the_bucket(
         assert (report.orphan_job_dirs, report.orphan_resource_dirs) == (1, 1)
 
     assert bucket_keys(s3_client, bucket) == {f"svc/jobs/{old.id}/artifacts/metrics.json"}
+
+
+def test_the_client_and_the_device_agent_follow_the_redirect(
+    make_settings: SettingsFactory, bucket: str, moto_endpoint: str, tmp_path: Path
+) -> None:
+    """Both clients download through the 307. (That they do not hand the API key to the bucket
+    is httpx's rule for other origins and urllib's unredirected header: moto would not tell.)"""
+    key = secrets.token_urlsafe(32)
+    settings = make_settings(
+        storage_url=f"s3://{bucket}/svc",
+        storage_endpoint_url=moto_endpoint,
+        storage_download_redirect=True,
+        api_keys={key: "acme"},
+    )
+    with session_factory(settings)() as session:
+        job = make_job(session, tenant="acme", status="succeeded")
+        source = tmp_path / "model_qdq.onnx"
+        source.write_bytes(CONTENT)
+        stored = open_storage(settings).store_artifact(job.id, source.name, source)
+        jobs.record_artifact(session, job.id, stored)
+
+    with served_by_uvicorn(create_app(settings, sweeper=False), lifespan="off") as port:
+        url = f"http://127.0.0.1:{port}"
+        with Client(url, api_key=key) as client:
+            (sdk_file,) = client.jobs.get(job.id).download(tmp_path / "sdk")
+        agent_file = tmp_path / "agent.onnx"
+        Server(url, key).download(f"/v1/jobs/{job.id}/artifacts/model_qdq.onnx", agent_file)
+
+    assert sdk_file.read_bytes() == CONTENT and agent_file.read_bytes() == CONTENT
