@@ -38,6 +38,9 @@ SERVICE_ENV = (
     "MAX_MODEL_BYTES",
     "MAX_DATA_BYTES",
     "LEASE_SECONDS",
+    "STORAGE_URL",
+    "STORAGE_ENDPOINT_URL",
+    "STORAGE_DOWNLOAD_REDIRECT",
 )
 
 SettingsFactory = Callable[..., Settings]
