@@ -71,10 +71,10 @@ def delete_orphans(session: Session, settings: Settings) -> tuple[int, int, int]
     now = time.time()
     # Staging folders are this machine's own, whatever the store.
     staging = LocalStorage(settings.data_dir)
-    uploads = _delete_untouched(staging, "uploads", None, settings, now)
+    uploads = _delete_untouched(staging, staging.relative(staging.uploads_dir), None, settings, now)
     storage = open_storage(settings)
-    job_dirs = _delete_rowless(session, storage, "jobs", Job.id, settings, now)
-    resource_dirs = _delete_rowless(session, storage, "resources", Resource.id, settings, now)
+    job_dirs = _delete_rowless(session, storage, storage.JOBS, Job.id, settings, now)
+    resource_dirs = _delete_rowless(session, storage, storage.RESOURCES, Resource.id, settings, now)
     return uploads, job_dirs, resource_dirs
 
 

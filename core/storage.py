@@ -178,9 +178,11 @@ class Storage(ABC):
 
     # -- keys ------------------------------------------------------------------------------------
 
+    JOBS, RESOURCES, SWEEPS = "jobs", "resources", "sweeps"  # the top folders of objects
+
     @staticmethod
     def job_key(job_id: str) -> str:
-        return f"jobs/{check_name(job_id)}"
+        return f"{Storage.JOBS}/{check_name(job_id)}"
 
     def inputs_key(self, job_id: str) -> str:
         return f"{self.job_key(job_id)}/inputs"
@@ -190,11 +192,11 @@ class Storage(ABC):
 
     @staticmethod
     def resource_key(resource_id: str) -> str:
-        return f"resources/{check_name(resource_id)}"
+        return f"{Storage.RESOURCES}/{check_name(resource_id)}"
 
     @staticmethod
     def sweep_key(sweep_id: str) -> str:
-        return f"sweeps/{check_name(sweep_id)}"
+        return f"{Storage.SWEEPS}/{check_name(sweep_id)}"
 
     def sweep_artifact_key(self, sweep_id: str, name: str) -> str:
         return f"{self.sweep_key(sweep_id)}/artifacts/{check_name(name)}"
