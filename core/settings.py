@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path("var"),
         validation_alias=AliasChoices("SQAKD_DATA_DIR", "data_dir"),
-        description="Uploads, job files, and the embedded SQLite file and Redis socket.",
+        description="Uploads, job files, and the embedded SQLite file and Redis socket; with "
+        "STORAGE_URL, only this machine's upload staging, input cache and work folders.",
     )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: sqlite:///<data_dir>/sqakd.db."
