@@ -222,10 +222,11 @@ def mirrored_checkpoint(storage: Storage, job_id: str, interval: float) -> Itera
     stop = threading.Event()
 
     def mirror() -> None:
-        mirrored: int | None = None  # st_mtime_ns of the version copied last
+        mirrored: tuple[int, int] | None = None  # the version copied last
         while not stop.wait(interval):
             try:
-                version = checkpoint.stat().st_mtime_ns
+                stat = checkpoint.stat()
+                version = (stat.st_ino, stat.st_mtime_ns)  # the trainer swaps in a new file
                 if version != mirrored:
                     storage.mirror_work_file(job_id, checkpoint)
                     mirrored = version
