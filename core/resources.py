@@ -2,9 +2,10 @@
 
 A resource is validated once, in the isolated child (``core.intake.inspect_isolated``), and
 stored under ``resources/<id>/`` (``core.storage``). The same bytes from the same tenant are one
-resource: a second upload returns the first. Jobs made from resources (``POST /v1/jobs`` as
-JSON, sweeps) name the resources' files in their ``*_path`` columns and copy nothing; a resource
-cannot be deleted while a queued or running job uses it.
+resource: a second upload returns the first. A dataset may also be registered from object
+storage by URL (``register_dataset_from_url``), then stored the same way. Jobs made from
+resources (``POST /v1/jobs`` as JSON, sweeps) name the resources' files in their ``*_path``
+columns and copy nothing; a resource cannot be deleted while a queued or running job uses it.
 """
 
 from __future__ import annotations

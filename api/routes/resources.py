@@ -39,7 +39,8 @@ ERRORS = error_responses(
 
 
 def _sends_json(request: Request) -> bool:
-    return request.headers.get("content-type", "").partition(";")[0].strip() == "application/json"
+    media_type = request.headers.get("content-type", "").partition(";")[0]
+    return media_type.strip().lower() == "application/json"
 
 
 async def _upload(
