@@ -325,6 +325,9 @@ class DatasetInfo(BaseModel):
     )
     images_sampled: int  # images whose header was read, evenly spread (at most 1,000)
     unreadable_in_sample: int  # sampled files whose header is no JPEG, PNG or WebP
+    source_url: str | None = Field(
+        None, description="s3://bucket/key it was registered from; null: uploaded"
+    )
 
 
 class ResourcePublic(BaseModel):

@@ -2,9 +2,10 @@
 
 A resource is validated once, in the isolated child (``core.intake.inspect_isolated``), and
 stored under ``resources/<id>/`` (``core.storage``). The same bytes from the same tenant are one
-resource: a second upload returns the first. Jobs made from resources (``POST /v1/jobs`` as
-JSON, sweeps) name the resources' files in their ``*_path`` columns and copy nothing; a resource
-cannot be deleted while a queued or running job uses it.
+resource: a second upload returns the first. A dataset may also be registered from object
+storage by URL (``register_dataset_from_url``), then stored the same way. Jobs made from
+resources (``POST /v1/jobs`` as JSON, sweeps) name the resources' files in their ``*_path``
+columns and copy nothing; a resource cannot be deleted while a queued or running job uses it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core import bucket_import
+from core.bucket_import import URL_MAX_CHARS
 from core.errors import InputError, NotFound
 from core.inputs.budget import check_pixel_budget
 from core.intake import with_input_size
@@ -36,7 +39,7 @@ from core.jobs import (
 from core.models import Job, Resource, utcnow
 from core.pages import Page, newest_first
 from core.settings import Settings
-from core.storage import StoredFile, open_storage
+from core.storage import S3Storage, StoredFile, check_name, open_storage
 
 Kind = Literal["model", "dataset"]
 MAX_FILENAME_CHARS = 255  # resources.filename
@@ -83,14 +86,17 @@ def store_resource(
     file: StoredFile,
     filename: str | None,
     inspect: Callable[[Path], dict[str, Any]],
+    adopt: Callable[[Path, str], str] | None = None,
 ) -> tuple[Resource, bool]:
     """Validate an uploaded file with ``inspect`` and store it; returns (resource, created).
 
     The same bytes already stored for this tenant return that resource (created False) without
     validating again. On any error, and for a duplicate, ``upload_dir`` is deleted; a stored
-    file is moved to ``resources/<id>/`` (``Storage.adopt``), as jobs adopt their uploads.
+    file is moved to ``resources/<id>/`` by ``adopt`` (default ``Storage.adopt``), as jobs
+    adopt their uploads.
     """
     storage = open_storage(settings)
+    adopt = adopt or storage.adopt
     adopted: str | None = None  # the resource's key
     committed = False
     try:
@@ -100,7 +106,7 @@ def store_resource(
         info = inspect(file.path)
         check_storage_quota(session, settings, tenant, incoming_bytes=file.size)
         resource_id = str(uuid.uuid4())
-        adopted = storage.adopt(upload_dir, storage.resource_key(resource_id))
+        adopted = adopt(upload_dir, storage.resource_key(resource_id))
         resource = Resource(
             id=resource_id,
             tenant=tenant,
@@ -127,6 +133,77 @@ def store_resource(
         storage.remove_tree(upload_dir)
         if adopted is not None and not committed:
             storage.remove(adopted)
+
+
+class DatasetFromUrl(BaseModel):
+    """``POST /v1/datasets`` as JSON: an archive already in object storage
+    (``core.bucket_import``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"url": "s3://datasets/incoming/imagenet-train.tar", "name": "imagenet"}]
+        },
+    )
+
+    url: str = Field(
+        max_length=URL_MAX_CHARS,
+        description="s3://bucket/key of a zip or tar archive, where the operator allows "
+        "(STORAGE_IMPORT_BUCKETS; default: the service's bucket).",
+    )
+    name: str | None = Field(
+        None,
+        max_length=MAX_FILENAME_CHARS,
+        description="A name to display; default: the key's last part.",
+    )
+
+
+def register_dataset_from_url(
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    request: DatasetFromUrl,
+    stored_name: Callable[[str], str],
+    inspect: Callable[[Path], dict[str, Any]],
+) -> tuple[Resource, bool]:
+    """Store the dataset at ``request.url`` as ``store_resource`` stores an upload; returns
+    (resource, created). The object is downloaded to a staging file named
+    ``stored_name(key)``, validated there, and copied into the bucket's ``resources/<id>/``
+    server-side (see ``core.bucket_import``); its info records the URL (``source_url``)."""
+    storage = open_storage(settings)
+    if not isinstance(storage, S3Storage):
+        raise InputError(
+            "url_datasets_need_s3",
+            "this service keeps its files in a local directory, not in object storage "
+            "(STORAGE_URL), so it registers no URLs: upload the archive as multipart/form-data "
+            "(field file)",
+        )
+    source = bucket_import.locate(storage, settings, tenant, request.url)
+    check_storage_quota(session, settings, tenant, incoming_bytes=source.size)
+    session.commit()  # no connection held while downloading
+    upload_dir = storage.new_upload_dir()
+    try:
+        target = upload_dir / check_name(stored_name(source.url.key))
+        file = bucket_import.download(storage, source, target)
+    except BaseException:
+        storage.remove_tree(upload_dir)
+        raise
+
+    def copy_source(_: Path, key: str) -> str:
+        bucket_import.copy_into(storage, source, f"{key}/{target.name}")
+        return key
+
+    return store_resource(
+        session,
+        settings,
+        tenant,
+        "dataset",
+        upload_dir,
+        file,
+        request.name or source.url.key.rpartition("/")[2],
+        lambda path: inspect(path) | {"source_url": str(source.url)},
+        adopt=copy_source,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

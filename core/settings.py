@@ -95,6 +95,14 @@ class Settings(BaseSettings):
         description="A worker deletes its cached copies of the bucket's inputs that no job used "
         "for this long; more than MAX_JOB_SECONDS, so that no running job loses its input.",
     )
+    storage_import_buckets: list[str] | None = Field(
+        None,
+        description="Where POST /v1/datasets may register an archive from by URL "
+        '(s3://bucket/key), read with the service\'s credentials: JSON list of "bucket" or '
+        '"bucket/prefix/"; "{tenant}" in a prefix stands for the caller\'s tenant, e.g. '
+        '["datasets/incoming/{tenant}/"]. [] allows none. Default: STORAGE_URL\'s bucket. '
+        "The service's own objects (jobs/, resources/, sweeps/ under its prefix) never.",
+    )
     train_queue: str = Field("train", min_length=1)
     lease_seconds: int = Field(
         120, ge=5, description="How long a worker owns a running job without a heartbeat."
@@ -182,6 +190,17 @@ class Settings(BaseSettings):
             raise ValueError(f"STORAGE_URL must look like s3://bucket/prefix, not {url!r}")
         return url
 
+    @field_validator("storage_import_buckets")
+    @classmethod
+    def _import_buckets(cls, entries: list[str] | None) -> list[str] | None:
+        for entry in entries or []:
+            if not _S3_URL.fullmatch(f"s3://{entry.partition('/')[0]}"):
+                raise ValueError(
+                    f'STORAGE_IMPORT_BUCKETS entries look like "bucket" or "bucket/prefix/", '
+                    f"not {entry!r}"
+                )
+        return entries
+
     @field_validator("database_url")
     @classmethod
     def _psycopg_driver(cls, url: str | None) -> str | None:
@@ -222,6 +241,13 @@ class Settings(BaseSettings):
         assert self.storage_url is not None, "only with STORAGE_URL"
         bucket, _, prefix = self.storage_url.removeprefix("s3://").partition("/")
         return bucket, prefix.strip("/")
+
+    @property
+    def import_buckets(self) -> list[str]:
+        """``storage_import_buckets``, or else STORAGE_URL's bucket (none without one)."""
+        if self.storage_import_buckets is not None:
+            return self.storage_import_buckets
+        return [self.storage_bucket[0]] if self.storage_url is not None else []
 
     @property
     def sqlalchemy_url(self) -> str:

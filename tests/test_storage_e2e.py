@@ -2,9 +2,9 @@
 directory of its own, share only PostgreSQL, Redis and an S3 bucket (moto's server).
 
 One test, in two parts that share the API's start: a multipart job that a worker on another
-data directory runs, then, with that worker stopped, a job from stored resources that a second
-worker on a fresh, empty data directory runs. Deleting the jobs and the dataset empties the
-bucket of them.
+data directory runs, then, with that worker stopped, a job from stored resources (the dataset
+registered from the bucket by URL) that a second worker on a fresh, empty data directory runs.
+Deleting the jobs and the dataset empties the bucket of them.
 """
 
 from __future__ import annotations
@@ -122,11 +122,15 @@ def test_workers_share_only_database_broker_and_bucket(
         # 2. A second worker on an empty data directory runs a job from stored resources.
         processes.pop().stop()
         processes.append(worker("worker-2"))
-        ids = {}
-        for plural, path in (("models", onnx_model), ("datasets", image_archive)):
-            stored = api.post(f"/v1/{plural}", files={"file": (path.name, path.read_bytes())})
-            assert stored.status_code == 201, stored.text
-            ids[plural] = stored.json()["id"]
+        stored = api.post("/v1/models", files={"file": (onnx_model.name, onnx_model.read_bytes())})
+        assert stored.status_code == 201, stored.text
+        ids = {"models": stored.json()["id"]}
+        # The dataset from the bucket by URL: never sent through the API, copied in server-side.
+        s3_client.upload_file(str(image_archive), bucket, "incoming/images.zip")
+        stored = api.post("/v1/datasets", json={"url": f"s3://{bucket}/incoming/images.zip"})
+        assert stored.status_code == 201, stored.text
+        assert stored.json()["sha256"] == data_sha256
+        ids["datasets"] = stored.json()["id"]
         body = {"model_id": ids["models"], "data_id": ids["datasets"], "config": TINY_CONFIG}
         submitted = api.post("/v1/jobs", json=body)
         assert submitted.status_code == 202, submitted.text
@@ -142,7 +146,7 @@ def test_workers_share_only_database_broker_and_bucket(
             assert api.delete(f"/v1/jobs/{job['id']}").status_code == 204
         assert api.delete(f"/v1/datasets/{ids['datasets']}").status_code == 204
         model_keys = bucket_keys(s3_client, bucket, f"service/resources/{ids['models']}/")
-        assert model_keys and bucket_keys(s3_client, bucket) == model_keys
+        assert model_keys and bucket_keys(s3_client, bucket) == model_keys | {"incoming/images.zip"}
     finally:
         for process in reversed(processes):
             process.stop()

@@ -334,7 +334,12 @@ def common_options(defaults: bool) -> argparse.ArgumentParser:
 def add_training_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
     """What quantize and sweep share; a sweep takes lists of bit-widths and methods."""
     parser.add_argument("model", metavar="MODEL", help="an .onnx file, or a stored model's id")
-    parser.add_argument("data", metavar="DATA", help="an image archive, or a stored dataset's id")
+    parser.add_argument(
+        "data",
+        metavar="DATA",
+        help="an image archive, a stored dataset's id, or s3://bucket/key of an archive that "
+        "the service registers from its object storage",
+    )
     if sweep:
         parser.add_argument(
             "--bits",
@@ -356,7 +361,9 @@ def add_training_options(parser: argparse.ArgumentParser, sweep: bool) -> None:
         parser.add_argument("--weight-bits", type=int, metavar="N", help="wins over --bits")
         parser.add_argument("--activation-bits", type=int, metavar="N", help="wins over --bits")
         parser.add_argument("--method", help="lsq, ewgs, pact, dorefa or ste (default: lsq)")
-    parser.add_argument("--eval", metavar="EVAL", help="labelled images (file or id) for top-1")
+    parser.add_argument(
+        "--eval", metavar="EVAL", help="labelled images (file, id or s3:// URL) for top-1"
+    )
     parser.add_argument("--epochs", type=int, help="training epochs")
     parser.add_argument("--steps", type=int, help="training steps (instead of epochs)")
     parser.add_argument(

@@ -8,7 +8,7 @@ from typing import Optional, Type
 
 from ._http import Transport
 from .jobs import Jobs
-from .resources import Dataset, Model, StoredFiles
+from .resources import Dataset, Datasets, Model, StoredFiles
 from .sweeps import Sweeps
 from .webhooks import Webhooks
 
@@ -34,7 +34,7 @@ class Client:
         api_key = api_key if api_key is not None else os.environ.get("SQAKD_API_KEY")
         self._transport = Transport(url, api_key, timeout, retries)
         self.models: StoredFiles[Model] = StoredFiles(self, Model)
-        self.datasets: StoredFiles[Dataset] = StoredFiles(self, Dataset)
+        self.datasets = Datasets(self, Dataset)
         self.jobs = Jobs(self)
         self.sweeps = Sweeps(self)
         self.webhooks = Webhooks(self)

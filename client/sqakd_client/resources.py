@@ -1,4 +1,5 @@
-"""Stored models and datasets (``/v1/models``, ``/v1/datasets``): upload once, name by id.
+"""Stored models and datasets (``/v1/models``, ``/v1/datasets``): upload once (or register a
+dataset from object storage by URL), name by id.
 
 Also the base of every object the SDK returns (``ApiObject``: the raw JSON as ``.data``, its
 fields as attributes) and how a job's or sweep's ``model=``/``data=`` argument (an id, an
@@ -24,6 +25,8 @@ from typing import (
     TypeVar,
     Union,
 )
+
+import httpx
 
 from .progress import byte_bar
 
@@ -138,17 +141,48 @@ class StoredFiles(Generic[F]):
     def resolve(self, value: InputArgument, progress: bool = False) -> Optional[str]:
         """The id a job or sweep names: a stored object's, an id as given, or a local file's
         after uploading it (see ``local_file``)."""
+        if is_object_url(value):
+            raise ValueError(f"{value!r}: only datasets can be registered from a URL")
         path = local_file(value)
         if path is not None:
             return str(self.upload(path, progress=progress).id)
         return value.id if isinstance(value, StoredFile) else value
 
 
+class Datasets(StoredFiles[Dataset]):
+    """``client.datasets``: also registered from object storage by URL."""
+
+    def register(self, url: str, name: Optional[str] = None) -> Dataset:
+        """Store the archive at ``url`` (``s3://bucket/key``, in a bucket the service may
+        read: its operator says which) without sending it: the service checks, validates and
+        copies it as it does an upload, which may take minutes for large archives. The same
+        bytes again answer with the stored dataset."""
+        body: Dict[str, Any] = {"url": url}
+        if name is not None:
+            body["name"] = name
+        # No read timeout: the answer comes once the service has fetched and validated it.
+        timeout = httpx.Timeout(self._client._transport.http.timeout.connect, read=None)
+        answer = self._client._transport.request("POST", self._path, json=body, timeout=timeout)
+        return Dataset(self._client, answer.json())
+
+    def resolve(self, value: InputArgument, progress: bool = False) -> Optional[str]:
+        """As ``StoredFiles.resolve``, and an ``s3://`` URL is registered (``register``)."""
+        if isinstance(value, str) and is_object_url(value):
+            return str(self.register(value).id)
+        return super().resolve(value, progress)
+
+
+def is_object_url(value: InputArgument) -> bool:
+    """An object storage URL (``s3://bucket/key``), which the service fetches itself."""
+    return isinstance(value, str) and value.startswith("s3://")
+
+
 def local_file(value: InputArgument) -> Optional[Path]:
-    """``value`` as a local file to upload, or None for a stored object, an id or None. A str
+    """``value`` as a local file to upload, or None for a stored object, an id, an ``s3://``
+    URL or None. A str
     is a path if such a file exists, or if it looks like one (a separator, a dot or a leading
     ``~``: ids have none), and then it must be a file: else ``FileNotFoundError``."""
-    if value is None or isinstance(value, StoredFile):
+    if value is None or isinstance(value, StoredFile) or is_object_url(value):
         return None
     text = os.fspath(value)
     looks_like_path = text.startswith("~") or "." in text or "/" in text or os.sep in text

@@ -130,6 +130,7 @@ def test_a_dataset_reports_images_classes_formats_and_sizes(
         "image_sizes": [{"width": 16, "height": 16, "count": 64}],
         "images_sampled": 64,
         "unreadable_in_sample": 0,
+        "source_url": None,  # uploaded, not registered by URL
     }
     assert (LocalStorage(settings.data_dir).resource_dir(dataset["id"]) / "data.zip").is_file()
 
