@@ -17,8 +17,8 @@ twice, as a job writes it: ``model_qdq.onnx`` (TensorRT's int8 activations) and
 The CPU target (issue 16): a W8A8 LSQ job with ``export.target: cpu`` run through the job
 pipeline (``core.pipeline.run_quantization``: 1,000 CIFAR-10 training images as a user uploads
 them, one epoch), whose ``model_qdq_cpu.onnx`` must run at 0.97x of the PTQ model or better at
-batch 1 and 32 (``CPU_TARGET_GOAL``). Its grids are PTQ's layout but for the pooling input; a
-diagnostic row, that file with its pooling input quantized as PTQ's is, says what that costs.
+batch 1 and 32 (``CPU_TARGET_GOAL``). Its grids are PTQ's layout, the average pooling's
+quantized input included (``QuantSpec.pool_bits``).
 
     python -m bench.int8_speed    # about 4 minutes on 2 quiet cores; writes BENCHMARKS.md
 
@@ -39,7 +39,6 @@ import numpy as np
 import onnx
 import openvino as ov
 import torch
-from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -66,7 +65,6 @@ SECTION = "int8-speed"  # and the CPU: int8-speed-intel-avx512_vnni, int8-speed-
 CPU_TARGET = "ours W8A8 export.target cpu, model_qdq_cpu.onnx (a job's)"
 CPU_TARGET_GOAL = 0.97  # of the PTQ model's speed, at every batch size (issue 16)
 CPU_TARGET_IMAGES_PER_CLASS = 100  # the job's upload: 1,000 training images, 10% held out
-DIAGNOSTIC_POOL = "diagnostic, not exact: the cpu target's file with its pooling input quantized"
 
 
 class _Batches(CalibrationDataReader):
@@ -131,30 +129,6 @@ def cpu_target_job(workdir: Path) -> tuple[Path, dict[str, Any]]:
         JobInputs(TEACHER_ONNX, upload), config, workdir / "job", SilentReporter()
     )
     return result.artifacts["model_qdq_cpu.onnx"], result.metrics
-
-
-def with_pooling_input_quantized(path: Path, out: Path) -> Path:
-    """``path`` with a uint8 QuantizeLinear/DequantizeLinear (zero point 0, an arbitrary scale)
-    before its GlobalAveragePool, as ONNX Runtime's PTQ places one: NOT the student (it
-    quantizes the pooled features, not the pool's input), only a timing diagnostic."""
-    model = onnx.load(str(path))
-    graph = model.graph
-    pool = next(node for node in graph.node if node.op_type == "GlobalAveragePool")
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array(1 / 16, np.float32), "pool_input_scale"),
-            numpy_helper.from_array(np.array(0, np.uint8), "pool_input_zero_point"),
-        ]
-    )
-    parameters = ["pool_input_scale", "pool_input_zero_point"]
-    quantize = helper.make_node("QuantizeLinear", [pool.input[0], *parameters], ["pool_q"])
-    dequantize = helper.make_node("DequantizeLinear", ["pool_q", *parameters], ["pool_dq"])
-    pool.input[0] = "pool_dq"
-    at = list(graph.node).index(pool)
-    graph.node.insert(at, dequantize)
-    graph.node.insert(at, quantize)
-    onnx.save(model, str(out))
-    return out
 
 
 def measure(models: list[tuple[str, Path, str | None]], seconds: float) -> list[dict[str, Any]]:
@@ -246,7 +220,7 @@ def section(
         + "\n\n"
         + _cpu_target(rows, ptq, cpu_job)
         + "\n\n"
-        + _diagnosis(rows, ptq)
+        + _layouts()
         + "\n\n"
         "ONNX Runtime's CPU int8 kernels are reported, not optimised for (issue 4). This "
         "machine's cores are shared: the same model's time has moved by 10% and more between "
@@ -285,27 +259,20 @@ def _percent(fraction: float | None) -> str:
     return "n/a" if fraction is None else f"{fraction:.1%}"
 
 
-def _diagnosis(rows: list[dict[str, Any]], ptq: dict[str, Any]) -> str:
-    """What the diagnostic row shows: the cpu target's layout less PTQ's pooling input is
-    PTQ's layout; what is left between them is that quantization."""
-    ours = next(r for r in rows if r["model"] == CPU_TARGET)
-    pooled = next(r for r in rows if r["model"] == DIAGNOSTIC_POOL)
-
-    def vs_ptq(row: dict[str, Any]) -> str:
-        return " / ".join(f"{ratio:.2f}x" for ratio in _vs_ptq(row, ptq).values())
-
+def _layouts() -> str:
+    """Why the cpu target's layout is PTQ's, and what the TensorRT layout's rows lose."""
     return (
         "The cpu target trains PTQ's layout: 256-level grids (uint8 activations from zero, "
-        "int8 per-channel weights) with both inputs of each residual addition quantized, so "
-        "its file has no Clip. TensorRT's int8 holds a non-negative 8-bit activation to 128 "
-        "levels (0..127), and OpenVINO folds a QuantizeLinear into the convolution's "
-        "saturation only when its range is the whole uint8 or int8 range, 256 levels; "
-        "otherwise it adds a round and a clip per output value "
-        "(`DnnlPostOpsComposer::appendAttrPostOps` in its CPU plugin): that is the gap of the "
-        "TensorRT layout's rows. One difference is left: PTQ quantizes the input of the "
-        "average pooling, our students the pooled features. The diagnostic row is the cpu "
-        "target's file with a quantization before the pooling too (not exact, timing only): "
-        f"{vs_ptq(pooled)} of PTQ at batch 1 / 32, against {vs_ptq(ours)} without it."
+        "int8 per-channel weights) with both inputs of each residual addition and the input "
+        "of the average pooling quantized, so its file has no Clip and its graph from the "
+        "last addition on is PTQ's (Add, uint8 Q/DQ, GlobalAveragePool). TensorRT's int8 "
+        "holds a non-negative 8-bit activation to 128 levels (0..127), and OpenVINO folds a "
+        "QuantizeLinear into the convolution's saturation only when its range is the whole "
+        "uint8 or int8 range, 256 levels; otherwise it adds a round and a clip per output "
+        "value (`DnnlPostOpsComposer::appendAttrPostOps` in its CPU plugin): that is the gap "
+        "of the TensorRT layout's rows. With the pooling's input in float (the cpu target "
+        "before `QuantSpec.pool_bits`), OpenVINO ran the last block with a float output and "
+        "pooled in float, which cost most at batch 1."
     )
 
 
@@ -334,9 +301,6 @@ def main() -> None:
             models[f"ours W{bits}A{bits} model_qdq.onnx"] = qdq
             models[f"ours W{bits}A{bits} model_qdq_cpu.onnx"] = cpu
         models[CPU_TARGET], cpu_job = cpu_target_job(workdir)
-        models[DIAGNOSTIC_POOL] = with_pooling_input_quantized(
-            models[CPU_TARGET], workdir / "pool-quantized-w8a8.onnx"
-        )
         rows = measure(
             [("FP32", TEACHER_ONNX, None), ("FP32", TEACHER_ONNX, "f32")]
             + [(name, path, args.int8_precision) for name, path in models.items()],

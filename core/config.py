@@ -115,9 +115,9 @@ class ExportConfig(_Strict):
         "(TensorRT's only INT8 form; see tensorrt) and model_qdq.onnx checked against "
         "TensorRT's rules. cpu: ONNX Runtime's and OpenVINO's x86 layout: 256-level 8-bit "
         "grids (unsigned activations uint8 from zero, signed ones and weights int8 with zero "
-        "point 0, weights per channel), both inputs of every residual addition quantized at 8 "
-        "bits; no TensorRT check or engines. Either way model_qdq_cpu.onnx is the file to run "
-        "on a CPU.",
+        "point 0, weights per channel), both inputs of every residual addition and the input "
+        "of every average pooling quantized at 8 bits; no TensorRT check or engines. Either "
+        "way model_qdq_cpu.onnx is the file to run on a CPU.",
     )
     onnx: bool = Field(True, description="Write model_qdq.onnx (QuantizeLinear/DequantizeLinear).")
     speed: bool = Field(

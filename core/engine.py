@@ -31,6 +31,9 @@ CALIBRATION_IMAGES = 256  # ranges from one batch: enough for a stable fit, stil
 # runtime fuses each addition into the integer convolution before it (int8, TensorRT's only
 # integer type; the CPU's uint8 from zero or int8)
 RESIDUAL_BITS = 8
+# Average poolings' inputs, quantized for the CPU's grids only: 8 bits, as ONNX Runtime's PTQ
+# quantizes them, so that OpenVINO runs the block before a pooling with an integer output
+POOL_BITS = 8
 
 
 @dataclass
@@ -53,6 +56,7 @@ def quant_spec(config: JobConfig) -> QuantSpec:
         int8_grids=grids == "tensorrt",
         uint8_grids=grids == "cpu",
         residual_bits=None if grids == "papers" else RESIDUAL_BITS,
+        pool_bits=POOL_BITS if grids == "cpu" else None,
     )
 
 

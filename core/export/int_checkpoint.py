@@ -12,7 +12,9 @@ Per quantized layer ``{name}``:
 
 Everything else in the student's state dict (activation quantizers' parameters, BatchNorm, any
 other module) is stored as it is, and the safetensors metadata ``manifest`` (JSON) holds the
-quantization spec and, per layer, its bits, grid and whether its input grid is signed.
+quantization spec and, per layer, its bits, grid and whether its input grid is signed, and per
+quantized residual addition (``residual_adds``) and pooling (``pools``) whether each of its
+input grids is.
 
 ``load_int_student(path, teacher)`` prepares a student of ``teacher`` with the manifest's spec,
 loads that state, and sets each weight to its dequantized codes with the weight quantizer
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from core.sqakd.modules import QuantModule, QuantSpec, prepare, quant_layers, residual_adds
+from core.sqakd.modules import (
+    QuantModule,
+    QuantOp,
+    QuantSpec,
+    prepare,
+    quant_layers,
+    quant_pools,
+    residual_adds,
+)
 from core.sqakd.quantizers import IntGrid
 
 FORMAT = "sqakd-int/1"
@@ -132,12 +143,15 @@ def save_int_checkpoint(student: nn.Module, spec: QuantSpec, path: Path) -> None
         "format": FORMAT,
         "quant_spec": spec.to_dict(),
         "layers": layers,
-        "residual_adds": {  # each input quantizer's ranges are in the tensors, signed here
-            name: [quantizer.signed for quantizer in add.input_quantizers]
-            for name, add in residual_adds(student)
-        },
+        # each input quantizer's ranges are in the tensors, signed here
+        "residual_adds": _input_signs(residual_adds(student)),
+        "pools": _input_signs(quant_pools(student)),
     }
     save_file(tensors, str(path), metadata={"manifest": json.dumps(manifest)})
+
+
+def _input_signs(ops: Iterable[tuple[str, QuantOp]]) -> dict[str, list[bool]]:
+    return {name: [quantizer.signed for quantizer in op.input_quantizers] for name, op in ops}
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -181,10 +195,9 @@ def load_int_student(path: Path, teacher: nn.Module) -> nn.Module:
                 for k, v in layer.weight_quantizer.state_dict().items()
             }
         )
-    for name, add in residual_adds(student):
-        for quantizer, signed in zip(
-            add.input_quantizers, manifest["residual_adds"][name], strict=True
-        ):
-            quantizer.signed = signed
+    for key, ops in (("residual_adds", residual_adds(student)), ("pools", quant_pools(student))):
+        for name, op in ops:  # an older file: no "pools", and no pool_bits to ask for them
+            for quantizer, signed in zip(op.input_quantizers, manifest[key][name], strict=True):
+                quantizer.signed = signed
     student.load_state_dict(state | stored, strict=True)
     return student.eval()

@@ -49,7 +49,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from core.export import tensorrt_rules
-from core.sqakd.modules import QuantAdd, QuantConv2d, QuantModule, quant_layers, residual_adds
+from core.sqakd.modules import QuantConv2d, QuantModule, QuantOp, quant_layers, quant_ops
 from core.sqakd.quantizers import IntGrid
 
 # ONNX Runtime (>= 1.20) rewrites each float Conv/Gemm bias next to Q/DQ into int32 at scale
@@ -188,10 +188,10 @@ def _fold_batchnorm(
 
 
 class _QuantLeafTracer(fx.Tracer):
-    """Traces a student without entering its quantized layers and additions."""
+    """Traces a student without entering its quantized layers, additions and poolings."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, QuantModule | QuantAdd) or super().is_leaf_module(
+        return isinstance(module, QuantModule | QuantOp) or super().is_leaf_module(
             module, qualified_name
         )
 
@@ -220,25 +220,28 @@ def _conv_batchnorm_pairs(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
-class _QDQAdd(nn.Module):
-    """Export-only stand-in for a ``QuantAdd``: both inputs fake-quantized, then added."""
+class _QDQOp(nn.Module):
+    """Export-only stand-in for a ``QuantOp`` (a residual addition, a pooling): each input
+    fake-quantized, then the op in float."""
 
-    def __init__(self, add: QuantAdd) -> None:
+    def __init__(self, op: QuantOp) -> None:
         super().__init__()
         self.inputs = nn.ModuleList(
-            _FakeQuant(_activation_qparams(q.grid())) for q in add.input_quantizers
+            _FakeQuant(_activation_qparams(q.grid())) for q in op.input_quantizers
         )  # type: ignore[operator]
+        self.float_op = op.float_op
 
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        quantize_a, quantize_b = self.inputs
-        return quantize_a(a) + quantize_b(b)
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.float_op(
+            *(quantize(x) for quantize, x in zip(self.inputs, inputs, strict=True))
+        )
 
 
 def export_qdq_onnx(
     student: nn.Module, input_shape: tuple[int, int, int], path: Path, *, opset: int = 17
 ) -> None:
     """Writes an ONNX model with QuantizeLinear/DequantizeLinear around every quantized layer's
-    weight and input activation and both inputs of every ``QuantAdd``; dynamic batch dim; input
+    weight and input activation and the inputs of every ``QuantOp``; dynamic batch dim; input
     named "input", output "logits"."""
     if opset < MIN_OPSET:
         raise ValueError(f"QDQ export needs opset >= {MIN_OPSET} (per-channel), got {opset}")
@@ -254,8 +257,8 @@ def export_qdq_onnx(
             if stand_in is not None:
                 model.set_submodule(batchnorms[name], nn.Identity())  # folded into the stand-in
         model.set_submodule(name, _qdq_layer(layer) if stand_in is None else stand_in)
-    for name, add in list(residual_adds(model)):
-        model.set_submodule(name, _QDQAdd(add))
+    for name, op in list(quant_ops(model)):
+        model.set_submodule(name, _QDQOp(op))
     # The TorchScript exporter (deprecated, present in torch <= 2.14): torch.export, under the
     # dynamo exporter, has no fake-tensor kernel for fake_quantize (..._cachemask) in torch 2.14.
     # TorchScript also writes the opset asked for and is fast; its deprecation warnings are noise.

@@ -10,7 +10,8 @@ Layer by layer, in the order the student runs them:
 2. the layer's output is matched to the teacher's output of the same layer with one scale and
    one shift per output channel (least squares), folded into the weight grid and the bias;
 3. each residual addition's own input quantizers (``QuantAdd``) take the least-MSE range of
-   the inputs they receive.
+   the inputs they receive; a pooling's input quantizer (``QuantPool``) the range with the
+   least error of the pooled output.
 
 An input quantizer shared by several readers (``share_input_quantizers``) is fitted by the
 first of them.
@@ -22,10 +23,20 @@ correction a 2-bit student starts at chance and recovers slowly. At 8 bits the f
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
-from core.sqakd.modules import QuantAdd, QuantModule, quant_layers, residual_adds
+from core.sqakd.modules import (
+    QuantAdd,
+    QuantModule,
+    QuantPool,
+    quant_layers,
+    quant_pools,
+    residual_adds,
+)
+from core.sqakd.quantizers import Quantizer
 
 SEARCH_IMAGES = 64  # the range search runs the layer ~50 times: a sub-batch keeps it quick
 MAX_GAIN = 4.0  # a per-channel correction outside [1/4, 4] means the fit is noise
@@ -70,9 +81,26 @@ def calibrate(student: nn.Module, teacher: nn.Module, batch: Tensor) -> None:
                 fitted.add(id(quantizer))
                 quantizer.calibrate(x, signed=bool(x.min() < 0))  # type: ignore[operator]
 
+    def fit_pool_range(pool: QuantPool, args: tuple[Tensor, ...]) -> None:
+        quantizer = cast(Quantizer, pool.input_quantizers[0])
+        if id(quantizer) in fitted:
+            return
+        fitted.add(id(quantizer))
+        x = args[0][:SEARCH_IMAGES]
+        target = pool.float_op(x)
+
+        def pooled_error() -> Tensor:  # averaging cancels rounding noise, not clipping
+            return (pool.float_op(quantizer.quantize(x)) - target).pow(2).sum().view(1)
+
+        quantizer.fit_range(_max_abs(x), signed=bool(args[0].min() < 0), error=pooled_error)
+
     hooks = [
         add.register_forward_pre_hook(lambda m, args: fit_residual_ranges(m, args))
         for _, add in residual_adds(student)
+    ]
+    hooks += [
+        pool.register_forward_pre_hook(lambda m, args: fit_pool_range(m, args))
+        for _, pool in quant_pools(student)
     ]
     for name, layer in layers.items():
         hooks.append(

@@ -21,7 +21,7 @@ from core.export.int_checkpoint import (
 )
 from core.inputs.images import normalize
 from core.sqakd.calibrate import calibrate
-from core.sqakd.modules import QuantSpec, prepare, quant_layers
+from core.sqakd.modules import QuantSpec, prepare, quant_layers, quant_pools
 from core.sqakd.quantizers import QUANTIZERS
 from core.sqakd.trainer import TrainConfig, train
 from tests.core.sqakd.nets import MixedNet, TinyCNN
@@ -54,6 +54,7 @@ def trained_student(
     int8_grids: bool = False,
     uint8_grids: bool = False,
     residual_bits: int | None = None,
+    pool_bits: int | None = None,
 ) -> tuple[nn.Module, QuantSpec]:
     """Prepared, calibrated and trained two steps, so every range has moved off calibration."""
     spec = QuantSpec(
@@ -66,6 +67,7 @@ def trained_student(
         int8_grids=int8_grids,
         uint8_grids=uint8_grids,
         residual_bits=residual_bits,
+        pool_bits=pool_bits,
     )
     pixels = uint8_images(32)
     student = prepare(teacher, spec)
@@ -115,17 +117,28 @@ def test_quantized_residual_adds_round_trip(method: str, tmp_path: Path) -> None
         assert torch.equal(loaded(inputs), student(inputs))
 
 
-def test_cpu_grids_round_trip(tmp_path: Path) -> None:
-    """The CPU's grids (``export.target: cpu``) with quantized residual additions, for EWGS,
-    the one method whose grids they change (zero points pinned): the same outputs back."""
+@pytest.mark.parametrize("method", METHODS)
+def test_cpu_grids_round_trip(method: str, tmp_path: Path) -> None:
+    """The CPU's grids (``export.target: cpu``: quantized residual additions and pooling
+    input): every input quantizer, ranges and signs, comes back with the layers, and so do the
+    outputs, bit for bit."""
     torch.manual_seed(0)
     teacher = TinyCNN().eval()
-    student, spec = trained_student(teacher, "ewgs", 8, uint8_grids=True, residual_bits=8)
+    student, spec = trained_student(
+        teacher, method, 8, uint8_grids=True, residual_bits=8, pool_bits=8
+    )
     path = tmp_path / "model_int.safetensors"
     save_int_checkpoint(student, spec, path)
 
     loaded = load_int_student(path, teacher)
-    assert read_manifest(path)["quant_spec"]["uint8_grids"]
+    manifest = read_manifest(path)
+    assert manifest["quant_spec"]["uint8_grids"] and manifest["quant_spec"]["pool_bits"] == 8
+    # TinyCNN pools the residual sum, which is signed
+    assert manifest["pools"] == {"pool": [True]}
+    ((_, pool),), ((_, loaded_pool),) = list(quant_pools(student)), list(quant_pools(loaded))
+    original, rebuilt = pool.input_quantizers[0], loaded_pool.input_quantizers[0]
+    assert rebuilt.signed == original.signed
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in original.state_dict().items())
     inputs = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(inputs), student(inputs))

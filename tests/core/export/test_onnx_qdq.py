@@ -9,17 +9,19 @@ logit difference relative to the logits' size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import openvino as ov
 import pytest
 import torch
 import torchvision
 from torch import Tensor, nn
 
+from core.config import JobConfig
+from core.engine import quant_spec
 from core.export import tensorrt_rules
 from core.export.onnx_qdq import (
     export_qdq_onnx,
@@ -30,7 +32,14 @@ from core.export.onnx_qdq import (
 )
 from core.inputs.onnx_model import load_onnx_model
 from core.sqakd.calibrate import calibrate
-from core.sqakd.modules import QuantSpec, prepare, quant_layers, quantizers, residual_adds
+from core.sqakd.modules import (
+    QuantSpec,
+    prepare,
+    quant_layers,
+    quant_ops,
+    quant_pools,
+    quantizers,
+)
 from core.sqakd.quantizers import EWGSQuantizer
 from tests.fixtures_paths import shared_path
 
@@ -67,15 +76,6 @@ class TinyCNN(nn.Module):
         h = torch.relu(self.conv1(x))
         h = h + self.conv3(torch.relu(self.conv2(h)))
         return self.fc(self.pool(h).flatten(1))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """On shared CPUs two spinning OpenMP threads run calibration 3-5x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -142,9 +142,9 @@ def check_graph(path: Path, student: nn.Module) -> onnx.ModelProto:
         for op, op_type in (("Q", "QuantizeLinear"), ("DQ", "DequantizeLinear"))
     }
     # one weight DQ per layer; layers that read the same tensor with equal scales share a Q/DQ;
-    # a quantized residual add has one on each input
-    adds = 2 * len(list(residual_adds(student)))
-    assert 0 < counts["Q"] <= len(layers) + adds
+    # a quantized residual add has one on each input, a quantized pooling one
+    op_inputs = sum(len(op.input_quantizers) for _, op in quant_ops(student))
+    assert 0 < counts["Q"] <= len(layers) + op_inputs
     assert counts["DQ"] == len(layers) + counts["Q"]
     return model
 
@@ -338,7 +338,14 @@ def test_int8_grids_export_w8a8_as_int8_with_zero_point_0(method: str, tmp_path:
 
 
 TENSORRT_SPEC = {"int8_grids": True, "residual_bits": 8}  # what ``export.tensorrt`` asks for
-CPU_SPEC = {"uint8_grids": True, "residual_bits": 8}  # what ``export.target: cpu`` asks for
+CPU_SPEC = {"uint8_grids": True, "residual_bits": 8, "pool_bits": 8}  # ``export.target: cpu``'s
+
+
+@pytest.mark.parametrize(("target", "expected"), [("tensorrt", TENSORRT_SPEC), ("cpu", CPU_SPEC)])
+def test_the_specs_here_are_what_the_targets_ask_for(target: str, expected: dict[str, Any]) -> None:
+    spec = quant_spec(JobConfig.model_validate({"export": {"target": target}}))
+    fields = ("int8_grids", "uint8_grids", "residual_bits", "pool_bits")
+    assert {field: getattr(spec, field) for field in fields if getattr(spec, field)} == expected
 
 
 @pytest.mark.parametrize(
@@ -349,8 +356,9 @@ def test_cpu_grids_export_exact_with_every_quantization_from_zero(
 ) -> None:
     """The CPU's grids (``export.target: cpu``): in ``model_qdq_cpu.onnx`` every activation is
     quantized with zero point 0, non-negative ones as uint8; at 8 bits each is its type's whole
-    range, so no Clip is left, and the residual addition reads Q/DQ on both inputs. EWGS
-    bounds moved by training keep it so. Both files compute what the student does."""
+    range, so no Clip is left, and the residual addition reads Q/DQ on both inputs, and so
+    does the pooling. EWGS bounds moved by training keep it so. Both files compute what the
+    student does."""
     teacher = TinyCNN().eval()
     spec = QuantSpec(
         method=method, weight_bits=bits, activation_bits=bits, first_last_bits=None, **CPU_SPEC
@@ -369,20 +377,34 @@ def test_cpu_grids_export_exact_with_every_quantization_from_zero(
     write_cpu_variant(qdq, cpu)
     assert_weights_exact(check_graph(qdq, student), student)
     assert_residual_adds_read_qdq(cpu, adds=1)
+    assert pool_input(cpu) == ["DequantizeLinear", "QuantizeLinear", "Add"]
     graph = onnx.load(str(cpu)).graph
     constants = tensorrt_rules.constant_arrays(graph)
     zero_points = [constants[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
     assert not any(zero_point.any() for zero_point in zero_points)
     # the image, ReLU(conv1) (read by conv2 and the addition), ReLU(conv2), conv3's output (the
-    # addition's other input) and the pooled sum: signed, unsigned, unsigned, signed, signed
+    # addition's other input), the sum (the pooling's input) and the pooled sum: signed,
+    # unsigned, unsigned, signed, signed, signed
     assert [str(zero_point.dtype) for zero_point in zero_points] == [
-        "int8", "uint8", "uint8", "int8", "int8"
+        "int8", "uint8", "uint8", "int8", "int8", "int8"
     ]  # fmt: skip
     assert sum(n.op_type == "Clip" for n in graph.node) == (0 if bits == 8 else 4)
     session_batches = batches()
     parity = onnx_parity(student, qdq, session_batches)
     assert_lsq_parity(parity, student)
     assert onnx_parity(student, cpu, session_batches) == parity
+
+
+def pool_input(path: Path) -> list[str]:
+    """The ops that compute the average pooling's input, from the pooling back to the first
+    that is not a Q/DQ or a ReLU."""
+    graph = onnx.load(str(path)).graph
+    producer = {name: node for node in graph.node for name in node.output}
+    (pool,) = [n for n in graph.node if n.op_type in ("GlobalAveragePool", "AveragePool")]
+    chain = [producer[pool.input[0]]]
+    while chain[-1].op_type in ("QuantizeLinear", "DequantizeLinear", "Relu"):
+        chain.append(producer[chain[-1].input[0]])
+    return [node.op_type for node in chain]
 
 
 def assert_residual_adds_read_qdq(path: Path, adds: int) -> None:
@@ -408,9 +430,64 @@ def test_resnet20_fixture_for_tensorrt_follows_every_rule(
     export_qdq_onnx(student, INPUT_SHAPE, path)
     check_graph(path, student)
     assert_residual_adds_read_qdq(path, adds=9)
+    assert pool_input(path) == ["Relu", "Add"]  # the pooling reads float values, as before
     report = tensorrt_report(student, path)
     assert report["follows_rules"], report["violations"]
     assert_lsq_parity(onnx_parity(student, path, batches()), student)
+
+
+def test_resnet20_fixture_for_the_cpu_quantizes_the_pooling_input_as_ptq_does(
+    resnet20: nn.Module, tmp_path: Path
+) -> None:
+    """ONNX Runtime's static PTQ of the fixture ends Add -> Q/DQ (uint8) -> GlobalAveragePool;
+    so does the W8A8 CPU target's ``model_qdq_cpu.onnx``, whose last ReLU goes (the uint8
+    quantization from zero does its work); OpenVINO compiles it as it does PTQ's, and both
+    files still compute what the student does. (Other methods: the TinyCNN test above.)"""
+    student = make_student(resnet20, "lsq-w8a8", **CPU_SPEC)
+    ((_, pool),) = quant_pools(student)
+    assert not pool.input_quantizers[0].signed  # the last block's ReLU output
+    qdq, cpu = tmp_path / "model_qdq.onnx", tmp_path / "model_qdq_cpu.onnx"
+    export_qdq_onnx(student, INPUT_SHAPE, qdq)
+    write_cpu_variant(qdq, cpu)
+    check_graph(qdq, student)
+    assert pool_input(qdq) == ["DequantizeLinear", "QuantizeLinear", "Relu", "Add"]
+    assert pool_input(cpu) == ["DequantizeLinear", "QuantizeLinear", "Add"]
+    graph = onnx.load(str(cpu)).graph
+    constants = tensorrt_rules.constant_arrays(graph)
+    producer = {name: node for node in graph.node for name in node.output}
+    (gap,) = [n for n in graph.node if n.op_type == "GlobalAveragePool"]
+    zero_point = constants[producer[producer[gap.input[0]].input[0]].input[2]]
+    assert zero_point.dtype == np.uint8 and not zero_point.any()
+    assert not any(n.op_type == "Clip" for n in graph.node)  # 256 levels need none
+    # What PTQ's layout buys under OpenVINO: every convolution (the last one with its residual
+    # addition) writes 8-bit codes and the pooling reads them; with the pooling input in float,
+    # the last convolution wrote float, and its shortcut input was converted to float for it.
+    layers = openvino_layers(cpu)
+    assert {out for kind, _, out in layers if kind == "Convolution"} <= {"u8", "i8"}
+    assert [(read, out) for kind, read, out in layers if kind == "Reduce"] == [("u8", "f32")]
+    assert ("Reorder", "u8", "f32") not in layers
+    session_batches = batches()
+    parity = onnx_parity(student, qdq, session_batches)
+    assert_lsq_parity(parity, student)
+    assert onnx_parity(student, cpu, session_batches) == parity
+
+
+def openvino_layers(path: Path) -> list[tuple[str, str, str]]:
+    """(layer type, precision it runs in, output precision) of each layer OpenVINO compiles
+    ``path`` into for a batch of one, constants left out."""
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape([1, *INPUT_SHAPE])
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 1})
+    layers = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind, read, out = (
+            info[key].astype(str) for key in ("layerType", "runtimePrecision", "outputPrecisions")
+        )
+        if kind != "Const":
+            layers.append((kind, read, out))
+    return layers
 
 
 def test_torchvision_resnet18_for_tensorrt_follows_every_rule(tmp_path: Path) -> None:

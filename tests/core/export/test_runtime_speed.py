@@ -14,7 +14,6 @@ from core.inputs.onnx_model import load_onnx_model
 from core.pipeline import _inference_speed, int8_warnings
 from core.sqakd.calibrate import calibrate
 from core.sqakd.modules import QuantSpec, prepare
-from tests.core.export.test_onnx_qdq import one_torch_thread  # noqa: F401 - autouse here too
 from tests.fixtures_paths import shared_path
 
 INPUT_SHAPE = (3, 32, 32)

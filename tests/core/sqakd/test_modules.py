@@ -15,6 +15,7 @@ from core.sqakd.modules import (
     QuantConv2d,
     QuantLinear,
     QuantModule,
+    QuantPool,
     QuantSpec,
     UnknownLayerError,
     convert,
@@ -22,11 +23,12 @@ from core.sqakd.modules import (
     layer_bits,
     prepare,
     quant_layers,
+    quant_pools,
     quantizers,
     residual_adds,
 )
 from core.sqakd.quantizers import QUANTIZERS
-from tests.core.sqakd.nets import MIXED_LAYERS, MixedNet
+from tests.core.sqakd.nets import MIXED_LAYERS, MixedNet, TinyCNN
 
 METHODS = sorted(QUANTIZERS)
 FLOAT_TYPES = (nn.Conv2d, nn.Linear)
@@ -407,3 +409,71 @@ def test_a_shared_quantizer_quantizes_its_tensor_once_per_forward() -> None:
     first.sum().backward()  # the readers' gradients reach the quantizer once, summed
     assert torch.equal(student(x), first.detach())  # no output of the last pass is reused
     assert list(calls.values()) == [2, 2]
+
+
+# --- average poolings ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pool_inputs_are_quantized_when_asked_and_convert_puts_the_pool_back(
+    method: str,
+) -> None:
+    """``pool_bits`` (the CPU's grids): the pooling reads its input through a quantizer of those
+    bits and grids, trained as the others are; off unless asked for; reversible."""
+    teacher = TinyCNN().eval()
+    cpu = spec(method, pool_bits=8, uint8_grids=True, first_last_bits=None)
+    student = prepare(teacher, cpu)
+    assert [name for name, _ in quant_pools(student)] == ["pool"]
+    pool = student.get_submodule("pool")
+    assert isinstance(pool, QuantPool) and type(pool.pool) is nn.AdaptiveAvgPool2d
+    (quantizer,) = pool.input_quantizers
+    assert (quantizer.bits, quantizer.uint8, quantizer.int8) == (8, True, False)
+    assert type(quantizer) is QUANTIZERS[method] and not quantizer.for_weights
+    assert sum(q is quantizer for q in quantizers(student)) == 1  # the optimizer trains it
+    assert len(list(quantizers(student))) == 2 * 4 + 1
+    for q in quantizers(student):
+        q.enabled = False
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(student(x), teacher(x))  # the same function, quantizers off
+    for q in quantizers(student):
+        q.enabled = True
+    assert not list(quant_pools(prepare(teacher, spec(method, uint8_grids=True))))
+    float_model = convert(student)
+    assert type(float_model.get_submodule("pool")) is nn.AdaptiveAvgPool2d
+    assert set(float_model.state_dict()) == set(teacher.state_dict())
+    with torch.no_grad():
+        assert torch.equal(float_model(x), teacher(x))
+
+
+def test_quant_pool_pools_what_it_quantizes() -> None:
+    pool = QuantPool(nn.AdaptiveAvgPool2d(1), "lsq", 2, int8=False, uint8=True)
+    (quantizer,) = pool.input_quantizers
+    quantizer.signed = False
+    quantizer.set_range(torch.tensor([1.0]))
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.equal(pool(x), quantizer(x).mean((2, 3), keepdim=True))
+    assert not torch.equal(pool(x), x.mean((2, 3), keepdim=True))
+
+
+class _PooledAndConvolved(nn.Module):
+    """A tensor (h) read by a convolution and by the average pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv1(x))
+        return torch.cat([self.pool(h).flatten(1), self.conv2(h).mean((2, 3))], 1)
+
+
+def test_a_pooling_shares_the_quantizer_of_a_layer_reading_its_input() -> None:
+    """As a residual addition does: one quantizer per tensor, so the file quantizes h once
+    (on the fx graph that quantizing residual additions traces, as ``export.target: cpu``)."""
+    cpu = spec(pool_bits=8, residual_bits=8, uint8_grids=True)
+    student = prepare(_PooledAndConvolved().eval(), cpu)
+    assert student.pool.input_quantizers[0] is student.conv2.act_quantizer
+    assert len(list(quantizers(student))) == 2 * 2
