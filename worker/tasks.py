@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -57,6 +58,12 @@ class DbReporter:
     may call both per step, thousands of times a minute. Every write renews the lease; a write
     that finds the lease gone makes ``should_stop`` say True. Each stage is timed on ``clock``
     (monotonic): its seconds go with the next stage's write, the last stage's with the end.
+
+    ``background``: progress, curve points, warnings and cancel polls go to one thread of their
+    own, in order, so that training never waits for the database (a curve point cost a step
+    ~3 ms of CPU and up to tens of ms of waiting, on SQLite, and a job of up to 200 steps
+    writes one every step); ``stage``, ``flush`` and ``close`` return once everything before
+    them is written. ``close`` also stops the thread.
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class DbReporter:
         cancel_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         deadline: dt.datetime | None = None,
+        background: bool = False,
     ) -> None:
         self.settings = settings
         self.job_id = job_id
@@ -88,16 +96,47 @@ class DbReporter:
         self._stage_started = 0.0
         self._last_poll = -float("inf")
         self._cancel_requested = False
+        self._tasks: queue.Queue[Callable[[], None] | None] | None = None
+        self._writer: threading.Thread | None = None
+        if background:
+            self._tasks = queue.Queue()
+            self._writer = threading.Thread(
+                target=self._run_tasks, name=f"reporter {job_id}", daemon=True
+            )
+            self._writer.start()
 
-    def _write(self, write: Callable[[Any], bool]) -> None:
-        # A database hiccup must not fail a job hours into training: log it, carry on, and
-        # let the heartbeat keep the lease.
-        try:
-            with session_scope(self.settings) as session:
-                if not write(session):
-                    self.lease_lost.set()
-        except SQLAlchemyError:
-            log.warning("job %s: progress write failed", self.job_id, exc_info=True)
+    def _run_tasks(self) -> None:
+        assert self._tasks is not None
+        while (task := self._tasks.get()) is not None:
+            try:
+                task()
+            except Exception:  # the thread must outlive any one write
+                log.exception("job %s: reporter write failed", self.job_id)
+            finally:
+                self._tasks.task_done()
+        self._tasks.task_done()
+
+    def _submit(self, task: Callable[[], None], *, wait: bool = False) -> None:
+        """Run ``task`` now, or queue it for the background thread (``wait``: until done)."""
+        if self._tasks is None:
+            task()
+            return
+        self._tasks.put(task)
+        if wait:
+            self._tasks.join()
+
+    def _write(self, write: Callable[[Any], bool], *, wait: bool = False) -> None:
+        def task() -> None:
+            # A database hiccup must not fail a job hours into training: log it, carry on, and
+            # let the heartbeat keep the lease.
+            try:
+                with session_scope(self.settings) as session:
+                    if not write(session):
+                        self.lease_lost.set()
+            except SQLAlchemyError:
+                log.warning("job %s: progress write failed", self.job_id, exc_info=True)
+
+        self._submit(task, wait=wait)
 
     def stage(self, stage: str) -> None:
         self.flush()
@@ -112,7 +151,8 @@ class DbReporter:
                 stage,
                 self.settings.lease_seconds,
                 previous_seconds=previous_seconds,
-            )
+            ),
+            wait=True,
         )
 
     def stage_seconds(self) -> float | None:
@@ -126,8 +166,18 @@ class DbReporter:
 
     def flush(self) -> None:
         """Write the latest progress not written yet, as an event too: called when a stage ends
-        and when the job does, so the log always holds a stage's last progress."""
+        and when the job does, so the log always holds a stage's last progress. Returns once
+        every write before it is done."""
         self._write_progress(final=True)
+        self._submit(lambda: None, wait=True)
+
+    def close(self) -> None:
+        """``flush``, then stop the background thread (if any)."""
+        self.flush()
+        if self._writer is not None and self._tasks is not None:
+            self._tasks.put(None)
+            self._writer.join()
+            self._writer = None
 
     def _write_progress(self, *, final: bool) -> None:
         progress = self._pending or (self._unannounced if final else None)
@@ -160,12 +210,15 @@ class DbReporter:
             if self.deadline is not None and utcnow() >= self.deadline:
                 self.out_of_time = True
                 return True
-            try:
-                with session_scope(self.settings) as session:
-                    self._cancel_requested = jobs.is_cancel_requested(session, self.job_id)
-            except SQLAlchemyError:
-                log.warning("job %s: cancel poll failed", self.job_id, exc_info=True)
+            self._submit(self._poll_cancel)  # in the background: the answer counts next time
         return self._cancel_requested
+
+    def _poll_cancel(self) -> None:
+        try:
+            with session_scope(self.settings) as session:
+                self._cancel_requested = jobs.is_cancel_requested(session, self.job_id)
+        except SQLAlchemyError:
+            log.warning("job %s: cancel poll failed", self.job_id, exc_info=True)
 
 
 @contextmanager
@@ -249,7 +302,7 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
     storage = open_storage(settings)
     started_at = job.started_at or utcnow()
     deadline = started_at + dt.timedelta(seconds=settings.max_job_seconds)
-    reporter = DbReporter(settings, job.id, owner, deadline=deadline)
+    reporter = DbReporter(settings, job.id, owner, deadline=deadline, background=True)
     stored: list[StoredObject] = []
     metrics: dict[str, Any] = {}
     error: tuple[str, str] | None = None  # (code, message)
@@ -294,7 +347,7 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
         message = f"the job failed unexpectedly ({type(exc).__name__}); see the worker log"
         error = ("internal_error", message)
 
-    reporter.flush()  # the last progress, while the job is still running
+    reporter.close()  # every write done (the last progress too), while the job still runs
     if reporter.lease_lost.is_set():
         log.warning("job %s: lease lost to another worker; leaving the job alone", job.id)
         return

@@ -17,10 +17,12 @@ import os
 import resource
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,8 @@ from core.sqakd.hessian import (
 )
 from core.sqakd.metrics import compare, predict
 from core.sqakd.modules import quant_layers, quantizers
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +91,11 @@ class TrainStats:
     ewgs_deltas: dict[str, float] = field(default_factory=dict)  # EWGS: delta per quantizer
     probe_points: int = 0  # curve points with a probe, in this call
     probe_seconds: float = 0.0  # the probes' own time, part of ``seconds``
+    # Other parts of ``seconds`` besides the steps (``Stopwatch``): the EWGS Hessian estimates,
+    # checkpoint writes, and the ``on_step`` and ``on_metrics`` callbacks (progress writes)
+    hessian_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    report_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,30 @@ EWGS_DELTA_CAPPED = "ewgs_delta_capped"  # the warning ``on_warning`` gets, once
 
 class TrainingCanceled(Exception):
     """``should_stop`` returned True; the student keeps the steps it took."""
+
+
+class Stopwatch:
+    """Seconds spent in named parts of the training loop: what a job spends around its steps."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def timing(self, part: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - started
+
+    def timed(self, part: str, call: Callable[[_T], None]) -> Callable[[_T], None]:
+        """``call``, its time counted under ``part``."""
+
+        def timed_call(argument: _T) -> None:
+            with self.timing(part):
+                call(argument)
+
+        return timed_call
 
 
 def peak_rss_bytes() -> int:
@@ -385,6 +418,11 @@ def train(
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    stopwatch = Stopwatch()
+    if on_step is not None:
+        on_step = stopwatch.timed("report", on_step)
+    if on_metrics is not None:
+        on_metrics = stopwatch.timed("report", on_metrics)
 
     def training_loss(
         student_logits: Tensor, teacher_logits: Tensor | None, indices: Tensor
@@ -470,9 +508,10 @@ def train(
                 "loss": loss_value,
                 "ewgs_capped_warned": capped_warned,
             }
-            save_checkpoint(
-                checkpointer.path, run | _snapshot(student, optimizer, schedule, augment_rng)
-            )
+            with stopwatch.timing("checkpoint"):
+                save_checkpoint(
+                    checkpointer.path, run | _snapshot(student, optimizer, schedule, augment_rng)
+                )
             last_saved = step
 
     started = time.perf_counter()
@@ -484,7 +523,8 @@ def train(
             raise TrainingCanceled(f"stopped at step {step} of {cfg.steps}")
         epoch, indices = next(batches)
         if ewgs and cfg.ewgs_delta == "hessian" and step % hessian_every == 0:
-            ewgs_deltas = estimate_deltas(step)
+            with stopwatch.timing("hessian"):
+                ewgs_deltas = estimate_deltas(step)
             warn_if_capped(step)
         inputs, teacher_logits = batch(indices, cfg.augment)
         with autocast:
@@ -528,6 +568,9 @@ def train(
         ewgs_deltas=ewgs_deltas or {name: q.delta.item() for name, q in ewgs.items()},
         probe_points=0 if curve is None else curve.probes,
         probe_seconds=0.0 if curve is None else curve.probe_seconds,
+        hessian_seconds=stopwatch.seconds["hessian"],
+        checkpoint_seconds=stopwatch.seconds["checkpoint"],
+        report_seconds=stopwatch.seconds["report"],  # the probes are counted apart
     )
 
 

@@ -150,3 +150,40 @@ def test_curve_points_are_metrics_events_and_the_latest_metrics(
     row = session.get(Job, job.id, populate_existing=True)
     assert row is not None and row.latest_metrics == second
     assert not reporter.lease_lost.is_set()
+
+
+def test_in_the_background_writes_land_in_order_by_flush_and_stop_with_close(
+    settings: Settings, session: Session
+) -> None:
+    """The worker's reporter: the training thread only queues; one thread writes, in order."""
+    job = running_job(session, settings)
+    clock = FakeClock()
+    reporter = DbReporter(settings, job.id, "me", clock=clock, background=True)
+    writer = reporter._writer
+    assert writer is not None and writer.is_alive()
+    points = [{"step": step, "loss": 1 / step} for step in (1, 2, 3)]
+    for point in points:
+        reporter.metrics(point)
+        reporter.progress({"step": point["step"]})
+        clock.now += 1.0
+    jobs.request_cancel(session, "local", job.id)
+    assert not reporter.should_stop()  # the poll is queued: its answer counts next time
+
+    reporter.flush()
+    items, _ = events.list_events(session, job.id)
+    assert [e.data for e in items if e.type == "metrics"] == points
+    assert stored_progress(session, job.id) == {"step": 3}
+    clock.now += 0.5
+    assert reporter.should_stop()
+    reporter.close()
+    assert not writer.is_alive()
+
+
+def test_in_the_background_a_lost_lease_still_stops_the_job(
+    settings: Settings, session: Session
+) -> None:
+    job = running_job(session, settings)
+    reporter = DbReporter(settings, job.id, "not-the-owner", clock=FakeClock(), background=True)
+    reporter.stage("training")  # returns once written
+    assert reporter.should_stop()
+    reporter.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -354,6 +355,37 @@ def test_train_raises_when_stopped() -> None:
             should_stop=should_stop,
         )
     assert [p.step for p in progress] == [1, 2, 3]
+
+
+def test_train_times_what_it_does_around_its_steps(tmp_path: Path) -> None:
+    """Hessian estimates, checkpoint writes and the callbacks each get their own seconds, part of
+    ``seconds``; a part the run does not do costs nothing."""
+    teacher, pixels = make_teacher(), uint8_images(32)
+    pause = 0.01
+
+    def slow_report(_: object) -> None:
+        time.sleep(pause)
+
+    student = make_student(teacher, "ewgs", pixels)
+    cfg = config(steps=4, batch_size=8, ewgs_delta_every=1)  # 4 steps per epoch: one estimate
+    stats = train(
+        teacher,
+        student,
+        pixels,
+        cfg,
+        on_step=slow_report,
+        on_metrics=slow_report,
+        checkpointer=Checkpointer(tmp_path / "checkpoint.pt", every=2),
+    )
+    assert stats.report_seconds >= 2 * cfg.steps * pause  # a progress and a curve point a step
+    assert stats.hessian_seconds > 0 and stats.checkpoint_seconds > 0
+    parts = stats.report_seconds + stats.hessian_seconds + stats.checkpoint_seconds
+    assert parts + stats.probe_seconds < stats.seconds
+
+    fixed = train(teacher, make_student(teacher, "ewgs", pixels), pixels, config(
+        steps=2, batch_size=8, ewgs_delta=0.5
+    ))  # fmt: skip
+    assert (fixed.hessian_seconds, fixed.checkpoint_seconds, fixed.report_seconds) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("method", METHODS)
