@@ -88,6 +88,7 @@ class TrainStats:
     ewgs_deltas: dict[str, float] = field(default_factory=dict)  # EWGS: delta per quantizer
     probe_points: int = 0  # curve points with a probe, in this call
     probe_seconds: float = 0.0  # the probes' own time, part of ``seconds``
+    processes: int = 1  # that trained, each on its share of every batch (``distributed``)
 
 
 @dataclass(frozen=True)
@@ -544,6 +545,7 @@ def train(
         ewgs_deltas=ewgs_deltas or {name: q.delta.item() for name, q in ewgs.items()},
         probe_points=0 if curve is None else curve.probes,
         probe_seconds=0.0 if curve is None else curve.probe_seconds,
+        processes=group.size,
     )
 
 

@@ -161,6 +161,7 @@ def test_a_job_on_two_processes_stops_resumes_and_ends_as_on_one(
     get_settings.cache_clear()
 
     assert again.steps == [6, 7, 8, 9, 10]
+    assert result.metrics["train"]["processes"] == 2
     expected = load(uninterrupted.student)
     got = load(result.artifacts["student.safetensors"].read_bytes())
     assert got.keys() == expected.keys()

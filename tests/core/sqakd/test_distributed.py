@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from core.sqakd.distributed import Rendezvous
+from core.sqakd.distributed import Group, Rendezvous, world_size
 from core.sqakd.trainer import load_checkpoint
 from tests.core.sqakd import distributed_targets
 
@@ -37,6 +37,59 @@ LOSS_RTOL, STATE_RTOL = 1e-4, 1e-3
 # 45 images in batches of 15: 3 steps an epoch; EWGS re-estimates its deltas each epoch.
 RUN = {"method": "ewgs", "bits": 2, "images": 45, "batch": 15, "steps": 6, "every": 2}
 KILLED_AT = 4  # rank 0 dies after this step, once its checkpoint is written
+
+
+@pytest.mark.parametrize("batch", [3, 7, 15, 256])
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_shards_split_each_batch_in_order_and_weights_make_the_global_mean(
+    size: int, batch: int
+) -> None:
+    groups = [Group(rank, size) for rank in range(size)]
+    rows = [group.shard(batch) for group in groups]
+    assert [i for part in rows for i in range(batch)[part]] == list(range(batch))
+    sizes = [len(range(batch)[part]) for part in rows]
+    assert max(sizes) - min(sizes) <= 1
+    # The ranks' mean of (shard mean x weight) is the batch mean, whatever the shard sizes.
+    values = torch.arange(batch, dtype=torch.float64) ** 2
+    means = [
+        values[part].mean() * group.loss_weight(batch)
+        for group, part in zip(groups, rows, strict=True)
+    ]
+    assert sum(means) / size == pytest.approx(values.mean().item())
+
+
+def test_a_batch_smaller_than_the_group_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot feed 3 processes"):
+        Group(0, 3).shard(2)
+
+
+@pytest.mark.parametrize(
+    ("requested", "worker", "batch", "expected"),
+    [(None, None, 64, 1), (2, None, 64, 1), (None, 4, 64, 4), (2, 4, 64, 2), (None, 4, 3, 3)],
+)
+def test_world_size_on_a_cpu_worker(
+    monkeypatch: pytest.MonkeyPatch,
+    requested: int | None,
+    worker: int | None,
+    batch: int,
+    expected: int,
+) -> None:
+    """One process unless the worker allows more; the job asks for at most that."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert world_size(requested, worker, batch) == expected
+
+
+@pytest.mark.parametrize(
+    ("requested", "worker", "expected"),
+    [(None, None, 8), (2, None, 2), (None, 4, 4), (None, 16, 8)],
+)
+def test_world_size_on_a_gpu_worker(
+    monkeypatch: pytest.MonkeyPatch, requested: int | None, worker: int | None, expected: int
+) -> None:
+    """Every GPU by default, never more processes than GPUs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert world_size(requested, worker, 256) == expected
 
 
 @dataclass
