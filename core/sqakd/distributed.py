@@ -223,8 +223,8 @@ def launch(size: int, entry: str, argument: Any) -> Iterator[Rendezvous]:
     and their ``Rendezvous``; yield rank 0's, this process's.
 
     The CPU threads are shared out among the ranks. On leaving, the process group goes; the
-    ranks are waited for after a normal exit (a failed rank raises), and killed after an
-    exception: rank 0 holds everything that is kept.
+    ranks are waited for after a normal exit, and killed after an exception: rank 0 holds
+    everything that is kept.
     """
     if size == 1:
         yield Rendezvous(0, 1)
@@ -254,11 +254,18 @@ def launch(size: int, entry: str, argument: Any) -> Iterator[Rendezvous]:
 
 
 def _wait(children: list[subprocess.Popen[bytes]]) -> None:
+    """Let ranks 1..N-1 exit after training. Rank 0 took part in every step's collectives, so
+    its student is whole whatever they do now: a rank that fails or hangs here is logged (and
+    killed), not the job's failure."""
     deadline = time.monotonic() + EXIT_SECONDS
     for rank, child in enumerate(children, start=1):
-        code = child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        try:
+            code = child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            log.warning("training rank %d still running %g s after training", rank, EXIT_SECONDS)
+            continue
         if code != 0:
-            raise RuntimeError(f"training rank {rank} exited with {code}")
+            log.warning("training rank %d exited with %d after training", rank, code)
 
 
 def _leave() -> None:
