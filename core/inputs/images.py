@@ -214,27 +214,30 @@ def normalize(
 
 
 def augment(
-    batch_uint8: torch.Tensor, generator: torch.Generator, rows: slice | None = None, of: int = 0
+    batch_uint8: torch.Tensor,
+    generator: torch.Generator,
+    shard: slice | None = None,
+    whole: int = 0,
 ) -> torch.Tensor:
     """Random crop of the zero-padded image, then random horizontal flip: the paper's recipe.
 
     Padding is max(1, H // 8) pixels on every side (4 for CIFAR's 32). One gather does the whole
     batch. Random numbers come from `generator`, on its own device, so a generator in a given
-    state always gives the same batch. A shard of a larger batch (a training process's part)
-    passes its `rows` of that batch of `of` images: the random numbers are drawn for all `of`,
-    so the shard is augmented exactly as the whole batch would augment those rows.
+    state always gives the same batch. A `shard` of a larger batch of `whole` images (a training
+    process's rows of it) draws the random numbers of all `whole` images, so it is augmented
+    exactly as the whole batch would augment those rows.
     """
     _check_batch(batch_uint8)
     count, channels, height, width = batch_uint8.shape
-    rows, drawn = (slice(None), count) if rows is None else (rows, of)
+    shard, drawn = (slice(None), count) if shard is None else (shard, whole)
     pad = max(1, height // 8)
     device = batch_uint8.device
     offsets = torch.randint(
         0, 2 * pad + 1, (2, drawn), generator=generator, device=generator.device
     )
     flips = torch.randint(0, 2, (drawn, 1), generator=generator, device=generator.device)
-    top, left = offsets[:, rows].to(device)
-    flip = flips[rows].to(device).bool()
+    top, left = offsets[:, shard].to(device)
+    flip = flips[shard].to(device).bool()
 
     rows = top[:, None] + torch.arange(height, device=device)  # [N, H] into the padded image
     columns = torch.arange(width, device=device)

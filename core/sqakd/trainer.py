@@ -425,8 +425,8 @@ def train(
 
     # Compiled, the student's forward and backward run as fused kernels (a C++ compiler on
     # CPU, Triton on CUDA); the first steps pay the compilation. Parameters stay shared, so
-    # checkpoints and the Hessian estimate use ``student`` itself.
-    # Under DDP, the backward averages the ranks' gradients.
+    # checkpoints and the Hessian estimate use ``student`` itself. Under DDP (several
+    # processes) the backward averages the processes' gradients.
     forward = group.wrap(student)
     forward = torch.compile(forward) if cfg.compile_model else forward
 
