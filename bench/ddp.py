@@ -96,7 +96,7 @@ def main() -> None:
         rows.append(
             [
                 run["processes"],
-                f"{run['images_per_second']:.0f}",
+                f"{run['images_per_second']:.3g}",
                 f"{run['images_per_second'] / reference['images_per_second']:.2f}x",
                 f"{run['training_seconds']:.1f}",
                 f"{difference:.1e}",
