@@ -193,6 +193,7 @@ class ExportConfig(_Strict):
         return "tensorrt" if self.tensorrt else "papers"
 
 
+MAX_DEVICES = 64  # training processes of one job (GPUs of one worker)
 # Most classes a job can name (`JobConfig.class_names`, numbered class folders); each name's length.
 MAX_CLASSES = 100_000
 MAX_CLASS_NAME_CHARS = 200
@@ -252,6 +253,15 @@ class JobConfig(_Strict):
         description="Run the student's training forward and backward through torch.compile: "
         "fused kernels after a compilation of tens of seconds; needs a C++ compiler on CPU "
         "workers, Triton on CUDA.",
+    )
+    devices: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_DEVICES,
+        description="Training processes, one per GPU (DistributedDataParallel; gloo processes "
+        "on a CPU worker), each training on its share of every batch: the result is one "
+        "process's up to float rounding. Default: the worker's TRAIN_DEVICES (every GPU; one "
+        "process on a CPU worker). Never more than the worker allows, nor than batch_size.",
     )
     checkpoint_every: int = Field(
         200,
@@ -315,6 +325,11 @@ class JobConfig(_Strict):
         ]
         if ewgs_only and self.method != "ewgs":
             raise ValueError(f"{', '.join(sorted(ewgs_only))} apply to method 'ewgs' only")
+        if self.devices is not None and self.devices > self.batch_size:
+            raise ValueError(
+                f"devices ({self.devices}) cannot exceed batch_size ({self.batch_size}): each "
+                "process trains on at least one image of every batch"
+            )
         return self
 
     @property

@@ -7,6 +7,10 @@ Training saves ``checkpoint.pt`` in the work dir every ``checkpoint_every`` step
 and when done. A job run again on the same work dir (its worker died or lost its lease) redoes
 the cheap, deterministic part (import, calibration: same student, same ``calibrated`` metrics)
 and resumes training from that checkpoint, ending with the student of a run that never stopped.
+
+A job that trains on several processes (``config.devices``, the worker's ``TRAIN_DEVICES``)
+starts them first (``train_rank``): each imports and calibrates as this process does, at the
+same time, and trains on its share of every batch; this process, rank 0, does everything else.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from core.config import JobConfig
 from core.engine import calibrated_student, train_config
@@ -32,8 +36,9 @@ from core.export.onnx_qdq import (
 )
 from core.export.runtime_speed import int8_slower_batches, int8_speed
 from core.inputs.images import ImageSet, load_image_archive, normalize
-from core.inputs.onnx_model import load_onnx_model
+from core.inputs.onnx_model import ImportedModel, load_onnx_model
 from core.settings import get_settings
+from core.sqakd import distributed
 from core.sqakd.metrics import compare, model_sizes, predict
 from core.sqakd.modules import describe_layers
 from core.sqakd.teacher import inference_teacher
@@ -43,6 +48,7 @@ log = logging.getLogger(__name__)
 
 PARITY_IMAGES = 10_000  # ONNX-vs-PyTorch parity on the evaluation images, up to this many
 CHECKPOINT = "checkpoint.pt"  # in the work dir; not an artifact
+TRAIN_RANK = f"{__name__}:train_rank"  # the entry of training ranks 1..N-1
 
 STAGES = ("validating", "calibrating", "training", "evaluating", "exporting")
 
@@ -111,79 +117,67 @@ def run_quantization(
 ) -> JobResult:
     """Import, calibrate, distill, evaluate and export; raises InputError for bad uploads."""
     workdir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prep = config.preprocessing
-
-    reporter.stage("validating")
-    imported = load_onnx_model(inputs.model_path, input_size=prep.input_size)
-    input_size = prep.input_size or (imported.input_shape[2], imported.input_shape[3])
-    max_pixels = get_settings().max_dataset_pixels  # data and eval_data share it
-    # The job's class order applies where labels are evaluated: to data only when it is split.
-    data_classes = config.class_names if inputs.eval_data_path is None else None
-    data = load_image_archive(
-        inputs.data_path, input_size, max_pixels=max_pixels, class_names=data_classes
-    )
-    if inputs.eval_data_path is not None:
-        train_set = data
-        eval_set = load_image_archive(
-            inputs.eval_data_path,
-            input_size,
-            max_pixels=max_pixels,
-            images_before=len(data),
-            class_names=config.class_names,
-        )
-    else:
-        train_set, eval_set = data.split(config.eval_fraction, config.seed)
-    labels = _usable_labels(eval_set, imported.num_outputs)
-    teacher = imported.module.to(device)
-    frozen_teacher = inference_teacher(teacher)  # forward passes only: BatchNorm folded
-    teacher_logits = predict(frozen_teacher, eval_set.pixels, prep.mean, prep.std)
-
-    reporter.stage("calibrating")
-    student, spec = calibrated_student(teacher, train_set.pixels, config)
-    calibrated = compare(
-        teacher_logits, predict(student, eval_set.pixels, prep.mean, prep.std), labels
-    )
-
-    reporter.stage("training")
     checkpoint = workdir / CHECKPOINT
-    resume_from = checkpoint if checkpoint.exists() else None
-    if resume_from is not None:
-        log.info("resuming training from %s", resume_from)
-    train_cfg = train_config(config, len(train_set))
-    try:
-        stats = train(
-            frozen_teacher,
-            student,
-            train_set.pixels,
-            train_cfg,
-            on_step=lambda p: reporter.progress(asdict(p)),
-            should_stop=reporter.should_stop,
-            checkpointer=Checkpointer(checkpoint, config.checkpoint_every),
-            resume_from=resume_from,
-            on_metrics=reporter.metrics,
-            # the curve's probes: evaluation images, with the teacher's logits computed above
-            probe=choose_probe(eval_set.pixels, teacher_logits, train_cfg),
-            on_warning=reporter.warning,
-        )
-    except TrainingCanceled as stop:
-        raise JobCanceled(str(stop)) from stop
+    resume = checkpoint.exists()  # decided once, for every rank
+    if resume:
+        log.info("resuming training from %s", checkpoint)
+    processes = distributed.world_size(
+        config.devices, get_settings().train_devices, config.batch_size
+    )
+    rank_job = {
+        "inputs": {name: str(path) if path else None for name, path in asdict(inputs).items()},
+        "config": config.model_dump(mode="json"),
+        "workdir": str(workdir),
+        "resume": resume,
+    }
+    with distributed.launch(processes, TRAIN_RANK, rank_job) as rendezvous:
+        reporter.stage("validating")
+        job = _load(inputs, config)
+        teacher_logits = predict(job.frozen_teacher, job.eval_set.pixels, prep.mean, prep.std)
 
+        reporter.stage("calibrating")
+        student, spec = calibrated_student(job.teacher, job.train_set.pixels, config)
+        calibrated = compare(
+            teacher_logits, predict(student, job.eval_set.pixels, prep.mean, prep.std), job.labels
+        )
+
+        reporter.stage("training")
+        train_cfg = train_config(config, len(job.train_set))
+        try:
+            stats = train(
+                job.frozen_teacher,
+                student,
+                job.train_set.pixels,
+                train_cfg,
+                on_step=lambda p: reporter.progress(asdict(p)),
+                should_stop=reporter.should_stop,
+                checkpointer=Checkpointer(checkpoint, config.checkpoint_every),
+                resume_from=checkpoint if resume else None,
+                on_metrics=reporter.metrics,
+                # the curve's probes: evaluation images, with the teacher's logits from above
+                probe=choose_probe(job.eval_set.pixels, teacher_logits, train_cfg),
+                on_warning=reporter.warning,
+                group=rendezvous.join(),
+            )
+        except TrainingCanceled as stop:
+            raise JobCanceled(str(stop)) from stop
     reporter.stage("evaluating")
     student.eval()
     metrics: dict[str, Any] = {
-        **compare(teacher_logits, predict(student, eval_set.pixels, prep.mean, prep.std), labels),
+        **compare(
+            teacher_logits, predict(student, job.eval_set.pixels, prep.mean, prep.std), job.labels
+        ),
         "calibrated": calibrated,
-        "eval_images": len(eval_set),
+        "eval_images": len(job.eval_set),
         "eval_source": "eval_data" if inputs.eval_data_path is not None else "held_out",
-        "train_images": len(train_set),
+        "train_images": len(job.train_set),
         **model_sizes(student),
         "train": asdict(stats),
     }
-    classes = 0 if labels is None else int(labels.unique().numel())
+    classes = 0 if job.labels is None else int(job.labels.unique().numel())
     metrics["warnings"] = label_warnings(
-        metrics["teacher_top1"], metrics["agreement"], classes, len(eval_set)
+        metrics["teacher_top1"], metrics["agreement"], classes, len(job.eval_set)
     )
     for warning in metrics["warnings"]:
         log.warning("%s: %s", warning["code"], warning["message"])
@@ -203,14 +197,14 @@ def run_quantization(
     quant_config = {
         "job_config": config.model_dump(mode="json"),
         "quant_spec": spec.to_dict(),
-        "input": {"name": imported.input_name, "shape": [3, *input_size]},
+        "input": {"name": job.imported.input_name, "shape": [3, *job.input_size]},
         "layers": describe_layers(student),
     }
     artifacts["quant_config.json"].write_text(json.dumps(quant_config, indent=2))
     if config.export.onnx:
         onnx_path = artifacts["model_qdq.onnx"] = workdir / "model_qdq.onnx"
-        export_qdq_onnx(student, (3, *input_size), onnx_path)
-        eval_inputs = normalize(eval_set.pixels[:PARITY_IMAGES], prep.mean, prep.std)
+        export_qdq_onnx(student, (3, *job.input_size), onnx_path)
+        eval_inputs = normalize(job.eval_set.pixels[:PARITY_IMAGES], prep.mean, prep.std)
         metrics["onnx_parity"] = onnx_parity(student, onnx_path, eval_inputs.split(64))
         if config.export.target == "tensorrt":  # the CPU's grids are not TensorRT's
             metrics["tensorrt_rules"] = tensorrt_report(student, onnx_path)
@@ -218,12 +212,87 @@ def run_quantization(
         write_cpu_variant(onnx_path, cpu_path)
         if config.export.speed:
             models = {"float": inputs.model_path, "qdq": onnx_path, "qdq_cpu": cpu_path}
-            metrics["inference"] = _inference_speed(models, (3, *input_size))
+            metrics["inference"] = _inference_speed(models, (3, *job.input_size))
             for warning in int8_warnings(metrics["inference"]):
                 reporter.warning(warning["code"], warning["message"])
                 metrics["warnings"].append(warning)
     artifacts["metrics.json"].write_text(json.dumps(metrics, indent=2))
     return JobResult(metrics=metrics, artifacts=artifacts)
+
+
+@dataclass
+class _Loaded:
+    """A job's model and images as every training rank loads them."""
+
+    imported: ImportedModel
+    input_size: tuple[int, int]
+    train_set: ImageSet
+    eval_set: ImageSet
+    labels: Tensor | None  # of eval_set, where they can index the model's outputs
+    teacher: nn.Module  # on the training device
+    frozen_teacher: nn.Module  # forward passes only: BatchNorm folded
+
+
+def _load(inputs: JobInputs, config: JobConfig) -> _Loaded:
+    """The validating stage: the model, and the images split into training and evaluation."""
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a rank's own GPU
+    prep = config.preprocessing
+    imported = load_onnx_model(inputs.model_path, input_size=prep.input_size)
+    input_size = prep.input_size or (imported.input_shape[2], imported.input_shape[3])
+    max_pixels = get_settings().max_dataset_pixels  # data and eval_data share it
+    # The job's class order applies where labels are evaluated: to data only when it is split.
+    data_classes = config.class_names if inputs.eval_data_path is None else None
+    data = load_image_archive(
+        inputs.data_path, input_size, max_pixels=max_pixels, class_names=data_classes
+    )
+    if inputs.eval_data_path is not None:
+        train_set = data
+        eval_set = load_image_archive(
+            inputs.eval_data_path,
+            input_size,
+            max_pixels=max_pixels,
+            images_before=len(data),
+            class_names=config.class_names,
+        )
+    else:
+        train_set, eval_set = data.split(config.eval_fraction, config.seed)
+    teacher = imported.module.to(device)
+    return _Loaded(
+        imported,
+        input_size,
+        train_set,
+        eval_set,
+        _usable_labels(eval_set, imported.num_outputs),
+        teacher,
+        inference_teacher(teacher),
+    )
+
+
+def train_rank(job: dict[str, Any], rendezvous: distributed.Rendezvous) -> None:
+    """Training rank 1..N-1 of a job (``distributed.launch``): the model and images loaded, the
+    student calibrated as rank 0 does (deterministic), then its share of training. Rank 0
+    reports, checkpoints and exports; this rank stops when rank 0 does."""
+    paths = job["inputs"]
+    inputs = JobInputs(
+        Path(paths["model_path"]),
+        Path(paths["data_path"]),
+        Path(paths["eval_data_path"]) if paths["eval_data_path"] else None,
+    )
+    config = JobConfig.model_validate(job["config"])
+    loaded = _load(inputs, config)
+    student, _ = calibrated_student(loaded.teacher, loaded.train_set.pixels, config)
+    try:
+        train(
+            loaded.frozen_teacher,
+            student,
+            loaded.train_set.pixels,
+            train_config(config, len(loaded.train_set)),
+            resume_from=Path(job["workdir"]) / CHECKPOINT if job["resume"] else None,
+            group=rendezvous.join(),
+        )
+    except TrainingCanceled:
+        log.info("training rank %d: stopped with rank 0", rendezvous.rank)
 
 
 def _inference_speed(models: dict[str, Path], input_shape: tuple[int, ...]) -> dict[str, Any]:

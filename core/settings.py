@@ -15,6 +15,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, NonNegativeFloat, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.config import MAX_DEVICES
+
 MiB = 1024**2
 GiB = 1024**3
 
@@ -104,6 +106,14 @@ class Settings(BaseSettings):
         "The service's own objects (jobs/, resources/, sweeps/ under its prefix) never.",
     )
     train_queue: str = Field("train", min_length=1)
+    train_devices: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_DEVICES,
+        description="Processes one training job may use, one per GPU: default every GPU of a "
+        "CUDA worker, 1 on a CPU worker, where a larger number runs that many gloo processes "
+        "sharing its cores. A job's config.devices asks for fewer.",
+    )
     lease_seconds: int = Field(
         120, ge=5, description="How long a worker owns a running job without a heartbeat."
     )

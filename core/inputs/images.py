@@ -213,23 +213,31 @@ def normalize(
     return x.div_(255).sub_(mean_t).div_(std_t)  # in place keeps channels_last
 
 
-def augment(batch_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(
+    batch_uint8: torch.Tensor,
+    generator: torch.Generator,
+    shard: slice | None = None,
+    whole: int = 0,
+) -> torch.Tensor:
     """Random crop of the zero-padded image, then random horizontal flip: the paper's recipe.
 
     Padding is max(1, H // 8) pixels on every side (4 for CIFAR's 32). One gather does the whole
     batch. Random numbers come from `generator`, on its own device, so a generator in a given
-    state always gives the same batch.
+    state always gives the same batch. A `shard` of a larger batch of `whole` images (a training
+    process's rows of it) draws the random numbers of all `whole` images, so it is augmented
+    exactly as the whole batch would augment those rows.
     """
     _check_batch(batch_uint8)
     count, channels, height, width = batch_uint8.shape
+    shard, drawn = (slice(None), count) if shard is None else (shard, whole)
     pad = max(1, height // 8)
     device = batch_uint8.device
     offsets = torch.randint(
-        0, 2 * pad + 1, (2, count), generator=generator, device=generator.device
+        0, 2 * pad + 1, (2, drawn), generator=generator, device=generator.device
     )
-    flips = torch.randint(0, 2, (count, 1), generator=generator, device=generator.device)
-    top, left = offsets.to(device)
-    flip = flips.to(device).bool()
+    flips = torch.randint(0, 2, (drawn, 1), generator=generator, device=generator.device)
+    top, left = offsets[:, shard].to(device)
+    flip = flips[shard].to(device).bool()
 
     rows = top[:, None] + torch.arange(height, device=device)  # [N, H] into the padded image
     columns = torch.arange(width, device=device)

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from core.sqakd.distributed import mean_gradient
+
 QUANTIZERS: dict[str, type[Quantizer]] = {}
 CLIP_FRACTIONS = torch.logspace(-1.7, 0, 24).tolist()  # 0.02 .. 1 of the largest magnitude
 INT8_MAX = 127
@@ -575,11 +577,19 @@ class EWGSQuantizer(Quantizer):
             width = (upper - lower).clamp_min(MIN_STEP)
             normalised = ((x - lower) / width).clamp(0, 1) * steps
             rounded = _EWGSRound.apply(normalised, self.delta / steps)
-            return rounded / steps * width + lower
+            return self._global_gradient(rounded / steps * width + lower)
         step = (upper - lower).clamp_min(MIN_STEP) / steps
         zero_point = self.zero_point(lower, step)
         # delta / steps: the residual in code units is steps times the paper's x_n - x_q
-        return fake_quantize(x, step, zero_point, 0, steps, delta=self.delta / steps)
+        return self._global_gradient(
+            fake_quantize(x, step, zero_point, 0, steps, delta=self.delta / steps)
+        )
+
+    def _global_gradient(self, out: Tensor) -> Tensor:
+        """Weights: the scaling's ``sign(g)`` is that of the whole batch's gradient, also when
+        several processes each train on a shard (``distributed.mean_gradient``). Activations'
+        gradients are per image: each process has its own images' whole gradient."""
+        return mean_gradient(out) if self.for_weights else out
 
     def set_range(self, clip: Tensor) -> None:
         """Signed: ``[-clip, clip - step]``, so the zero point starts on a whole step."""

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from core.inputs.images import augment, normalize
 from core.sqakd.distill import distillation_loss
+from core.sqakd.distributed import ONE_PROCESS, Group
 from core.sqakd.hessian import (
     HUTCHINSON_BATCHES,
     HUTCHINSON_IMAGES,
@@ -96,6 +97,7 @@ class TrainStats:
     hessian_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
     report_seconds: float = 0.0
+    processes: int = 1  # that trained, each on its share of every batch (``distributed``)
 
 
 @dataclass(frozen=True)
@@ -389,6 +391,7 @@ def train(
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     probe: Probe | None = None,
     on_warning: Callable[[str, str], None] | None = None,
+    group: Group = ONE_PROCESS,
 ) -> TrainStats:
     """Distill ``teacher`` into ``student`` for ``cfg.steps`` steps on unlabeled ``pixels``.
 
@@ -402,12 +405,17 @@ def train(
     ``resume_from`` continues a run from its checkpoint: ``student`` must be built as the
     interrupted run built it (same teacher, ``prepare`` and ``calibrate``), and ``cfg`` and
     ``pixels`` must be the same; the steps still to take then give identical results.
+
+    ``group`` trains on several processes (``core.sqakd.distributed``): every rank calls
+    ``train`` with the same arguments but the hooks and the checkpointer, which only rank 0
+    passes; each trains on its shard of every batch, and all resume from rank 0's checkpoint.
     """
     if cfg.label_weight and (labels is None or len(labels) != len(pixels)):
         raise ValueError("label_weight needs one label per image")
     device = next(student.parameters()).device
     teacher.eval().requires_grad_(False)
     student.train()
+    group.copy_main(student)
     optimizer = make_optimizer(student, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_factor(step, cfg.steps)
@@ -437,12 +445,15 @@ def train(
             loss = loss + cfg.label_weight * F.cross_entropy(student_logits.float(), targets)
         return loss
 
-    def batch(indices: Tensor, augmented: bool) -> tuple[Tensor, Tensor | None]:
-        """(student input, teacher logits) of the images at ``indices``; no teacher logits
-        for the label-only baseline."""
-        images = pixels[indices]
+    def batch(
+        indices: Tensor, augmented: bool, rows: slice | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(student input, teacher logits) of the images at ``indices[rows]`` (a rank's shard
+        of the batch ``indices``, augmented as the whole batch augments those rows); no
+        teacher logits for the label-only baseline."""
+        images = pixels[indices if rows is None else indices[rows]]
         if augmented:
-            images = augment(images, augment_rng)
+            images = augment(images, augment_rng, rows, len(indices))
         inputs = normalize(images.to(device, non_blocking=True), cfg.mean, cfg.std)
         if not cfg.distill_weight:
             return inputs, None
@@ -452,8 +463,10 @@ def train(
 
     # Compiled, the student's forward and backward run as fused kernels (a C++ compiler on
     # CPU, Triton on CUDA); the first steps pay the compilation. Parameters stay shared, so
-    # checkpoints and the Hessian estimate use ``student`` itself.
-    forward = torch.compile(student) if cfg.compile_model else student
+    # checkpoints and the Hessian estimate use ``student`` itself. Under DDP (several
+    # processes) the backward averages the processes' gradients.
+    forward = group.wrap(student)
+    forward = torch.compile(forward) if cfg.compile_model else forward
 
     ewgs = ewgs_quantizers(student)
     ewgs_deltas: dict[str, float] = {}
@@ -483,6 +496,8 @@ def train(
         _restore(saved, student, optimizer, schedule, augment_rng)
         start, loss_value = saved["step"], saved["loss"]
         capped_warned = saved.get("ewgs_capped_warned", False)
+    if group.from_main(start) != start:  # a checkpoint written between the ranks' reads
+        raise RuntimeError(f"rank {group.rank} resumes at step {start}, rank 0 elsewhere")
     last_saved = start
 
     def warn_if_capped(step: int) -> None:
@@ -518,18 +533,20 @@ def train(
     images_seen = 0
     batches = batch_indices(len(pixels), cfg.batch_size, cfg.seed, start)
     for step in range(start, cfg.steps):
-        if should_stop is not None and should_stop():
+        if group.decide(should_stop is not None and should_stop()):  # rank 0's call
             checkpoint(step, stopping=True)
             raise TrainingCanceled(f"stopped at step {step} of {cfg.steps}")
         epoch, indices = next(batches)
         if ewgs and cfg.ewgs_delta == "hessian" and step % hessian_every == 0:
             with stopwatch.timing("hessian"):
-                ewgs_deltas = estimate_deltas(step)
+                ewgs_deltas = estimate_deltas(step)  # the same on every rank: same batch, student
             warn_if_capped(step)
-        inputs, teacher_logits = batch(indices, cfg.augment)
+        rows = group.shard(len(indices))
+        inputs, teacher_logits = batch(indices, cfg.augment, rows)
         with autocast:
             student_logits = forward(inputs)
-        loss = training_loss(student_logits, teacher_logits, indices)
+        loss = training_loss(student_logits, teacher_logits, indices[rows])
+        loss = loss * group.loss_weight(len(indices))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -538,7 +555,7 @@ def train(
         schedule.step()
 
         images_seen += len(indices)
-        loss_value = loss.item()
+        loss_value = group.mean(loss)
         if curve is not None:  # before the checkpoint: a crash repeats points, never skips
             curve.add(step + 1, epoch + 1, loss_value, rates, student)
         checkpoint(step + 1)
@@ -571,6 +588,7 @@ def train(
         hessian_seconds=stopwatch.seconds["hessian"],
         checkpoint_seconds=stopwatch.seconds["checkpoint"],
         report_seconds=stopwatch.seconds["report"],  # the probes are counted apart
+        processes=group.size,
     )
 
 

@@ -46,6 +46,8 @@ def assert_rejected(
         (with_config(learning_rate=0.1), ("config.learning_rate",)),
         (with_config(layer_bits={"layer1.*": 9}), ("config.layer_bits", "1..8")),
         (with_config(method="lsq", ewgs_delta=0.1), ("ewgs_delta", "'ewgs' only")),
+        (with_config(devices=0), ("config.devices", "greater than or equal to 1")),
+        (with_config(devices=32, batch_size=16), ("devices (32) cannot exceed batch_size",)),
         (
             with_config(export={"target": "cpu", "tensorrt_targets": ["x86-sm90"]}),
             ("config.export", "need target 'tensorrt'"),
@@ -61,6 +63,8 @@ def assert_rejected(
         "unknown-key",
         "layer-bits-9",
         "ewgs-delta-for-lsq",
+        "devices-0",
+        "devices-over-batch",
         "engines-for-the-cpu-target",
         "not-json",
         "list",

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load
 
 from core.config import JobConfig
 from core.pipeline import (
@@ -22,7 +24,9 @@ from core.pipeline import (
     SilentReporter,
     run_quantization,
 )
+from core.settings import get_settings
 from core.sqakd.trainer import load_checkpoint
+from tests.core.sqakd.test_distributed import LOSS_RTOL, STATE_RTOL
 from tests.factories import VALID_CONFIG, export_tiny_cnn, image_zip
 
 STEPS, EVERY = 10, 3  # 58 training images in batches of 16: 3 steps an epoch, 4 epochs
@@ -136,3 +140,42 @@ def test_a_job_that_finished_training_does_not_train_again(uninterrupted: Uninte
     result = run_quantization(uninterrupted.inputs, CONFIG, uninterrupted.workdir, again)
     assert again.steps == []
     assert_same_job(uninterrupted, result, resumed_from=STEPS)
+
+
+def test_a_job_on_two_processes_stops_resumes_and_ends_as_on_one(
+    uninterrupted: Uninterrupted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two gloo processes (``devices``, allowed by the worker's ``TRAIN_DEVICES``), stopped by
+    rank 0's reporter, then resumed: the 1-process job's student and curve within
+    ``test_distributed``'s tolerance (the same math, float sums in another order)."""
+    monkeypatch.setenv("TRAIN_DEVICES", "2")
+    get_settings.cache_clear()
+    config = JobConfig.model_validate(CONFIG.model_dump() | {"devices": 2})
+    stopping = Reporter(stop_after=5)
+    with pytest.raises(JobCanceled, match="step 5 of 10"):
+        run_quantization(uninterrupted.inputs, config, tmp_path, stopping)
+    assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == 5  # rank 0's, on the way out
+
+    again = Reporter()
+    result = run_quantization(uninterrupted.inputs, config, tmp_path, again)
+    get_settings.cache_clear()
+
+    assert again.steps == [6, 7, 8, 9, 10]
+    assert result.metrics["train"]["processes"] == 2
+    expected = load(uninterrupted.student)
+    got = load(result.artifacts["student.safetensors"].read_bytes())
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        scale = tensor.abs().max().item() or 1.0
+        torch.testing.assert_close(got[key], tensor, rtol=0, atol=STATE_RTOL * scale, msg=key)
+    points = stopping.points + again.points
+    assert [p["step"] for p in points] == [p["step"] for p in uninterrupted.points]
+    torch.testing.assert_close(
+        torch.tensor([p["loss"] for p in points]),
+        torch.tensor([p["loss"] for p in uninterrupted.points]),
+        rtol=LOSS_RTOL,
+        atol=0,
+    )
+    assert result.metrics["agreement"] == pytest.approx(
+        uninterrupted.result.metrics["agreement"], abs=0.05
+    )

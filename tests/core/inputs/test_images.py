@@ -402,3 +402,19 @@ def test_upload_validation_counts_data_and_eval_data_against_the_budget(
     assert excinfo.value.code == "pixel_budget_exceeded"
     assert "128 images at input_size 16x16" in excinfo.value.message
     assert "budget of 16,384 pixels" in excinfo.value.message
+
+
+def test_augment_of_a_shard_is_the_whole_batch_augment_of_its_rows() -> None:
+    """A training process augments its rows of a batch as one process augments the batch."""
+    batch = torch.randint(0, 256, (7, 3, 8, 8), dtype=torch.uint8)
+    whole = augment(batch, torch.Generator().manual_seed(3))
+    for rows in (slice(0, 3), slice(3, 7)):
+        generator = torch.Generator().manual_seed(3)
+        assert torch.equal(augment(batch[rows], generator, rows, len(batch)), whole[rows])
+        assert torch.equal(generator.get_state(), _after_whole_batch(batch))
+
+
+def _after_whole_batch(batch: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    augment(batch, generator)
+    return generator.get_state()
