@@ -225,9 +225,10 @@ def test_a_create_whose_answer_was_lost_is_retried_into_one_job(
 def test_errors_are_typed_with_the_api_code(
     live_service: LiveService, client: Client, stored: Stored, proxy: CuttingProxy, proxied: Client
 ) -> None:
-    with Client(live_service.url, api_key="not-the-key") as stranger, pytest.raises(
-        Unauthorized
-    ) as refused:
+    with (
+        Client(live_service.url, api_key="not-the-key") as stranger,
+        pytest.raises(Unauthorized) as refused,
+    ):
         stranger.jobs.get(str(uuid.uuid4()))
     assert refused.value.code == "unauthorized" and refused.value.status_code == 401
     assert str(refused.value).startswith("unauthorized: ") and "(HTTP 401)" in str(refused.value)
@@ -246,9 +247,10 @@ def test_errors_are_typed_with_the_api_code(
     assert unknown.value.code == "sweep_not_found"
 
     started = time.monotonic()
-    with Client(f"http://127.0.0.1:{free_port()}", retries=1) as nowhere, pytest.raises(
-        ConnectionFailed
-    ) as unreachable:
+    with (
+        Client(f"http://127.0.0.1:{free_port()}", retries=1) as nowhere,
+        pytest.raises(ConnectionFailed) as unreachable,
+    ):
         nowhere.jobs.get("x")
     assert unreachable.value.code == "connection_failed" and time.monotonic() - started < 5
 

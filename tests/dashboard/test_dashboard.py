@@ -106,6 +106,7 @@ def sign_in(page: Page, key: str, route: str = "") -> None:
 
 def store_inputs(client: httpx.Client, inputs: TinyInputs) -> dict[str, str]:
     """The tiny model and training images, stored (the same bytes again: the stored ones)."""
+
     def store(route: str, path: Path) -> str:
         response = client.post(f"/v1/{route}", files={"file": (path.name, path.read_bytes())})
         return str(response.json()["id"])
@@ -311,9 +312,7 @@ def test_a_cut_event_stream_resumes_with_last_event_id(
         sign_in(tab, live_service.api_key, f"#/jobs/{job_id}")
         expect(tab.locator(".page-head .badge")).to_have_text("succeeded", timeout=WAIT_MS)
         expect(tab.locator("#loss-chart")).to_have_attribute("data-points", str(CURVE_STEPS))
-        expect(tab.locator("#agreement-chart")).to_have_attribute(
-            "data-points", str(PROBE_POINTS)
-        )
+        expect(tab.locator("#agreement-chart")).to_have_attribute("data-points", str(PROBE_POINTS))
         streams = [r for r in proxy.requests if r.target.startswith(events_path)]
     assert proxy.cuts == 1
     assert [int(r.headers.get("last-event-id", 0)) > 0 for r in streams] == [False, True]
@@ -364,4 +363,3 @@ def test_a_sweeps_table_then_its_pareto_plot(
     expect(page.locator("#sweep-table tbody tr")).to_have_count(2)
     expect(page.locator("#sweep-table")).to_contain_text("recommended")
     screenshot(page, screenshots / "sweep.png")
-
