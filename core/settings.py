@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024**2
 GiB = 1024**3
+GB = 1000**3
 
 LOCAL_TENANT = "local"
 """The only tenant of the embedded mode (no ``API_KEYS``)."""
@@ -50,15 +51,33 @@ class Settings(BaseSettings):
         description="JSON map of API key -> tenant. Empty: embedded mode, tenant 'local', no key.",
     )
     max_model_bytes: int = Field(512 * MiB, gt=0)
-    max_data_bytes: int = Field(4 * GiB, gt=0)
-    # 2**31 pixels decode to a 6 GiB uint8 tensor: CIFAR-10 (50,000 x 32 x 32 = 51M pixels) and
-    # 20,000 ImageNet-sized images at 224 x 224 (1.0G) fit; 40,000 PNGs at 1024 x 1024 (42G,
-    # 117 GiB decoded) do not.
+    max_data_bytes: int = Field(
+        200 * GB, gt=0, description="Bytes of one uploaded data archive (issue 16: 200 GB)."
+    )
+    # The decoded store of a dataset lives on disk (core.inputs.store), 3 bytes per pixel:
+    # 200 GB holds 1,000,000 images at 224 x 224 (150 GB); 80,000 one-pixel PNGs (12 MB of
+    # zip) at 1024 x 1024 (252 GB) do not fit.
     max_dataset_pixels: int = Field(
-        2**31,
+        200 * GB // 3,
         gt=0,
         description="Images x H x W of one job (data and eval_data, at its input_size), checked "
-        "on upload and by the worker before decoding: 3 bytes per pixel in the worker's memory.",
+        "on upload and by the worker before decoding: 3 bytes per pixel of the dataset store.",
+    )
+    # The dataset stores (core.inputs.store): one per (dataset sha256, input size).
+    dataset_store_dir: Path | None = Field(
+        None, description="Where decoded datasets live; default: <data_dir>/cache/datasets."
+    )
+    dataset_store_days: float | None = Field(
+        7, gt=0, description="Housekeeping deletes a dataset store unused this long."
+    )
+    store_page_budget_bytes: int = Field(
+        256 * MiB,
+        ge=16 * MiB,
+        description="Mapped store pages a job keeps resident; past it they are dropped (they "
+        "stay in the kernel's page cache): a job's memory does not grow with its images.",
+    )
+    decode_processes: int | None = Field(
+        None, ge=1, description="Worker processes that decode a dataset; default: every CPU."
     )
     train_queue: str = Field("train", min_length=1)
     lease_seconds: int = Field(
@@ -118,11 +137,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
-    @field_validator("data_dir")
+    @field_validator("data_dir", "dataset_store_dir")
     @classmethod
-    def _absolute_data_dir(cls, data_dir: Path) -> Path:
+    def _absolute_data_dir(cls, data_dir: Path | None) -> Path | None:
         # Absolute, so the API and the worker (started elsewhere) agree on every derived path.
-        return data_dir.expanduser().absolute()
+        return None if data_dir is None else data_dir.expanduser().absolute()
 
     @field_validator("api_keys")
     @classmethod
@@ -159,6 +178,11 @@ class Settings(BaseSettings):
         if self.broker_url is None:
             object.__setattr__(self, "broker_url", f"redis+socket://{self.redis_socket}")
         return self
+
+    @property
+    def dataset_stores(self) -> Path:
+        """The dataset stores' folder: ``dataset_store_dir``, else under ``data_dir``."""
+        return self.dataset_store_dir or self.data_dir / "cache" / "datasets"
 
     @property
     def redis_socket(self) -> Path:
