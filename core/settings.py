@@ -70,12 +70,6 @@ class Settings(BaseSettings):
     dataset_store_days: float | None = Field(
         7, gt=0, description="Housekeeping deletes a dataset store unused this long."
     )
-    store_page_budget_bytes: int = Field(
-        256 * MiB,
-        ge=16 * MiB,
-        description="Mapped store pages a job keeps resident; past it they are dropped (they "
-        "stay in the kernel's page cache): a job's memory does not grow with its images.",
-    )
     decode_processes: int | None = Field(
         None, ge=1, description="Worker processes that decode a dataset; default: every CPU."
     )

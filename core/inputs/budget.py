@@ -21,6 +21,6 @@ def check_pixel_budget(image_count: int, size: tuple[int, int], budget: int) -> 
         raise TooLargeError(
             "pixel_budget_exceeded",
             f"{image_count:,} images at input_size {height}x{width} are {pixels:,} pixels "
-            f"({human_bytes(3 * pixels)} decoded on disk), over the budget of {budget:,} pixels per job "
-            "(MAX_DATASET_PIXELS): upload fewer images or choose a smaller input_size",
+            f"({human_bytes(3 * pixels)} decoded on disk), over the budget of {budget:,} pixels "
+            "per job (MAX_DATASET_PIXELS): upload fewer images or choose a smaller input_size",
         )

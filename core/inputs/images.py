@@ -23,7 +23,8 @@ from core.errors import DataImportError
 from core.inputs.archive import DEFAULT_LIMITS, ArchiveLimits
 from core.inputs.budget import check_pixel_budget
 from core.inputs.decode import MAX_IMAGE_PIXELS, PIL_FORMATS
-from core.inputs.store import DEFAULT_PAGE_BUDGET, Pixels, PixelView, open_store
+from core.inputs.pixels import Pixels, PixelView
+from core.inputs.store import open_store
 
 __all__ = ["MAX_IMAGE_PIXELS", "ImageSet", "check_pixel_budget", "load_image_archive"]
 
@@ -93,7 +94,6 @@ def load_image_archive(
     store_dir: Path | None = None,
     sha256: str | None = None,
     decode_processes: int | None = None,
-    page_budget: int = DEFAULT_PAGE_BUDGET,
 ) -> ImageSet:
     """Every image of the archive (sorted by path), RGB, resized to `size` = (H, W).
 
@@ -106,8 +106,7 @@ def load_image_archive(
 
     The pixels are a view of the dataset store under `store_dir`, decoded there once per
     (`sha256` of the archive, `size`) and reused; without `store_dir`, of a private store
-    deleted with the view. `decode_processes` caps the decode workers, `page_budget` the mapped
-    bytes the view keeps resident (``core.inputs.store``).
+    deleted with the view. `decode_processes` caps the decode workers.
     """
     height, width = size
     if height < 1 or width < 1:
@@ -124,10 +123,11 @@ def load_image_archive(
         max_pixels=max_pixels,
         images_before=images_before,
         processes=decode_processes,
-        page_budget=page_budget,
     )
-    count = len(stored.pixels) if max_images is None else min(max_images, len(stored.pixels))
-    pixels = stored.pixels if count == len(stored.pixels) else stored.pixels.subset(range(count))
+    pixels = PixelView(stored.file)
+    count = len(pixels) if max_images is None else min(max_images, len(pixels))
+    if count < len(pixels):
+        pixels = pixels.subset(range(count))
     labels = None
     if stored.labels is not None:
         labels = torch.tensor(stored.labels[:count], dtype=torch.int64)

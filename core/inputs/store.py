@@ -14,10 +14,13 @@ crashed half-decode (a temporary file, or pixels without a header) is never read
 decoder removes it. Housekeeping deletes stores unused for ``dataset_store_days``, only when it
 gets the exclusive lock without waiting: never under a running job.
 
-Jobs read rows through ``PixelView``: indexing returns uint8 CPU tensors; mapped pages count in
-the process's resident memory once touched, so the view drops them (``MADV_DONTNEED``: they stay
-in the kernel's page cache) whenever the bytes read since the last drop pass a page budget. A
-job's resident memory therefore does not grow with the number of images.
+Jobs read rows (``StoreFile``, through ``core.inputs.pixels.PixelView``) with ``preadv`` into
+their own buffers, not through a memory map: the kernel's page cache serves the file, and a
+job's resident memory is its buffers alone, whatever the number of images. A map would count
+every touched page in the job's resident memory, and on this machine's kernel (ext4, large
+folios) touching one byte of a mapped file makes 2 MiB resident: a random batch of 256 rows
+made 512 MiB resident, however small its rows. This module imports no torch: the API's
+housekeeping deletes unused stores.
 """
 
 from __future__ import annotations
@@ -26,25 +29,19 @@ import errno
 import fcntl
 import json
 import logging
-import mmap
 import os
-import queue
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from core.errors import DataImportError
 from core.inputs.archive import (
     DEFAULT_LIMITS,
     ArchiveLimits,
@@ -60,234 +57,13 @@ log = logging.getLogger(__name__)
 
 STORE_VERSION = 1  # of the pixels (decoder, resize) and the header; another version is redecoded
 PIXELS, HEADER, LOCK = "pixels.u8", "header.json", "lock"
-DEFAULT_PAGE_BUDGET = 256 * 2**20
-
-# --- reading -------------------------------------------------------------------------------
-
-
-class PageBudget:
-    """Drops a read-only map's pages from this process once ``limit`` bytes were read from it."""
-
-    def __init__(self, mapped: mmap.mmap, limit: int) -> None:
-        self._mapped, self._limit = mapped, limit
-        self._read = 0
-        self._lock = threading.Lock()
-        self.drops = 0
-
-    def charge(self, nbytes: int) -> None:
-        with self._lock:
-            self._read += nbytes
-            if self._read > self._limit:
-                # Only this process's page-table entries go; the pages stay in the page cache,
-                # and a later read maps them again. Safe while another thread reads the map.
-                self._mapped.madvise(mmap.MADV_DONTNEED)
-                self._read = 0
-                self.drops += 1
-
-
-class PixelView:
-    """Rows of a uint8 ``[N, 3, H, W]`` array (a mapped store, or a tensor's memory), optionally
-    through an index: ``ImageSet.split`` and ``subset`` make views, never copies.
-
-    ``view[i]``, ``view[a:b]`` and ``view[indices]`` read rows into a new uint8 CPU tensor;
-    further indices apply to that tensor (``view[:, 0, 0, 0]``). ``len``, ``shape``, ``dtype``
-    and ``device`` are those of the tensor the whole view would read into.
-    """
-
-    dtype = torch.uint8
-    device = torch.device("cpu")
-
-    def __init__(
-        self,
-        array: np.ndarray,
-        rows: np.ndarray | None = None,
-        pages: PageBudget | None = None,
-        owner: object = None,
-    ) -> None:
-        self._array, self._rows, self._pages = array, rows, pages
-        self._owner = owner  # keeps the store's shared lock (and the map) alive with the view
-
-    @classmethod
-    def of_tensor(cls, pixels: Tensor) -> PixelView:
-        """A view over an in-memory uint8 ``[N, 3, H, W]`` CPU tensor, sharing its memory."""
-        if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.device.type != "cpu":
-            raise ValueError(f"expected a uint8 [N, C, H, W] CPU tensor, got {pixels.dtype}")
-        return cls(pixels.contiguous().numpy(), owner=pixels)
-
-    def __len__(self) -> int:
-        return len(self._array) if self._rows is None else len(self._rows)
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((len(self), *self._array.shape[1:]))
-
-    @property
-    def page_budget(self) -> PageBudget | None:
-        return self._pages
-
-    def subset(self, indices: Tensor | np.ndarray | Sequence[int]) -> PixelView:
-        """The view of rows ``indices`` of this one (no pixels are read)."""
-        return PixelView(self._array, self._source_rows(indices), self._pages, self._owner)
-
-    def __getitem__(self, key: Any) -> Tensor:
-        rest: tuple[Any, ...] = ()
-        if isinstance(key, tuple):
-            key, rest = key[0], key[1:]
-        single = isinstance(key, int | np.integer) or (isinstance(key, Tensor) and key.dim() == 0)
-        if single:
-            index = int(key)
-            if not -len(self) <= index < len(self):
-                raise IndexError(f"row {index} of a view of {len(self)}")
-            rows = self.read([index % len(self)])[0]
-        else:
-            rows = self.read(key)
-            rest = (slice(None), *rest) if rest else ()
-        return rows[rest] if rest else rows
-
-    def read(self, key: Any, out: Tensor | None = None) -> Tensor:
-        """Rows ``key`` (a slice, or indices) as a uint8 tensor ``[len(key), 3, H, W]``, into
-        ``out`` when given (a pinned buffer, say)."""
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(self))
-            if self._rows is None and step == 1:  # one contiguous read
-                source = self._array[start : max(start, stop)]
-                return self._copy(source, out)
-            key = np.arange(start, stop, step)
-        return self._copy_rows(self._source_rows(key), out)
-
-    def _source_rows(self, key: Any) -> np.ndarray:
-        """Row numbers of the underlying array for this view's rows ``key``."""
-        if isinstance(key, slice):
-            key = np.arange(*key.indices(len(self)))
-        indices = key.numpy() if isinstance(key, Tensor) else np.asarray(key)
-        if indices.dtype == np.bool_:
-            indices = np.flatnonzero(indices)
-        indices = indices.astype(np.int64, copy=False).reshape(-1)
-        if len(indices) and (indices.min() < -len(self) or indices.max() >= len(self)):
-            raise IndexError(f"rows out of range for a view of {len(self)}")
-        indices = indices % max(len(self), 1)
-        return indices if self._rows is None else self._rows[indices]
-
-    def _copy_rows(self, rows: np.ndarray, out: Tensor | None) -> Tensor:
-        target = self._target(len(rows), out)
-        np.take(self._array, rows, axis=0, out=target.numpy())
-        self._charge(target)
-        return target
-
-    def _copy(self, source: np.ndarray, out: Tensor | None) -> Tensor:
-        target = self._target(len(source), out)
-        target.numpy()[...] = source
-        self._charge(target)
-        return target
-
-    def _target(self, count: int, out: Tensor | None) -> Tensor:
-        shape = (count, *self._array.shape[1:])
-        if out is None:
-            return torch.empty(shape, dtype=torch.uint8)
-        if tuple(out.shape) != shape or out.dtype != torch.uint8:
-            raise ValueError(f"out must be uint8 {shape}, got {out.dtype} {tuple(out.shape)}")
-        return out
-
-    def _charge(self, rows: Tensor) -> None:
-        if self._pages is not None:
-            self._pages.charge(rows.numel())
-
-
-Pixels = Tensor | PixelView  # what the trainer, metrics and calibration index
-
-
-def select(pixels: Pixels, indices: Tensor) -> Pixels:
-    """Rows ``indices`` of ``pixels``: a view of a ``PixelView``, a copy of a tensor's."""
-    return pixels.subset(indices) if isinstance(pixels, PixelView) else pixels[indices]
-
-
-class Prefetcher:
-    """Batches of ``pixels`` for ``batches`` (each (epoch, indices)), read ``depth`` steps ahead
-    by a background thread while the caller computes: yields (epoch, indices, rows).
-
-    Only reads happen on the thread, in ``batches``' order; the caller's random streams
-    (augmentation) stay on its own thread, so results do not depend on the thread's timing.
-    With ``pin``, rows are read into pinned memory (CUDA's caching host allocator reuses those
-    buffers once their copies to the GPU are done), so ``.to(cuda, non_blocking=True)`` is a
-    real asynchronous copy.
-    """
-
-    def __init__(
-        self,
-        pixels: Pixels,
-        batches: Iterable[tuple[int, Tensor]],
-        *,
-        depth: int = 2,
-        pin: bool = False,
-    ) -> None:
-        self._ready: queue.Queue[tuple[int, Tensor, Tensor] | BaseException | None] = queue.Queue(
-            depth
-        )
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._fill, args=(pixels, iter(batches), pin), name="prefetch", daemon=True
-        )
-        self._thread.start()
-
-    def _fill(self, pixels: Pixels, batches: Iterator[tuple[int, Tensor]], pin: bool) -> None:
-        try:
-            for epoch, indices in batches:
-                if self._stop.is_set():
-                    return
-                if not self._put((epoch, indices, _read_rows(pixels, indices, pin))):
-                    return
-            self._put(None)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            self._put(exc)
-
-    def _put(self, item: tuple[int, Tensor, Tensor] | BaseException | None) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Prefetcher:
-        return self
-
-    def __next__(self) -> tuple[int, Tensor, Tensor]:
-        item = self._ready.get()
-        if item is None:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop the thread (it finishes the read it is in) and drop what it read ahead."""
-        self._stop.set()
-        self._thread.join()
-
-    def __del__(self) -> None:
-        self._stop.set()
-
-
-def _read_rows(pixels: Pixels, indices: Tensor, pin: bool) -> Tensor:
-    if isinstance(pixels, PixelView):
-        out = None
-        if pin:
-            shape = (len(indices), *pixels.shape[1:])
-            out = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-        return pixels.read(indices, out)
-    rows = pixels[indices]
-    return rows.pin_memory() if pin and rows.device.type == "cpu" else rows
-
-
-# --- the store ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class StoredImages:
-    """An archive's images as a ``PixelView``, and the labels the job's class names give them."""
+    """An archive's images in the store, and the labels the job's class names give them."""
 
-    pixels: PixelView
+    file: StoreFile  # its rows; holds the store's shared lock until closed (or collected)
     labels: list[int] | None
     class_names: list[str] | None
     decoded: bool  # this call decoded the archive (False: an existing store was reused)
@@ -306,6 +82,10 @@ class _Header:
     @property
     def row_bytes(self) -> int:
         return 3 * self.height * self.width
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.images, 3, self.height, self.width)
 
     def labels(
         self, class_names: Sequence[str] | None
@@ -337,11 +117,10 @@ def open_store(
     max_pixels: int | None = None,
     images_before: int = 0,
     processes: int | None = None,
-    page_budget: int = DEFAULT_PAGE_BUDGET,
 ) -> StoredImages:
     """The images of ``archive_path`` at ``size`` = (H, W), decoded once per (``sha256``, size).
 
-    ``store_dir`` None decodes into a private temporary store, deleted once the view is gone.
+    ``store_dir`` None decodes into a private temporary store, deleted once its file is closed.
     ``max_pixels``: the dataset's disk budget in pixels (``check_pixel_budget``), shared with
     ``images_before`` images of the same job. ``processes`` caps the decode workers.
     """
@@ -350,9 +129,9 @@ def open_store(
         private = Path(tempfile.mkdtemp(prefix="sqakd-store-"))
         try:
             header = _decode(archive_path, size, private, None, *decode_args)
-            view = _map(private, header, page_budget, lock=None)
+            file = StoreFile(private / PIXELS, header.shape, lock=None)
         finally:
-            shutil.rmtree(private, ignore_errors=True)  # the map keeps the file until unmapped
+            shutil.rmtree(private, ignore_errors=True)  # the open file lives on until closed
         decoded = True
     else:
         if sha256 is None:
@@ -368,7 +147,7 @@ def open_store(
                 elif max_pixels is not None:
                     check_pixel_budget(images_before + header.images, size, max_pixels)
                 os.utime(folder / HEADER)  # last used: what housekeeping goes by
-                view = _map(folder, header, page_budget, lock=lock)
+                file = StoreFile(folder / PIXELS, header.shape, lock=lock)
                 break
             except _Retry:
                 lock.close()  # housekeeping deleted the store meanwhile: start again
@@ -376,7 +155,7 @@ def open_store(
                 lock.close()
                 raise
     labels, names = header.labels(class_names)
-    return StoredImages(view, labels, names, decoded)
+    return StoredImages(file, labels, names, decoded)
 
 
 class _Lock:
@@ -557,19 +336,46 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-class _Mapping:
-    """A store's read-only map and the shared lock held for as long as a view uses it."""
+class StoreFile:
+    """The rows of a store's pixels file, ``shape`` = [N, 3, H, W], read with ``preadv``.
 
-    def __init__(self, mapped: mmap.mmap, lock: _Lock | None) -> None:
-        self.mapped, self.lock = mapped, lock
+    Holds the file open and the store's shared ``lock`` (None: a private store) until closed or
+    collected. Reads release the GIL, so a prefetch thread reads while the step computes.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int, int, int], lock: _Lock | None) -> None:
+        self.shape, self.lock = shape, lock
+        self.row_bytes = shape[1] * shape[2] * shape[3]
+        self._fd = os.open(path, os.O_RDONLY)
+        self._finalizer = weakref.finalize(self, _close, self._fd, lock)
+
+    def read_rows(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Rows ``rows`` (int64) into ``out`` (uint8 ``[len(rows), 3, H, W]``, C-contiguous);
+        each run of consecutive rows in one read."""
+        if not len(rows):
+            return
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
+            self.read_range(int(rows[start]), int(rows[start]) + int(stop - start), out[start:stop])
+
+    def read_range(self, first: int, stop: int, out: np.ndarray) -> None:
+        """Rows ``first`` to ``stop`` (exclusive) into ``out``."""
+        buffer = memoryview(out).cast("B")
+        offset = first * self.row_bytes
+        while len(buffer):
+            count = os.preadv(self._fd, [buffer], offset)
+            if count == 0:
+                raise OSError(f"dataset store ends before row {offset // self.row_bytes}")
+            buffer, offset = buffer[count:], offset + count
+
+    def close(self) -> None:
+        self._finalizer()
 
 
-def _map(folder: Path, header: _Header, page_budget: int, lock: _Lock | None) -> PixelView:
-    with (folder / PIXELS).open("rb") as file:
-        mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
-    shape = (header.images, 3, header.height, header.width)
-    array = np.frombuffer(mapped, dtype=np.uint8).reshape(shape)
-    return PixelView(array, None, PageBudget(mapped, page_budget), _Mapping(mapped, lock))
+def _close(fd: int, lock: _Lock | None) -> None:
+    os.close(fd)
+    if lock is not None:
+        lock.close()
 
 
 # --- housekeeping ---------------------------------------------------------------------------

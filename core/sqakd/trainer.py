@@ -1,8 +1,9 @@
 """The SQAKD training loop: a frozen teacher, a quantized student, the KL loss, no labels.
 
 Reads top to bottom: config, schedule, batches, training curves, checkpoints, the loop. Data
-arrives decoded once as a uint8 tensor ``[N, 3, H, W]``; augmentation and normalisation run on
-tensors, so no image is decoded per epoch.
+arrives decoded once as uint8 ``[N, 3, H, W]`` rows (a tensor, or a view of the dataset store
+read a few batches ahead by ``core.inputs.pixels.Prefetcher``); augmentation and normalisation
+run on tensors, so no image is decoded per epoch.
 
 Resuming is exact: a checkpoint holds everything the remaining steps depend on (the student's
 state dict, optimizer and schedule state, the augmentation generator and torch's global RNG),
@@ -12,6 +13,7 @@ from its checkpoint ends bit-identical (on CPU) to a run that never stopped.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import resource
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.inputs.images import augment, normalize
+from core.inputs.pixels import Pixels, Prefetcher
 from core.sqakd.distill import distillation_loss
 from core.sqakd.hessian import (
     HUTCHINSON_BATCHES,
@@ -234,7 +237,7 @@ def probe_size(images_trained: int) -> int:
     return min(max(round(images_trained * PROBE_FRACTION), PROBE_MIN_IMAGES), PROBE_MAX_IMAGES)
 
 
-def choose_probe(pixels: Tensor, teacher_logits: Tensor, cfg: TrainConfig) -> Probe:
+def choose_probe(pixels: Pixels, teacher_logits: Tensor, cfg: TrainConfig) -> Probe:
     """The probe subset of evaluation ``pixels``: ``probe_size`` images drawn once by
     ``cfg.seed`` (the same for a resumed job), in their original order, with the rows of
     ``teacher_logits`` (the teacher's logits on ``pixels``, computed once) that belong to them."""
@@ -345,7 +348,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def train(
     teacher: nn.Module,
     student: nn.Module,
-    pixels: Tensor,
+    pixels: Pixels,
     cfg: TrainConfig,
     *,
     on_step: Callable[[TrainProgress], None] | None = None,
@@ -399,13 +402,15 @@ def train(
             loss = loss + cfg.label_weight * F.cross_entropy(student_logits.float(), targets)
         return loss
 
-    def batch(indices: Tensor, augmented: bool) -> tuple[Tensor, Tensor | None]:
-        """(student input, teacher logits) of the images at ``indices``; no teacher logits
-        for the label-only baseline."""
-        images = pixels[indices]
-        if augmented:
+    def batch(
+        indices: Tensor, augmented: bool, rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(student input, teacher logits) of the images at ``indices`` (their ``rows`` when
+        read ahead); no teacher logits for the label-only baseline."""
+        images = (pixels[indices] if rows is None else rows).to(device, non_blocking=True)
+        if augmented:  # on the device; its random numbers from augment_rng, as before
             images = augment(images, augment_rng)
-        inputs = normalize(images.to(device, non_blocking=True), cfg.mean, cfg.std)
+        inputs = normalize(images, cfg.mean, cfg.std)
         if not cfg.distill_weight:
             return inputs, None
         with autocast, torch.inference_mode():
@@ -477,16 +482,20 @@ def train(
 
     started = time.perf_counter()
     images_seen = 0
-    batches = batch_indices(len(pixels), cfg.batch_size, cfg.seed, start)
+    # The rows of the next batches are read while this one computes; pinned for a CUDA copy.
+    order = batch_indices(len(pixels), cfg.batch_size, cfg.seed, start)
+    batches = Prefetcher(
+        pixels, itertools.islice(order, cfg.steps - start), pin=device.type == "cuda"
+    )
     for step in range(start, cfg.steps):
         if should_stop is not None and should_stop():
             checkpoint(step, stopping=True)
             raise TrainingCanceled(f"stopped at step {step} of {cfg.steps}")
-        epoch, indices = next(batches)
+        epoch, indices, rows = next(batches)
         if ewgs and cfg.ewgs_delta == "hessian" and step % hessian_every == 0:
             ewgs_deltas = estimate_deltas(step)
             warn_if_capped(step)
-        inputs, teacher_logits = batch(indices, cfg.augment)
+        inputs, teacher_logits = batch(indices, cfg.augment, rows)
         with autocast:
             student_logits = forward(inputs)
         loss = training_loss(student_logits, teacher_logits, indices)
@@ -516,6 +525,7 @@ def train(
                 )
             )
 
+    batches.close()
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     return TrainStats(
