@@ -3,8 +3,8 @@
 The store (``core.inputs.store``) is one file of ``N`` rows of ``3 x H x W`` uint8 pixels.
 Worker processes decode chunks of an archive's files and ``pwrite`` each row straight into that
 file: decoding is CPU-bound Python plus C (PIL holds the GIL for its per-file work, so threads
-contend), and processes scale with cores. This module imports no torch, so a worker starts in a
-fraction of a second.
+contend), and processes scale with cores. A worker runs this module (``python -m``), which
+imports no torch, so it starts in a fraction of a second.
 
 Nothing a worker sends back is unpickled: it answers with JSON (like ``core.isolation``), so a
 decoder exploit in a worker cannot hand the job process code to run. What the job sends to a
@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing as mp
 import os
+import socket
+import subprocess
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -39,7 +42,7 @@ CHUNK_IMAGES = 32
 CHUNK_BYTES = 4 * 2**20
 _IN_FLIGHT = 2
 
-# A worker process pays off from this many images on (starting one costs ~0.1 s).
+# A worker process pays off from this many images on (starting one costs ~0.3 s).
 IMAGES_PER_PROCESS = 256
 
 
@@ -129,54 +132,65 @@ def decode_into(rows: RowFile, chunks: Iterable[Chunk], processes: int) -> None:
 
 
 class _Workers:
-    """``processes`` decode workers, each fed chunks over its own pipe."""
+    """``processes`` decode workers, each fed chunks over its own socket.
+
+    Fresh interpreters (``python -m core.inputs.decode``), not ``multiprocessing`` children: a
+    job runs in a Celery prefork worker, a daemonic process, which ``multiprocessing`` forbids
+    to have children; and a fork would copy the job's threads (heartbeat, prefetch) mid-state.
+    """
 
     def __init__(self, rows: RowFile, processes: int) -> None:
-        # forkserver: the job process has threads (heartbeat, prefetch), which fork must not copy.
-        context = mp.get_context("forkserver")
-        self._pipes: list[Connection] = []
-        self._processes: list[mp.process.BaseProcess] = []
+        self._connections: list[Connection] = []
+        self._processes: list[subprocess.Popen[bytes]] = []
         self._pending: dict[Connection, deque[int]] = {}
-        for _ in range(processes):
-            parent, child = context.Pipe(duplex=True)
-            process = context.Process(target=_worker, args=(child, rows), daemon=True)
-            process.start()
-            child.close()
-            self._pipes.append(parent)
-            self._processes.append(process)
-            self._pending[parent] = deque()
+        root = Path(__file__).resolve().parents[2]  # the folder of ``core``: the same code
+        try:
+            for _ in range(processes):
+                ours, theirs = socket.socketpair()
+                command = [sys.executable, "-m", "core.inputs.decode", str(theirs.fileno()),
+                           rows.path, str(rows.height), str(rows.width)]  # fmt: skip
+                with theirs:
+                    process = subprocess.Popen(command, cwd=root, pass_fds=[theirs.fileno()])
+                connection = Connection(ours.detach())
+                self._processes.append(process)
+                self._connections.append(connection)
+                self._pending[connection] = deque()
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __enter__(self) -> _Workers:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for pipe in self._pipes:
-            pipe.close()  # EOF: a worker between chunks exits
+        for connection in self._connections:
+            connection.close()  # EOF: a worker between chunks exits
         for process in self._processes:
-            process.join(timeout=5)
-            if process.is_alive():
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
                 process.kill()  # stopped mid-chunk by an error elsewhere
-                process.join()
+                process.wait()
 
     def submit(self, chunk: Chunk) -> None:
         """Send ``chunk`` to the least busy worker, first waiting for one with room."""
         while min(len(p) for p in self._pending.values()) >= _IN_FLIGHT:
-            self._collect(block=True)
-        pipe = min(self._pipes, key=lambda p: len(self._pending[p]))
+            self._collect()
+        connection = min(self._connections, key=lambda c: len(self._pending[c]))
         framing = [[row, member, len(data)] for row, member, data in chunk]
-        pipe.send_bytes(json.dumps(framing).encode())
-        pipe.send_bytes(b"".join(data for _, _, data in chunk))
-        self._pending[pipe].append(len(chunk))
+        connection.send_bytes(json.dumps(framing).encode())
+        connection.send_bytes(b"".join(data for _, _, data in chunk))
+        self._pending[connection].append(len(chunk))
 
     def finish(self) -> None:
         while any(self._pending.values()):
-            self._collect(block=True)
+            self._collect()
 
-    def _collect(self, *, block: bool) -> None:
-        busy = [pipe for pipe, pending in self._pending.items() if pending]
-        for pipe in wait(busy, timeout=None if block else 0):
+    def _collect(self) -> None:
+        busy = [connection for connection, pending in self._pending.items() if pending]
+        for connection in wait(busy):
             try:
-                answer = json.loads(pipe.recv_bytes(64 * 1024))
+                answer = json.loads(connection.recv_bytes(64 * 1024))
             except (EOFError, OSError, ValueError) as exc:
                 raise DataImportError(
                     "decoder_crashed",
@@ -185,17 +199,17 @@ class _Workers:
                 ) from exc
             if "error" in answer:
                 raise DataImportError("bad_image", str(answer["error"]))
-            self._pending[pipe].popleft()
+            self._pending[connection].popleft()
 
 
-def _worker(pipe: Connection, rows: RowFile) -> None:
-    """In a worker: decode the chunks that arrive into ``rows.path`` until the pipe closes."""
+def _worker(connection: Connection, rows: RowFile) -> None:
+    """In a worker: decode the chunks that arrive into ``rows.path`` until the socket closes."""
     fd = os.open(rows.path, os.O_WRONLY)
     try:
         while True:
             try:
-                framing = json.loads(pipe.recv_bytes())
-                data = pipe.recv_bytes()
+                framing = json.loads(connection.recv_bytes())
+                data = connection.recv_bytes()
             except EOFError:
                 return
             chunk, offset = [], 0
@@ -207,7 +221,7 @@ def _worker(pipe: Connection, rows: RowFile) -> None:
                 answer: dict[str, object] = {"rows": len(chunk)}
             except DataImportError as exc:
                 answer = {"error": exc.message}
-            pipe.send_bytes(json.dumps(answer).encode())
+            connection.send_bytes(json.dumps(answer).encode())
     finally:
         os.close(fd)
 
@@ -232,3 +246,7 @@ def worker_count(images: int, limit: int | None) -> int:
     affinity = getattr(os, "sched_getaffinity", None)  # Linux only
     cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
     return max(1, min(cpus, limit or cpus, images // IMAGES_PER_PROCESS))
+
+
+if __name__ == "__main__":  # a decode worker: socket fd, store file, height, width
+    _worker(Connection(int(sys.argv[1])), RowFile(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
