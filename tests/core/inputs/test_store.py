@@ -17,11 +17,13 @@ import torch
 from PIL import Image
 
 from core.errors import DataImportError
+from core.housekeeping import delete_unused_dataset_stores
 from core.inputs import decode, store
 from core.inputs.decode import decode_image
 from core.inputs.images import ImageSet, load_image_archive
 from core.inputs.pixels import PixelView, Prefetcher
 from core.inputs.store import HEADER, PIXELS, delete_unused_stores, open_store
+from core.settings import Settings
 from core.sqakd.trainer import batch_indices
 from tests.core.inputs.test_archive import write_archive
 
@@ -286,3 +288,19 @@ def test_housekeeping_deletes_unused_stores_that_no_job_holds(
     held.file.close()
     assert delete_unused_stores(tmp_path, 60, now=later) == 1
     assert open_store(archive, SIZE, store_dir=tmp_path, sha256=digest).decoded
+
+
+def test_housekeeping_deletes_stores_unused_for_the_configured_days(
+    tmp_path: Path, archive: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path, dataset_store_days=7)
+    digest = sha256(archive)
+    open_store(archive, SIZE, store_dir=settings.dataset_stores, sha256=digest).file.close()
+    folder = settings.dataset_stores / store.store_key(digest, SIZE)
+
+    assert delete_unused_dataset_stores(settings) == 0
+    eight_days_ago = time.time() - 8 * 86400
+    for path in [*folder.iterdir(), folder]:
+        os.utime(path, (eight_days_ago, eight_days_ago))
+    assert delete_unused_dataset_stores(settings) == 1
+    assert not folder.exists()
