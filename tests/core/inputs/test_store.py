@@ -16,9 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from core.errors import DataImportError
+from core.errors import DataImportError, TooLargeError
 from core.housekeeping import delete_unused_dataset_stores
 from core.inputs import decode, store
+from core.inputs.archive import ArchiveLimits, inspect_archive
 from core.inputs.decode import decode_image
 from core.inputs.images import ImageSet, load_image_archive
 from core.inputs.pixels import PixelView, Prefetcher
@@ -304,3 +305,12 @@ def test_housekeeping_deletes_stores_unused_for_the_configured_days(
         os.utime(path, (eight_days_ago, eight_days_ago))
     assert delete_unused_dataset_stores(settings) == 1
     assert not folder.exists()
+
+
+def test_the_archive_image_cap_counts_images_not_other_entries(tmp_path: Path) -> None:
+    files = {f"{i}.jpg": noise_jpeg(i) for i in range(3)} | {"README.txt": b"notes"}
+    path = write_archive(tmp_path / "three.zip", files)
+
+    assert inspect_archive(path, ArchiveLimits(max_images=3)).image_count == 3
+    with pytest.raises(TooLargeError, match="more than 2 images"):
+        inspect_archive(path, ArchiveLimits(max_images=2))
