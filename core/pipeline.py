@@ -11,6 +11,7 @@ and resumes training from that checkpoint, ending with the student of a run that
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -125,29 +126,28 @@ def run_quantization(
     input_size = prep.input_size or (imported.input_shape[2], imported.input_shape[3])
     settings = get_settings()
     # Decoded once per (archive, input size) into the dataset store, which later jobs reuse.
-    store = {
-        "store_dir": settings.dataset_stores,
-        "max_pixels": settings.max_dataset_pixels,  # data and eval_data share it
-        "decode_processes": settings.decode_processes,
-    }
+    load = functools.partial(
+        load_image_archive,
+        store_dir=settings.dataset_stores,
+        max_pixels=settings.max_dataset_pixels,  # data and eval_data share it
+        decode_processes=settings.decode_processes,
+    )
     # The job's class order applies where labels are evaluated: to data only when it is split.
     data_classes = config.class_names if inputs.eval_data_path is None else None
-    data = load_image_archive(
+    data = load(
         inputs.data_path,
         input_size,
         class_names=data_classes,
         sha256=inputs.data_sha256 or hash_file(inputs.data_path).sha256,
-        **store,
     )
     if inputs.eval_data_path is not None:
         train_set = data
-        eval_set = load_image_archive(
+        eval_set = load(
             inputs.eval_data_path,
             input_size,
             images_before=len(data),
             class_names=config.class_names,
             sha256=inputs.eval_data_sha256 or hash_file(inputs.eval_data_path).sha256,
-            **store,
         )
     else:
         train_set, eval_set = data.split(config.eval_fraction, config.seed)

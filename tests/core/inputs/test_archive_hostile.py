@@ -204,8 +204,9 @@ def test_sparse_member(tmp_path: Path) -> None:
 
 
 def test_entry_and_byte_limits_apply_before_tarfile_reads(tmp_path: Path) -> None:
-    # A header claiming 5 GiB of data (there are none): refused by its size, nothing skipped.
-    chunks = [tar_header(b"huge.bin", 5 * 2**30), END]
+    # A header claiming more data than the total cap (there are none): refused by its size,
+    # nothing skipped.
+    chunks = [tar_header(b"huge.bin", DEFAULT_LIMITS.max_total_bytes + 1), END]
     path = write(tmp_path / "huge.tar.xz", compressed(chunks, "xz"))
 
     assert_refused(path, "archive_too_large", 413)
