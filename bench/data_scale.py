@@ -9,6 +9,8 @@ fresh subprocess per job so that each peak RSS is its own, with the same evaluat
 (``--eval-images``) for both. Reported per job: the job process's peak RSS (``ru_maxrss``),
 ``metrics.train.images_per_second``, and the store's decode time.
 Goal (issue 16): peak RSS and images/s of the larger job within 10% of the smaller one's.
+Compare jobs of at least 256 training images: calibration fits on min(images, 256)
+(``core.engine.CALIBRATION_IMAGES``), and its activations at 224 px are a large part of the peak.
 
 Decode throughput: images per second of one process (``core.inputs.decode.decode_image``, CPU
 time), with and without JPEG draft mode, for 224 px from 500x375 and 1024x768 JPEGs, and for
