@@ -119,12 +119,14 @@ def cifar_split(split: str, images: int, cache_dir: Path) -> ImageSet:
         cache_dir.mkdir(parents=True, exist_ok=True)
         # The trainer's atomic save and weights_only load: tensors, strings, nothing unpickled.
         save_checkpoint(
-            cache, {"pixels": data.pixels, "labels": data.labels, "class_names": data.class_names}
+            cache,
+            {"pixels": data.pixels[:], "labels": data.labels, "class_names": data.class_names},
         )
     if len(data) < images:
         raise SystemExit(f"{split}: {images} images asked for, {len(data)} there")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(DATA_SEED))
-    return data.subset(order[:images])
+    chosen = data.subset(order[:images])
+    return ImageSet(chosen.pixels[:], chosen.labels, chosen.class_names)  # small: a tensor
 
 
 def input_size() -> tuple[int, int]:

@@ -6,7 +6,8 @@
     result = quantize(teacher, pixels, JobConfig(weight_bits=4, activation_bits=4))
     result.student  # fake-quantized nn.Module; result.stats: steps, images/s, peak memory
 
-``pixels`` are unlabeled images, decoded once: a uint8 tensor ``[N, 3, H, W]``. The job
+``pixels`` are unlabeled images, decoded once: a uint8 tensor ``[N, 3, H, W]``, or a
+``PixelView`` of a dataset store (``core.inputs.images.load_image_archive``). The job
 pipeline (``core.pipeline``) is these same two steps, ``calibrated_student`` then ``train``
 with ``train_config``, with file import, evaluation and export around them.
 """
@@ -16,11 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from core.config import JobConfig
 from core.errors import InputError
 from core.inputs.images import normalize
+from core.inputs.pixels import Pixels
 from core.sqakd.calibrate import calibrate
 from core.sqakd.modules import QuantSpec, UnknownLayerError, prepare
 from core.sqakd.teacher import inference_teacher
@@ -84,7 +86,7 @@ def train_config(config: JobConfig, images: int) -> TrainConfig:
 
 
 def calibrated_student(
-    teacher: nn.Module, pixels: Tensor, config: JobConfig, spec: QuantSpec | None = None
+    teacher: nn.Module, pixels: Pixels, config: JobConfig, spec: QuantSpec | None = None
 ) -> tuple[nn.Module, QuantSpec]:
     """The quantized copy of ``teacher``, its ranges fitted on a seeded sample of ``pixels``.
     ``spec`` replaces ``quant_spec(config)``: layouts that benchmarks compare and jobs do not
@@ -107,7 +109,7 @@ def calibrated_student(
     return student, spec
 
 
-def quantize(teacher: nn.Module, pixels: Tensor, config: JobConfig | None = None) -> Quantized:
+def quantize(teacher: nn.Module, pixels: Pixels, config: JobConfig | None = None) -> Quantized:
     """Calibrate and distill a student of ``teacher`` on unlabeled uint8 ``pixels``;
     ``teacher`` itself is not changed."""
     config = config or JobConfig()

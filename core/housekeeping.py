@@ -1,4 +1,5 @@
-"""Disk housekeeping: inputs past their retention, and files that belong to no request or job.
+"""Disk housekeeping: inputs past their retention, files that belong to no request or job, and
+dataset stores (``core.inputs.store``) no job opened for ``dataset_store_days``.
 
 Run at the API's startup and then every ``maintenance_interval_seconds`` (``api.main``). Every
 step is idempotent, so several API processes may run it at once.
@@ -28,6 +29,7 @@ class HousekeepingReport:
     orphan_uploads: int = 0
     orphan_job_dirs: int = 0
     orphan_resource_dirs: int = 0
+    dataset_stores_deleted: int = 0
 
 
 def delete_expired_inputs(
@@ -106,8 +108,22 @@ def _delete_untouched(
     return removed
 
 
+def delete_unused_dataset_stores(settings: Settings) -> int:
+    """Decoded datasets no job opened for ``dataset_store_days`` (a job reading one keeps it);
+    a later job decodes its dataset again."""
+    if settings.dataset_store_days is None:
+        return 0
+    # Imported here: the store reads with torch, which the API imports only when it must.
+    from core.inputs.store import delete_unused_stores
+
+    return delete_unused_stores(settings.dataset_stores, settings.dataset_store_days * 86400)
+
+
 def run_housekeeping(session: Session, settings: Settings) -> HousekeepingReport:
-    report = HousekeepingReport(inputs_deleted=delete_expired_inputs(session, settings))
+    report = HousekeepingReport(
+        inputs_deleted=delete_expired_inputs(session, settings),
+        dataset_stores_deleted=delete_unused_dataset_stores(settings),
+    )
     (report.orphan_uploads, report.orphan_job_dirs, report.orphan_resource_dirs) = delete_orphans(
         session, settings
     )

@@ -15,6 +15,7 @@ same time, and trains on its share of every batch; this process, rank 0, does ev
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ from core.sqakd.metrics import compare, model_sizes, predict
 from core.sqakd.modules import describe_layers
 from core.sqakd.teacher import inference_teacher
 from core.sqakd.trainer import Checkpointer, TrainingCanceled, choose_probe, train
+from core.storage import hash_file
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,10 @@ class JobInputs:
     model_path: Path
     data_path: Path
     eval_data_path: Path | None = None
+    # The archives' sha256 (the job row has them), which name their dataset stores; computed
+    # from the files when not given.
+    data_sha256: str | None = None
+    eval_data_sha256: str | None = None
 
 
 @dataclass
@@ -204,8 +210,11 @@ def run_quantization(
     if config.export.onnx:
         onnx_path = artifacts["model_qdq.onnx"] = workdir / "model_qdq.onnx"
         export_qdq_onnx(student, (3, *job.input_size), onnx_path)
-        eval_inputs = normalize(job.eval_set.pixels[:PARITY_IMAGES], prep.mean, prep.std)
-        metrics["onnx_parity"] = onnx_parity(student, onnx_path, eval_inputs.split(64))
+        eval_inputs = (  # in batches: the evaluation images are never all in memory
+            normalize(job.eval_set.pixels[i : i + 64], prep.mean, prep.std)
+            for i in range(0, min(len(job.eval_set), PARITY_IMAGES), 64)
+        )
+        metrics["onnx_parity"] = onnx_parity(student, onnx_path, eval_inputs)
         if config.export.target == "tensorrt":  # the CPU's grids are not TensorRT's
             metrics["tensorrt_rules"] = tensorrt_report(student, onnx_path)
         cpu_path = artifacts["model_qdq_cpu.onnx"] = workdir / "model_qdq_cpu.onnx"
@@ -240,20 +249,30 @@ def _load(inputs: JobInputs, config: JobConfig) -> _Loaded:
     prep = config.preprocessing
     imported = load_onnx_model(inputs.model_path, input_size=prep.input_size)
     input_size = prep.input_size or (imported.input_shape[2], imported.input_shape[3])
-    max_pixels = get_settings().max_dataset_pixels  # data and eval_data share it
+    settings = get_settings()
+    # Decoded once per (archive, input size) into the dataset store, which later jobs reuse.
+    load = functools.partial(
+        load_image_archive,
+        store_dir=settings.dataset_stores,
+        max_pixels=settings.max_dataset_pixels,  # data and eval_data share it
+        decode_processes=settings.decode_processes,
+    )
     # The job's class order applies where labels are evaluated: to data only when it is split.
     data_classes = config.class_names if inputs.eval_data_path is None else None
-    data = load_image_archive(
-        inputs.data_path, input_size, max_pixels=max_pixels, class_names=data_classes
+    data = load(
+        inputs.data_path,
+        input_size,
+        class_names=data_classes,
+        sha256=inputs.data_sha256 or hash_file(inputs.data_path).sha256,
     )
     if inputs.eval_data_path is not None:
         train_set = data
-        eval_set = load_image_archive(
+        eval_set = load(
             inputs.eval_data_path,
             input_size,
-            max_pixels=max_pixels,
             images_before=len(data),
             class_names=config.class_names,
+            sha256=inputs.eval_data_sha256 or hash_file(inputs.eval_data_path).sha256,
         )
     else:
         train_set, eval_set = data.split(config.eval_fraction, config.seed)
@@ -278,6 +297,8 @@ def train_rank(job: dict[str, Any], rendezvous: distributed.Rendezvous) -> None:
         Path(paths["model_path"]),
         Path(paths["data_path"]),
         Path(paths["eval_data_path"]) if paths["eval_data_path"] else None,
+        paths["data_sha256"],
+        paths["eval_data_sha256"],
     )
     config = JobConfig.model_validate(job["config"])
     loaded = _load(inputs, config)

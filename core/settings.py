@@ -19,6 +19,7 @@ from core.config import MAX_DEVICES
 
 MiB = 1024**2
 GiB = 1024**3
+GB = 1000**3
 
 LOCAL_TENANT = "local"
 """The only tenant of the embedded mode (no ``API_KEYS``)."""
@@ -57,15 +58,27 @@ class Settings(BaseSettings):
         description="JSON map of API key -> tenant. Empty: embedded mode, tenant 'local', no key.",
     )
     max_model_bytes: int = Field(512 * MiB, gt=0)
-    max_data_bytes: int = Field(4 * GiB, gt=0)
-    # 2**31 pixels decode to a 6 GiB uint8 tensor: CIFAR-10 (50,000 x 32 x 32 = 51M pixels) and
-    # 20,000 ImageNet-sized images at 224 x 224 (1.0G) fit; 40,000 PNGs at 1024 x 1024 (42G,
-    # 117 GiB decoded) do not.
+    max_data_bytes: int = Field(
+        200 * GB, gt=0, description="Bytes of one uploaded data archive (issue 16: 200 GB)."
+    )
+    # The decoded store of a dataset lives on disk (core.inputs.store), 3 bytes per pixel:
+    # 200 GB holds 1,000,000 images at 224 x 224 (150 GB); 80,000 one-pixel PNGs (12 MB of
+    # zip) at 1024 x 1024 (252 GB) do not fit.
     max_dataset_pixels: int = Field(
-        2**31,
+        200 * GB // 3,
         gt=0,
         description="Images x H x W of one job (data and eval_data, at its input_size), checked "
-        "on upload and by the worker before decoding: 3 bytes per pixel in the worker's memory.",
+        "on upload and by the worker before decoding: 3 bytes per pixel of the dataset store.",
+    )
+    # The dataset stores (core.inputs.store): one per (dataset sha256, input size).
+    dataset_store_dir: Path | None = Field(
+        None, description="Where decoded datasets live; default: <data_dir>/cache/datasets."
+    )
+    dataset_store_days: float | None = Field(
+        7, gt=0, description="Housekeeping deletes a dataset store unused this long."
+    )
+    decode_processes: int | None = Field(
+        None, ge=1, description="Worker processes that decode a dataset; default: every CPU."
     )
     # Object storage (core.storage): the data directory, or an S3-compatible bucket.
     storage_url: str | None = Field(
@@ -171,11 +184,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
-    @field_validator("data_dir")
+    @field_validator("data_dir", "dataset_store_dir")
     @classmethod
-    def _absolute_data_dir(cls, data_dir: Path) -> Path:
+    def _absolute_data_dir(cls, data_dir: Path | None) -> Path | None:
         # Absolute, so the API and the worker (started elsewhere) agree on every derived path.
-        return data_dir.expanduser().absolute()
+        return None if data_dir is None else data_dir.expanduser().absolute()
 
     @field_validator("api_keys")
     @classmethod
@@ -235,6 +248,11 @@ class Settings(BaseSettings):
                 f"MAX_JOB_SECONDS ({self.max_job_seconds} s): a running job's input would go"
             )
         return self
+
+    @property
+    def dataset_stores(self) -> Path:
+        """The dataset stores' folder: ``dataset_store_dir``, else under ``data_dir``."""
+        return self.dataset_store_dir or self.data_dir / "cache" / "datasets"
 
     @property
     def redis_socket(self) -> Path:

@@ -179,12 +179,13 @@ def test_static_model_input_of_40000_squared(service: Service, good_data: bytes)
     )
 
 
-def test_forty_thousand_tiny_pngs_at_1024_squared(service: Service) -> None:
+def test_eighty_thousand_tiny_pngs_at_1024_squared(service: Service) -> None:
+    # 252 GB of dataset store, over the 200 GB per dataset (MAX_DATASET_PIXELS)
     config = {"preprocessing": {"input_size": [1024, 1024]}}
 
     assert_refused(
         service,
-        lambda: post(service, model=image_model("h", "w"), data=png_flood(40_000), config=config),
+        lambda: post(service, model=image_model("h", "w"), data=png_flood(80_000), config=config),
         413,
         "pixel_budget_exceeded",
     )

@@ -320,6 +320,8 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
                     if job.eval_data_path and job.eval_data_sha256
                     else None
                 ),
+                data_sha256=job.data_sha256,  # names its dataset store: no hashing again
+                eval_data_sha256=job.eval_data_sha256,
             )
             config = JobConfig.model_validate(job.config)
             with mirrored_checkpoint(storage, job.id, settings.lease_seconds / 4):

@@ -119,8 +119,10 @@ _ZIP_RECORD_EXTRA = 256
 class ArchiveLimits:
     """Caps that keep a hostile or mistaken upload from filling memory or disk."""
 
-    max_entries: int = 200_000  # all entries, directories and non-images included
-    max_total_bytes: int = 4 * 2**30  # uncompressed bytes of all regular files
+    # Issue 16: 1,000,000 images and 200 GB per dataset.
+    max_images: int = 1_000_000  # image entries
+    max_entries: int = 1_100_000  # all entries, directories and non-images included
+    max_total_bytes: int = 200 * 10**9  # uncompressed bytes of all regular files
     max_entry_bytes: int = 64 * 2**20  # uncompressed bytes of one image
     max_path_bytes: int = 1024  # UTF-8 bytes of one entry's path, as written in the archive
     max_path_depth: int = 32  # folders plus the file name of one entry's path
@@ -690,6 +692,10 @@ def _validate(reader: _Reader, limits: ArchiveLimits) -> dict[str, _Entry]:
             )
         if path in images:
             raise _unsafe(entry.name, "appears twice")
+        if len(images) == limits.max_images:
+            raise TooLargeError(
+                "archive_too_large", f"the archive has more than {limits.max_images} images"
+            )
         images[path] = entry
     if not images:
         raise DataImportError(

@@ -10,18 +10,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.inputs.images import normalize
+from core.inputs.pixels import Pixels
 from core.sqakd.modules import quant_layers, quantizers
 
 
 @torch.inference_mode()
 def predict(
     model: nn.Module,
-    pixels: Tensor,
+    pixels: Pixels,
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 256,
 ) -> Tensor:
-    """Logits ``[N, classes]`` (float32, CPU) of ``model`` in eval mode on uint8 ``pixels``."""
+    """Logits ``[N, classes]`` (float32, CPU) of ``model`` in eval mode on uint8 ``pixels``,
+    read ``batch_size`` rows at a time (a store's view is never read whole)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -1,8 +1,9 @@
 """The SQAKD training loop: a frozen teacher, a quantized student, the KL loss, no labels.
 
 Reads top to bottom: config, schedule, batches, training curves, checkpoints, the loop. Data
-arrives decoded once as a uint8 tensor ``[N, 3, H, W]``; augmentation and normalisation run on
-tensors, so no image is decoded per epoch.
+arrives decoded once as uint8 ``[N, 3, H, W]`` rows (a tensor, or a view of the dataset store
+read a few batches ahead by ``core.inputs.pixels.Prefetcher``); augmentation and normalisation
+run on tensors, so no image is decoded per epoch.
 
 Resuming is exact: a checkpoint holds everything the remaining steps depend on (the student's
 state dict, optimizer and schedule state, the augmentation generator and torch's global RNG),
@@ -12,6 +13,7 @@ from its checkpoint ends bit-identical (on CPU) to a run that never stopped.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import resource
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.inputs.images import augment, normalize
+from core.inputs.pixels import Pixels, Prefetcher
 from core.sqakd.distill import distillation_loss
 from core.sqakd.distributed import ONE_PROCESS, Group
 from core.sqakd.hessian import (
@@ -269,7 +272,7 @@ def probe_size(images_trained: int) -> int:
     return min(max(round(images_trained * PROBE_FRACTION), PROBE_MIN_IMAGES), PROBE_MAX_IMAGES)
 
 
-def choose_probe(pixels: Tensor, teacher_logits: Tensor, cfg: TrainConfig) -> Probe:
+def choose_probe(pixels: Pixels, teacher_logits: Tensor, cfg: TrainConfig) -> Probe:
     """The probe subset of evaluation ``pixels``: ``probe_size`` images drawn once by
     ``cfg.seed`` (the same for a resumed job), in their original order, with the rows of
     ``teacher_logits`` (the teacher's logits on ``pixels``, computed once) that belong to them."""
@@ -380,7 +383,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def train(
     teacher: nn.Module,
     student: nn.Module,
-    pixels: Tensor,
+    pixels: Pixels,
     cfg: TrainConfig,
     *,
     on_step: Callable[[TrainProgress], None] | None = None,
@@ -446,15 +449,15 @@ def train(
         return loss
 
     def batch(
-        indices: Tensor, augmented: bool, rows: slice | None = None
+        indices: Tensor, augmented: bool, shard: slice = slice(None), rows: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """(student input, teacher logits) of the images at ``indices[rows]`` (a rank's shard
-        of the batch ``indices``, augmented as the whole batch augments those rows); no
-        teacher logits for the label-only baseline."""
-        images = pixels[indices if rows is None else indices[rows]]
-        if augmented:
-            images = augment(images, augment_rng, rows, len(indices))
-        inputs = normalize(images.to(device, non_blocking=True), cfg.mean, cfg.std)
+        """(student input, teacher logits) of the images at ``indices[shard]`` (a rank's shard
+        of the batch ``indices``, augmented as the whole batch augments those rows; ``rows``:
+        their pixels when read ahead); no teacher logits for the label-only baseline."""
+        images = (pixels[indices[shard]] if rows is None else rows).to(device, non_blocking=True)
+        if augmented:  # on the device; its random numbers from augment_rng, as before
+            images = augment(images, augment_rng, shard, len(indices))
+        inputs = normalize(images, cfg.mean, cfg.std)
         if not cfg.distill_weight:
             return inputs, None
         with autocast, torch.inference_mode():
@@ -531,21 +534,28 @@ def train(
 
     started = time.perf_counter()
     images_seen = 0
-    batches = batch_indices(len(pixels), cfg.batch_size, cfg.seed, start)
+    # The rows of the next batches are read while this one computes; pinned for a CUDA copy.
+    order = batch_indices(len(pixels), cfg.batch_size, cfg.seed, start)
+    shard = group.shard(min(cfg.batch_size, len(pixels)))  # every batch has this many images
+    batches = Prefetcher(
+        pixels,
+        itertools.islice(order, cfg.steps - start),
+        pin=device.type == "cuda",
+        shard=shard,
+    )
     for step in range(start, cfg.steps):
         if group.decide(should_stop is not None and should_stop()):  # rank 0's call
             checkpoint(step, stopping=True)
             raise TrainingCanceled(f"stopped at step {step} of {cfg.steps}")
-        epoch, indices = next(batches)
+        epoch, indices, rows = next(batches)
         if ewgs and cfg.ewgs_delta == "hessian" and step % hessian_every == 0:
             with stopwatch.timing("hessian"):
                 ewgs_deltas = estimate_deltas(step)  # the same on every rank: same batch, student
             warn_if_capped(step)
-        rows = group.shard(len(indices))
-        inputs, teacher_logits = batch(indices, cfg.augment, rows)
+        inputs, teacher_logits = batch(indices, cfg.augment, shard, rows)
         with autocast:
             student_logits = forward(inputs)
-        loss = training_loss(student_logits, teacher_logits, indices[rows])
+        loss = training_loss(student_logits, teacher_logits, indices[shard])
         loss = loss * group.loss_weight(len(indices))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -573,6 +583,7 @@ def train(
                 )
             )
 
+    batches.close()
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     return TrainStats(

@@ -180,7 +180,7 @@ def test_global_pax_records_copied_into_every_member(tmp_path: Path) -> None:
 
 def test_negative_size(tmp_path: Path) -> None:
     # tarfile would step back 3 blocks and read the same two members forever (until the entry
-    # cap: 200,000 entries, seconds).
+    # cap: 1,100,000 entries, seconds).
     chunks = [tar_member(b"a.txt"), tar_member(b"b.txt"), tar_header(b"c.txt", -1536), END]
     path = write(tmp_path / "negative.tar", compressed(chunks, ""))
 
@@ -204,8 +204,9 @@ def test_sparse_member(tmp_path: Path) -> None:
 
 
 def test_entry_and_byte_limits_apply_before_tarfile_reads(tmp_path: Path) -> None:
-    # A header claiming 5 GiB of data (there are none): refused by its size, nothing skipped.
-    chunks = [tar_header(b"huge.bin", 5 * 2**30), END]
+    # A header claiming more data than the total cap (there are none): refused by its size,
+    # nothing skipped.
+    chunks = [tar_header(b"huge.bin", DEFAULT_LIMITS.max_total_bytes + 1), END]
     path = write(tmp_path / "huge.tar.xz", compressed(chunks, "xz"))
 
     assert_refused(path, "archive_too_large", 413)
@@ -349,10 +350,10 @@ def test_zip_end_record_claiming_ten_million_entries(tmp_path: Path) -> None:
     assert_refused(path, "archive_too_large", 413)
 
 
-def test_zip_directory_of_a_million_records(tmp_path: Path) -> None:
+def test_zip_directory_of_more_records_than_the_entry_cap(tmp_path: Path) -> None:
     # 47 bytes a record on disk, ~360 bytes of ZipInfo each once zipfile parsed it; the end
     # record understates the count, so only walking the directory finds them.
-    directory = directory_record(b"a") * 1_000_000
+    directory = directory_record(b"a") * (DEFAULT_LIMITS.max_entries + 1)  # 1.1 million
     path = write(tmp_path / "records.zip", directory + end_records(1, len(directory), 0))
 
     assert_refused(path, "archive_too_large", 413)
