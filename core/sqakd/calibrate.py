@@ -15,6 +15,11 @@ Layer by layer, in the order the student runs them:
 An input quantizer shared by several readers (``share_input_quantizers``) is fitted by the
 first of them.
 
+What it costs: one teacher forward (every layer's output kept), one student forward, and per
+layer two range searches of ~11 layer forwards each on a sub-batch (``SEARCH_*``), scored from
+per-channel moments against target statistics computed once per layer. For a ResNet-18 at
+224 px that is well under one training epoch of 1,000 images (``bench/calibration_speed.py``).
+
 Step 2 does what re-estimating BatchNorm statistics does for a quantized network with
 BatchNorm; uploaded ONNX models usually have it folded into the convolutions, and without the
 correction a 2-bit student starts at chance and recovers slowly. At 8 bits the fit is ~identity.
