@@ -18,7 +18,7 @@ first of them.
 What it costs: one teacher forward (every layer's output kept), one student forward, and per
 layer two range searches of ~11 layer forwards each on a sub-batch (``SEARCH_*``), scored from
 per-channel moments against target statistics computed once per layer. For a ResNet-18 at
-224 px that is well under one training epoch of 1,000 images (``bench/calibration_speed.py``).
+224 px it should cost less than one training epoch of 1,000 images: ``bench/calibration_speed.py``.
 
 Step 2 does what re-estimating BatchNorm statistics does for a quantized network with
 BatchNorm; uploaded ONNX models usually have it folded into the convolutions, and without the
