@@ -16,6 +16,11 @@ Layer by layer, in the order the student runs them:
 An input quantizer shared by several readers (``share_input_quantizers``) is fitted by the
 first of them.
 
+What it costs: one teacher forward (every layer's output kept), one student forward, and per
+layer two range searches of ~11 layer forwards each on a sub-batch (``SEARCH_*``), scored from
+per-channel moments against target statistics computed once per layer. For a ResNet-18 at
+224 px it should cost less than one training epoch of 1,000 images: ``bench/calibration_speed.py``.
+
 Step 2 does what re-estimating BatchNorm statistics does for a quantized network with
 BatchNorm; uploaded ONNX models usually have it folded into the convolutions, and without the
 correction a 2-bit student starts at chance and recovers slowly. At 8 bits the fit is ~identity.
@@ -23,6 +28,7 @@ correction a 2-bit student starts at chance and recovers slowly. At 8 bits the f
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
@@ -38,7 +44,14 @@ from core.sqakd.modules import (
 )
 from core.sqakd.quantizers import Quantizer
 
-SEARCH_IMAGES = 64  # the range search runs the layer ~50 times: a sub-batch keeps it quick
+# The range search runs the layer ~11 times per quantizer (``Quantizer.fit_range``) on a
+# sub-batch: up to SEARCH_IMAGES images, fewer where each holds many output positions (a 224-px
+# network's early layers), but never fewer than MIN_SEARCH_IMAGES, so that several images' content
+# is seen. SEARCH_POSITIONS is what 64 images of a 32-px network's largest maps hold: such
+# networks (the CIFAR-10 fixture) search on 64 images in every layer.
+SEARCH_IMAGES = 64
+SEARCH_POSITIONS = 64 * 32 * 32
+MIN_SEARCH_IMAGES = 16
 MAX_GAIN = 4.0  # a per-channel correction outside [1/4, 4] means the fit is noise
 
 
@@ -50,27 +63,38 @@ def calibrate(student: nn.Module, teacher: nn.Module, batch: Tensor) -> None:
     fitted: set[int] = set()  # a shared input quantizer is fitted by its first reader only
 
     def fit_ranges(name: str, layer: QuantModule, args: tuple[Tensor, ...]) -> None:
-        x, target = args[0][:SEARCH_IMAGES], reference[name][:SEARCH_IMAGES]
+        images = _search_images(reference[name])
+        x, target = args[0][:images], ChannelTarget(reference[name][:images])
+        act, weights = layer.act_quantizer, layer.weight_quantizer
 
-        def output_error() -> Tensor:
-            return _fit_residual(type(layer).forward(layer, x), target)  # no hooks re-entered
+        def output_error(x: Tensor) -> Tensor:
+            return target.residual(type(layer).forward(layer, x))  # no hooks re-entered
 
-        layer.weight_quantizer.enabled = False
-        if id(layer.act_quantizer) not in fitted:
-            fitted.add(id(layer.act_quantizer))
-            layer.act_quantizer.fit_range(
-                _max_abs(x), signed=bool(x.min() < 0), error=lambda: output_error().sum().view(1)
+        weights.enabled = False
+        if id(act) not in fitted:
+            fitted.add(id(act))
+            act.fit_range(
+                _max_abs(x), signed=bool(x.min() < 0), error=lambda: output_error(x).sum().view(1)
             )
-        layer.weight_quantizer.enabled = True
-        per_channel = layer.weight_quantizer.channels is not None
-        layer.weight_quantizer.fit_range(
-            _max_abs(layer.weight, per_channel),
-            signed=True,
-            error=lambda: output_error() if per_channel else output_error().sum().view(1),
-        )
+        weights.enabled = True
+        quantized = act(x)  # fixed while the weight grid is searched: quantized once
+        per_channel = weights.channels is not None
+        act.enabled = False
+        try:
+            weights.fit_range(
+                _max_abs(layer.weight, per_channel),
+                signed=True,
+                error=lambda: (
+                    output_error(quantized)
+                    if per_channel
+                    else output_error(quantized).sum().view(1)
+                ),
+            )
+        finally:
+            act.enabled = True
 
     def match_teacher(name: str, layer: QuantModule, output: Tensor) -> Tensor:
-        gain, shift = _channel_fit(output, reference[name])
+        gain, shift = ChannelTarget(reference[name]).fit(output)
         layer.scale_output_(gain, shift)
         view = (1, -1) + (1,) * (output.dim() - 2)
         return output * gain.view(view) + shift.view(view)
@@ -145,32 +169,45 @@ def _max_abs(tensor: Tensor, per_channel: bool = False) -> Tensor:
     return tensor.detach().abs().amax(dim=dims).reshape(-1).float().clamp_min(1e-8)
 
 
-def _channel_moments(output: Tensor, target: Tensor) -> tuple[Tensor, ...]:
-    """Per channel (dim 1): means of output and target, variance of output, covariance."""
-    y = output.transpose(0, 1).reshape(output.shape[1], -1).float()
-    t = target.transpose(0, 1).reshape(target.shape[1], -1).float()
-    y_mean, t_mean = y.mean(1), t.mean(1)
-    y_centered, t_centered = y - y_mean[:, None], t - t_mean[:, None]
-    return (
-        y_mean,
-        t_mean,
-        y_centered.pow(2).mean(1),
-        (y_centered * t_centered).mean(1),
-        t_centered.pow(2).mean(1),
-    )
+def _search_images(output: Tensor) -> int:
+    """Images of the range search of the layer whose output is like ``output`` (``SEARCH_*``)."""
+    positions = math.prod(output.shape[2:])  # per image and channel: 1 for a linear layer
+    wanted = math.ceil(SEARCH_POSITIONS / positions)
+    return max(MIN_SEARCH_IMAGES, min(SEARCH_IMAGES, wanted))
 
 
-def _channel_fit(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Per channel (dim 1) ``gain, shift`` minimising ``|gain * output + shift - target|^2``."""
-    y_mean, t_mean, variance, covariance, _ = _channel_moments(output, target)
-    gain = torch.where(
-        variance > 1e-12, covariance / variance.clamp_min(1e-12), torch.ones_like(variance)
-    )
-    gain = gain.clamp(1 / MAX_GAIN, MAX_GAIN)
-    return gain, t_mean - gain * y_mean
+def _positions(output: Tensor) -> Tensor:
+    """``output`` as ``[positions, channels]`` (channels on dim 1), float32: a view, no copy, of
+    a channels_last activation, whose per-channel reductions then run over the outer dim."""
+    return output.movedim(1, -1).reshape(-1, output.shape[1]).float()
 
 
-def _fit_residual(output: Tensor, target: Tensor) -> Tensor:
-    """Per channel: the squared error left after the best ``gain, shift`` (unclamped)."""
-    _, _, variance, covariance, target_variance = _channel_moments(output, target)
-    return target_variance - covariance.pow(2) / variance.clamp_min(1e-12)
+class ChannelTarget:
+    """A layer's teacher output, per channel (dim 1): what the student layer's output is scored
+    against and fitted to. Its statistics are computed once, whatever the outputs compared."""
+
+    def __init__(self, target: Tensor) -> None:
+        flat = _positions(target)
+        self.variance, self.mean = torch.var_mean(flat, dim=0, correction=0)
+        self.centered = flat - self.mean
+
+    def _moments(self, output: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per channel: the output's mean, its variance and its covariance with the target."""
+        flat = _positions(output)
+        variance, mean = torch.var_mean(flat, dim=0, correction=0)
+        # E[(y - mean) * (t - t_mean)] = E[y * (t - t_mean)]: the target is centered already
+        return mean, variance, (flat * self.centered).mean(0)
+
+    def fit(self, output: Tensor) -> tuple[Tensor, Tensor]:
+        """Per channel ``gain, shift`` minimising ``|gain * output + shift - target|^2``."""
+        mean, variance, covariance = self._moments(output)
+        gain = torch.where(
+            variance > 1e-12, covariance / variance.clamp_min(1e-12), torch.ones_like(variance)
+        )
+        gain = gain.clamp(1 / MAX_GAIN, MAX_GAIN)
+        return gain, self.mean - gain * mean
+
+    def residual(self, output: Tensor) -> Tensor:
+        """Per channel: the squared error left after the best ``gain, shift`` (unclamped)."""
+        _, variance, covariance = self._moments(output)
+        return self.variance - covariance.pow(2) / variance.clamp_min(1e-12)

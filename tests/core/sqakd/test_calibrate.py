@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from core.sqakd.calibrate import calibrate
+from core.sqakd.calibrate import ChannelTarget, calibrate
 from core.sqakd.modules import QuantSpec, prepare, quant_layers, quantizers
-from core.sqakd.quantizers import QUANTIZERS, Quantizer
+from core.sqakd.quantizers import CLIP_FRACTIONS, QUANTIZERS, Quantizer, create_quantizer
 from tests.core.sqakd.nets import TinyCNN, normalised_images
 
 METHODS = sorted(QUANTIZERS)
@@ -154,3 +154,70 @@ def test_residual_add_inputs_get_ranges_and_signs_from_the_data(
         for quantizer, x in ((relu_quantizer, relu_output), (conv_quantizer, conv_output)):
             error = (quantizer(x) - x).pow(2).mean() / x.pow(2).mean()
             assert error < 1e-3, (method, error)  # least-MSE ranges clip a few outliers
+
+
+def test_calibration_is_deterministic(teacher: nn.Module) -> None:
+    """A resumed job rebuilds its student by calibrating again: it must be the same student."""
+    batch = normalised_images(16)
+    spec = QuantSpec(method="lsq", weight_bits=4, activation_bits=4, residual_bits=8)
+    first, second = prepare(teacher, spec), prepare(teacher, spec)
+    calibrate(first, teacher, batch)
+    calibrate(second, teacher, batch)
+    for (key, value), other in zip(
+        first.state_dict().items(), second.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, other), key
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_target_is_the_least_squares_fit(channels_last: bool) -> None:
+    """Per channel, ``fit`` is the least-squares ``gain, shift`` and ``residual`` its error."""
+    generator = torch.Generator().manual_seed(0)
+    output = torch.randn(6, 3, 5, 5, generator=generator) * torch.tensor([0.5, 1.0, 2.0]).view(
+        1, 3, 1, 1
+    )
+    target = 1.5 * output + 0.3 + 0.2 * torch.randn(output.shape, generator=generator)
+    if channels_last:
+        output = output.to(memory_format=torch.channels_last)
+        target = target.to(memory_format=torch.channels_last)
+    fitted = ChannelTarget(target)
+    gain, shift = fitted.fit(output)
+    residual = fitted.residual(output)
+    for c in range(3):
+        y, t = output[:, c].reshape(-1, 1), target[:, c].reshape(-1)
+        design = torch.cat([y, torch.ones_like(y)], dim=1).double()
+        solution = torch.linalg.lstsq(design, t.double()[:, None]).solution[:, 0]
+        error = (design @ solution - t.double()).pow(2).mean()
+        assert gain[c].item() == pytest.approx(solution[0].item(), rel=1e-4)
+        assert shift[c].item() == pytest.approx(solution[1].item(), abs=1e-4)
+        assert residual[c].item() == pytest.approx(error.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_range_search_finds_each_channels_single_minimum(method: str) -> None:
+    """Coarse to fine, the search scores 11 of the 24 clip fractions and, where the error has
+    one minimum over them, picks it for each channel: here at both ends, on and between the
+    coarse fractions. (Activation quantizers: DoReFa's weights search clip and knee together.)"""
+    best = torch.tensor([0, 1, 5, 6, 11, 17, 20, 22, 23])
+    max_abs = torch.linspace(0.5, 4.0, len(best))
+    fractions = torch.tensor(CLIP_FRACTIONS)
+
+    def quantizer() -> Quantizer:
+        q = create_quantizer(method, 4, weight=False, channels=len(best))
+        q.signed = True
+        return q
+
+    full = quantizer()
+    full.set_range(max_abs)  # every grid's step is proportional to the clip
+    q, calls = quantizer(), []
+
+    def fraction() -> Tensor:
+        return q.grid().scale / full.grid().scale
+
+    def error() -> Tensor:
+        calls.append(fraction())
+        return (fraction().log() - fractions[best].log()).pow(2)
+
+    q.fit_range(max_abs, signed=True, error=error)
+    assert len(calls) == 11
+    torch.testing.assert_close(fraction(), fractions[best])
