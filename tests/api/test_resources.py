@@ -281,7 +281,7 @@ def test_json_job_refusals(
     if change.pop("dynamic_model", False):
         body["model_id"] = stored(session, settings, "model", input_shape=[None, 3, None, None]).id
     if change.pop("huge_dataset", False):
-        body["data_id"] = stored(session, settings, "dataset", image_count=10**8).id
+        body["data_id"] = stored(session, settings, "dataset", image_count=10**9).id
 
     response = json_job(client, body | change)
 
