@@ -222,6 +222,26 @@ class DbReporter:
 
 
 @contextmanager
+def every(interval: float, work: Callable[[], bool | None], name: str) -> Iterator[None]:
+    """Call ``work`` from a thread every ``interval`` seconds while the block runs, until it
+    returns False; the thread is stopped and joined when the block ends."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            if work() is False:
+                return
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextmanager
 def lease_heartbeat(
     settings: Settings,
     what: str,
@@ -232,25 +252,19 @@ def lease_heartbeat(
     """Call ``renew`` from a thread every ``interval`` seconds while the block runs, so that a
     long step without other writes keeps its lease. A renewal that finds the lease gone (False)
     sets ``lease_lost`` and stops; ``what`` names the leased thing in the log."""
-    stop = threading.Event()
 
-    def beat() -> None:
-        while not stop.wait(interval):
-            try:
-                with session_scope(settings) as session:
-                    if not renew(session):
-                        lease_lost.set()
-                        return
-            except SQLAlchemyError:
-                log.warning("%s: heartbeat failed", what, exc_info=True)
+    def beat() -> bool:
+        try:
+            with session_scope(settings) as session:
+                if not renew(session):
+                    lease_lost.set()
+                    return False
+        except SQLAlchemyError:
+            log.warning("%s: heartbeat failed", what, exc_info=True)
+        return True
 
-    thread = threading.Thread(target=beat, name=f"heartbeat {what}", daemon=True)
-    thread.start()
-    try:
+    with every(interval, beat, f"heartbeat {what}"):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 @contextmanager
@@ -272,29 +286,23 @@ def mirrored_checkpoint(storage: Storage, job_id: str, interval: float) -> Itera
     every ``interval`` seconds), so that a worker elsewhere resumes from it if this one dies.
     A failed copy is logged and tried again; a local store needs no copy (the call is free)."""
     checkpoint = storage.work_dir(job_id) / CHECKPOINT
-    stop = threading.Event()
+    mirrored: tuple[int, int] | None = None  # the version copied last
 
     def mirror() -> None:
-        mirrored: tuple[int, int] | None = None  # the version copied last
-        while not stop.wait(interval):
-            try:
-                stat = checkpoint.stat()
-                version = (stat.st_ino, stat.st_mtime_ns)  # the trainer swaps in a new file
-                if version != mirrored:
-                    storage.mirror_work_file(job_id, checkpoint)
-                    mirrored = version
-            except FileNotFoundError:  # none yet, or replaced just now: next time
-                continue
-            except Exception:  # noqa: BLE001 - boto3 raises many types; training goes on
-                log.warning("job %s: checkpoint not mirrored", job_id, exc_info=True)
+        nonlocal mirrored
+        try:
+            stat = checkpoint.stat()
+            version = (stat.st_ino, stat.st_mtime_ns)  # the trainer swaps in a new file
+            if version != mirrored:
+                storage.mirror_work_file(job_id, checkpoint)
+                mirrored = version
+        except FileNotFoundError:  # none yet, or replaced just now: next time
+            pass
+        except Exception:  # noqa: BLE001 - boto3 raises many types; training goes on
+            log.warning("job %s: checkpoint not mirrored", job_id, exc_info=True)
 
-    thread = threading.Thread(target=mirror, name=f"checkpoint {job_id}", daemon=True)
-    thread.start()
-    try:
+    with every(interval, mirror, f"checkpoint {job_id}"):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:

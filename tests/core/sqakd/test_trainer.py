@@ -649,10 +649,12 @@ def test_label_weight_without_labels_is_refused() -> None:
         train(teacher, student, pixels, config(steps=1, label_weight=1.0))
 
 
+# EWGS (its own backward) and LSQ on TensorRT's grids with quantized residual additions (the
+# forward hooks): plain LSQ adds no path of its own and 15 s to the suite.
 @pytest.mark.parametrize(
     ("method", "spec"),
-    [("lsq", {}), ("ewgs", {}), ("lsq", {"int8_grids": True, "residual_bits": 8})],
-    ids=["lsq", "ewgs", "lsq-tensorrt"],
+    [("ewgs", {}), ("lsq", {"int8_grids": True, "residual_bits": 8})],
+    ids=["ewgs", "lsq-tensorrt"],
 )
 def test_a_compiled_student_trains_like_the_eager_one(method: str, spec: dict[str, Any]) -> None:
     """``compile_model`` changes kernels, not maths: the same steps give close students. The
