@@ -43,6 +43,7 @@ from bench.speed_vs_paper import (
     PhaseClock,
     build,
 )
+from core.config import JobConfig
 from scripts.demo import running_service
 
 BATCH = 256
@@ -130,12 +131,14 @@ def report(steps: dict[str, list[Any]], job: dict[str, Any], images: int, epochs
     ]  # fmt: skip
     ratio = job_speed / median[PAPER_DATA]
     met = "met" if ratio >= GOAL else "**not met**"
+    every = JobConfig().ewgs_delta_every
     return f"""\
 A real job against the paper's training step: EWGS W4A4, the CIFAR-10 ResNet-20 fixture
 (`{TEACHER_ONNX.relative_to(SHARED.parent)}`), batch {BATCH}, on {images:,} CIFAR-10 training
 JPEGs ({train["steps"]} steps, {epochs} epoch(s) of the 90% not held out), submitted over HTTP
 to the real service (`scripts.serve`: Celery worker process, SQLite, bundled Redis) with the SDK;
-the job's defaults otherwise (Hessian deltas every epoch, probes, checkpoints, the
+the job's defaults otherwise (Hessian deltas at the start and every {every} epochs, probes,
+checkpoints, the
 TensorRT-compatible student), its inference speed test off. In the same run, before and after
 the job, the steps of `bench.speed_vs_paper` (its rows, {THREADS} torch threads, one step of
 each in turn, {len(speed[PAPER_DATA])} rounds after {WARMUP} warm-up steps; images/s the median

@@ -225,7 +225,11 @@ class JobConfig(_Strict):
         "(0 makes EWGS a plain straight-through estimator).",
     )
     ewgs_delta_every: int = Field(
-        1, ge=1, le=1000, description="method ewgs only: epochs between Hessian estimates."
+        10,
+        ge=1,
+        le=1000,
+        description="method ewgs only: epochs between Hessian estimates (10: the EWGS code's "
+        "update_every; an estimate costs about three training steps).",
     )
     epochs: int | None = Field(None, ge=1, le=1000, description="Default 1 unless steps is set.")
     steps: int | None = Field(None, ge=1, le=1_000_000, description="Overrides epochs.")

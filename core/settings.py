@@ -58,9 +58,7 @@ class Settings(BaseSettings):
         description="JSON map of API key -> tenant. Empty: embedded mode, tenant 'local', no key.",
     )
     max_model_bytes: int = Field(512 * MiB, gt=0)
-    max_data_bytes: int = Field(
-        200 * GB, gt=0, description="Bytes of one uploaded data archive."
-    )
+    max_data_bytes: int = Field(200 * GB, gt=0, description="Bytes of one uploaded data archive.")
     # The decoded store of a dataset lives on disk (core.inputs.store), 3 bytes per pixel:
     # 200 GB holds 1,000,000 images at 224 x 224 (150 GB); 80,000 one-pixel PNGs (12 MB of
     # zip) at 1024 x 1024 (252 GB) do not fit.

@@ -58,9 +58,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     temperature: float = 4.0
     # EWGS quantizers only: "hessian" estimates each quantizer's delta (Hutchinson) at the start
-    # and every ``ewgs_delta_every`` epochs; a number fixes it.
+    # and every ``ewgs_delta_every`` epochs (10: as the EWGS code's ``update_every``); a number
+    # fixes it.
     ewgs_delta: str | float = "hessian"
-    ewgs_delta_every: int = 1
+    ewgs_delta_every: int = 10
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     augment: bool = True
