@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from core.sqakd.teacher import inference_teacher
+from core.sqakd.teacher import CHUNK_PIXELS, MIN_CHUNK, inference_teacher
 from tests.core.sqakd.nets import normalised_images
 
 
@@ -63,3 +63,18 @@ def test_an_untraceable_teacher_runs_unfolded_and_frozen() -> None:
     assert not any(p.requires_grad for p in frozen.parameters())
     with torch.inference_mode():
         torch.testing.assert_close(frozen(images), teacher(images))
+
+
+def test_a_cpu_batch_runs_in_chunks_of_about_chunk_pixels_with_the_same_logits() -> None:
+    """64 images of 32 x 32 per call (``CHUNK_PIXELS``), at least ``MIN_CHUNK`` at 224 px."""
+    teacher = torchvision.models.resnet18(num_classes=10).eval()
+    frozen = inference_teacher(teacher)
+    batches: list[int] = []
+    frozen.model.register_forward_pre_hook(lambda _m, args: batches.append(len(args[0])))
+    for size, count, expected in [(32, 150, [64, 64, 22]), (224, 9, [4, 4, 1]), (32, 10, [10])]:
+        images = normalised_images(count, size=size)
+        batches.clear()
+        with torch.inference_mode():
+            torch.testing.assert_close(frozen(images), teacher(images), atol=1e-4, rtol=1e-4)
+        assert batches == expected
+    assert CHUNK_PIXELS == 64 * 32 * 32 and MIN_CHUNK == 4
