@@ -124,28 +124,36 @@ def training_speed(
     }
 
 
-def image_zip(path: Path, per_class: int) -> Path:
+def image_zip(path: Path, per_class: int, side: int = 32, image_format: str = "PNG") -> Path:
+    """Four class folders of ``per_class`` random ``side`` x ``side`` images each."""
     rng = np.random.default_rng(0)
+    suffix = image_format.lower()
     with zipfile.ZipFile(path, "w") as archive:
         for label in range(4):
             for index in range(per_class):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
                 pixels[..., label % 3] //= 4  # a class tint, so the folders differ
                 buffer = io.BytesIO()
-                Image.fromarray(pixels).save(buffer, format="PNG")
-                archive.writestr(f"class{label}/{index:04d}.png", buffer.getvalue())
+                Image.fromarray(pixels).save(buffer, format=image_format)
+                archive.writestr(f"class{label}/{index:04d}.{suffix}", buffer.getvalue())
     return path
 
 
 def run_job(
-    model_path: Path, data: Path, eval_data: Path | None, job: dict[str, Any], workdir: Path
+    model_path: Path,
+    data: Path,
+    eval_data: Path | None,
+    job: dict[str, Any],
+    workdir: Path,
+    reporter: Any = None,
 ) -> dict[str, Any]:
     """``core.pipeline.run_quantization`` as a worker runs it (training on this device), with
-    what the job's metrics say about it."""
+    what the job's metrics say about it; ``reporter``: a ``SilentReporter`` (the default) or
+    one that does more with the stages."""
     from core.config import JobConfig
     from core.pipeline import JobInputs, SilentReporter, run_quantization
 
-    reporter = SilentReporter()
+    reporter = reporter or SilentReporter()
     started = time.perf_counter()
     result = run_quantization(
         JobInputs(model_path, data, eval_data), JobConfig.model_validate(job), workdir, reporter
@@ -160,6 +168,7 @@ def run_job(
         "student_top1": metrics["student_top1"],
         "teacher_top1": metrics["teacher_top1"],
         "train_images_per_second": round(metrics["train"]["images_per_second"], 1),
+        "train": metrics["train"],
         "train_images": metrics["train_images"],
         "eval_images": metrics["eval_images"],
         "onnx_parity": metrics["onnx_parity"],

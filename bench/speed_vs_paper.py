@@ -184,17 +184,38 @@ class NullWriter:
         pass
 
 
-class PaperStep:
-    """Its ``train_quant.py`` as ``scripts/run_cifar10_resnet20.sh EWGS+SQAKD/W4A4/`` runs it."""
+def paper_args(num_classes: int = 10) -> argparse.Namespace:
+    """The model arguments of ``run_cifar10_resnet20.sh EWGS+SQAKD/W4A4/``: what its ``QConv``
+    reads (4-bit weights and activations, EWGS, backward scaling factors 0)."""
+    return argparse.Namespace(
+        num_classes=num_classes, QWeightFlag=True, QActFlag=True, weight_levels=16,
+        act_levels=16, baseline=False, bkwd_scaling_factorW=0.0, bkwd_scaling_factorA=0.0,
+    )  # fmt: skip
 
-    def __init__(self, paper: types.SimpleNamespace, log_dir: Path) -> None:
-        args = argparse.Namespace(
-            num_classes=10, QWeightFlag=True, QActFlag=True, weight_levels=16, act_levels=16,
-            baseline=False, bkwd_scaling_factorW=0.0, bkwd_scaling_factorA=0.0,
-        )  # fmt: skip
-        self.teacher = paper.resnet.resnet20_fp(args).eval().requires_grad_(False)
-        self.student = paper.resnet.resnet20_quant(args).train()  # its loop: train() per epoch
-        self.student.load_state_dict(self.teacher.state_dict(), strict=False)  # --load_pretrain
+
+class PaperStep:
+    """Its ``train_quant.py`` as ``scripts/run_cifar10_resnet20.sh EWGS+SQAKD/W4A4/`` runs it.
+
+    ``models`` (teacher, student) replace its ResNet-20s: any pair whose forwards take its
+    arguments (``save_dict``, ``lambda_dict``, ``is_feat``), the student's convolutions its
+    ``QConv``; ``batch`` is the images per step that ``impl`` counts."""
+
+    def __init__(
+        self,
+        paper: types.SimpleNamespace,
+        log_dir: Path,
+        models: tuple[nn.Module, nn.Module] | None = None,
+        batch: int = BATCH,
+    ) -> None:
+        if models is None:
+            args = paper_args()
+            teacher, student = paper.resnet.resnet20_fp(args), paper.resnet.resnet20_quant(args)
+            student.load_state_dict(teacher.state_dict(), strict=False)  # --load_pretrain
+        else:
+            teacher, student = models
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student.train()  # its loop: train() per epoch
+        self.batch = batch
         model_params, quant_params = [], []
         for m in self.student.modules():  # its split: weights, BN and biases vs. quantizers
             if isinstance(m, paper.QConv):
@@ -241,7 +262,7 @@ class PaperStep:
             started = time.perf_counter()
             for _ in range(k):
                 self.step(*next(batches))
-            return k * BATCH / (time.perf_counter() - started)
+            return k * self.batch / (time.perf_counter() - started)
 
         return Impl(run, self.teacher, self.student)
 
