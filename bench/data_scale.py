@@ -30,6 +30,7 @@ import io
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -216,6 +217,9 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=256)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--decode-images", type=int, default=200)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="jobs per size, the sizes taking turns"
+    )
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "data-scale")
     parser.add_argument("--no-write", action="store_true", help="print, leave BENCHMARKS.md")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # the child's half
@@ -233,24 +237,33 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     teacher = export_teacher(root / "scalenet.onnx")
     eval_data = jpeg_zip(root / f"eval-{args.eval_images}.zip", args.eval_images, 500, 375, 10**8)
+    archives = {
+        count: jpeg_zip(root / f"train-{count}.zip", count, 500, 375) for count in args.images
+    }
     jobs = []
-    for count in args.images:
-        data = jpeg_zip(root / f"train-{count}.zip", count, 500, 375)
-        print(f"job on {count} images ...", flush=True)
-        jobs.append((count, job_in_subprocess(teacher, data, eval_data, args.steps, root)))
-        print(json.dumps(jobs[-1][1]), flush=True)
+    for _ in range(args.rounds):  # this machine's speed drifts: the sizes take turns
+        for count, data in archives.items():
+            print(f"job on {count} images ...", flush=True)
+            jobs.append((count, job_in_subprocess(teacher, data, eval_data, args.steps, root)))
+            print(json.dumps(jobs[-1][1]), flush=True)
     decode = decode_rows(args.decode_images)
 
-    (small, first), (large, second) = jobs
-    rss_change = second["peak_rss"] / first["peak_rss"] - 1
-    speed_change = second["images_per_second"] / first["images_per_second"] - 1
+    small, large = args.images
+    median = {
+        (count, figure): statistics.median(job[figure] for size, job in jobs if size == count)
+        for count in args.images
+        for figure in ("peak_rss", "images_per_second")
+    }
+    rss_change = median[large, "peak_rss"] / median[small, "peak_rss"] - 1
+    speed_change = median[large, "images_per_second"] / median[small, "images_per_second"] - 1
     met = abs(rss_change) <= GOAL and abs(speed_change) <= GOAL
     body = "\n\n".join(
         [
             "A small CNN at 224 px (`bench.data_scale.ScaleNet`), LSQ W4A4, batch 64, "
             f"{args.steps} training steps, through `core.pipeline.run_quantization` in a fresh "
             f"process per job, on generated 500x375 JPEGs resized to 224x224, with the same "
-            f"{args.eval_images} evaluation images. Peak RSS: the job process (`ru_maxrss`); "
+            f"{args.eval_images} evaluation images; {args.rounds} job(s) per size, the sizes "
+            "taking turns, compared by their medians. Peak RSS: the job process (`ru_maxrss`); "
             "the decode workers are separate processes (each holds a chunk of files, 4 MiB "
             "at most, and one decoded image).",
             table(
@@ -277,7 +290,7 @@ def main() -> None:
                     for count, job in jobs
                 ],
             ),  # fmt: skip
-            f"{large:,} against {small:,} images: peak RSS {rss_change:+.1%}, images/s "
+            f"{large:,} against {small:,} images (medians): peak RSS {rss_change:+.1%}, images/s "
             f"{speed_change:+.1%} (goal: both within ±{GOAL:.0%}): "
             f"**{'met' if met else 'missed'}**.",
             "Decode throughput, one process (images per CPU second, `core.inputs.decode."
