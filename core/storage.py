@@ -48,6 +48,7 @@ from core.errors import InputError, TooLargeError
 from core.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024
+MTIME_METADATA = "saved-ns"  # a mirrored work file's object metadata: its mtime, in ns
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
@@ -283,8 +284,9 @@ class Storage(ABC):
 
     @abstractmethod
     def restore_work_file(self, job_id: str, name: str) -> None:
-        """Put the mirrored work file ``name`` in this machine's work folder, if it has none
-        and there is one (a job that another worker started resumes from its checkpoint)."""
+        """Put the mirrored work file ``name`` in this machine's work folder where the mirror
+        is newer than this machine's copy or it has none (a job that another worker started
+        resumes from its checkpoint)."""
 
     # -- built on the above ----------------------------------------------------------------------
 
@@ -626,28 +628,38 @@ class S3Storage(Storage):
         os.link(path, snapshot)
         try:
             key = f"{self.work_key(job_id)}/{check_name(path.name)}"
+            written = {MTIME_METADATA: str(snapshot.stat().st_mtime_ns)}  # when it was saved
             self.client.upload_file(
-                str(snapshot), self.bucket, self._key(key), Config=self.transfer
+                str(snapshot),
+                self.bucket,
+                self._key(key),
+                ExtraArgs={"Metadata": written},
+                Config=self.transfer,
             )
         finally:
             snapshot.unlink()
 
     def restore_work_file(self, job_id: str, name: str) -> None:
+        """The mirror, unless this machine's copy was saved as late or later: a job that went
+        from this worker to another and back resumes from where the other one got to."""
         target = self.work_dir(job_id) / check_name(name)
-        if target.exists():
+        key = self._key(f"{self.work_key(job_id)}/{name}")
+        try:
+            mirrored = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _missing(exc):
+                return
+            raise
+        saved = int(mirrored.get("Metadata", {}).get(MTIME_METADATA, 0))
+        if target.exists() and target.stat().st_mtime_ns >= saved:
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
         try:
-            self.client.download_file(
-                self.bucket,
-                self._key(f"{self.work_key(job_id)}/{name}"),
-                str(partial),
-                Config=self.transfer,
-            )
+            self.client.download_file(self.bucket, key, str(partial), Config=self.transfer)
             os.replace(partial, target)
         except ClientError as exc:
-            if not _missing(exc):
+            if not _missing(exc):  # removed since: the job ended meanwhile
                 raise
         finally:
             partial.unlink(missing_ok=True)

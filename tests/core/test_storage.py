@@ -142,6 +142,43 @@ def test_a_checkpoint_mirrored_by_one_worker_is_restored_by_another(
     assert not (third.work_dir(JOB) / "checkpoint.pt").exists()
 
 
+def test_a_worker_takes_a_newer_mirrored_checkpoint_over_its_own_older_one(
+    bucket: str, moto_endpoint: str, tmp_path: Path
+) -> None:
+    """A job that went from the first worker to a second and back resumes where the second
+    got to; a worker whose own copy is the newer keeps it. (A local store is one directory:
+    its workers share one checkpoint file.)"""
+    first, second = (
+        open_storage(
+            Settings(
+                data_dir=tmp_path / machine,
+                storage_url=f"s3://{bucket}/some/prefix",
+                storage_endpoint_url=moto_endpoint,
+            )
+        )
+        for machine in ("first", "second")
+    )
+    old = first.work_dir(JOB) / "checkpoint.pt"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"step 100")
+    saved = old.stat().st_mtime_ns - 10**9  # a second before the second worker's save
+    os.utime(old, ns=(saved, saved))
+    first.mirror_work_file(JOB, old)
+    first.restore_work_file(JOB, "checkpoint.pt")  # its own mirror: nothing fetched
+    assert old.stat().st_mtime_ns == saved
+    newer = second.work_dir(JOB) / "checkpoint.pt"
+    newer.parent.mkdir(parents=True)
+    newer.write_bytes(b"step 200")
+    second.mirror_work_file(JOB, newer)
+
+    first.restore_work_file(JOB, "checkpoint.pt")
+
+    assert old.read_bytes() == b"step 200"
+    newer.write_bytes(b"step 300")  # saved after its mirror
+    second.restore_work_file(JOB, "checkpoint.pt")
+    assert newer.read_bytes() == b"step 300"
+
+
 def test_keys_cannot_climb_out_of_the_store(storage: Storage) -> None:
     with pytest.raises(ValueError):
         storage.iter_bytes("jobs/../../etc/passwd")
