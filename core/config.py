@@ -196,6 +196,7 @@ class ExportConfig(_Strict):
 MAX_DEVICES = 64  # training processes of one job (GPUs of one worker)
 # Most classes a job can name (`JobConfig.class_names`, numbered class folders); each name's length.
 MAX_CLASSES = 100_000
+MAX_EVAL_IMAGES = 100_000  # held-out images: evaluation runs three times over them
 MAX_CLASS_NAME_CHARS = 200
 
 
@@ -277,6 +278,13 @@ class JobConfig(_Strict):
     )
     eval_fraction: float = Field(
         0.1, gt=0, lt=1, description="Held-out share of the upload used for evaluation only."
+    )
+    max_eval_images: int = Field(
+        10_000,
+        ge=1,
+        le=MAX_EVAL_IMAGES,
+        description="At most this many held-out images (eval_fraction of a large upload would "
+        "be evaluated three times and its logits kept in memory); the rest are trained on.",
     )
     class_names: tuple[str, ...] | None = Field(
         None,

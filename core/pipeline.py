@@ -275,7 +275,7 @@ def _load(inputs: JobInputs, config: JobConfig) -> _Loaded:
             sha256=inputs.eval_data_sha256 or hash_file(inputs.eval_data_path).sha256,
         )
     else:
-        train_set, eval_set = data.split(config.eval_fraction, config.seed)
+        train_set, eval_set = data.split(config.eval_fraction, config.seed, config.max_eval_images)
     teacher = imported.module.to(device)
     return _Loaded(
         imported,

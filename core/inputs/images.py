@@ -41,8 +41,11 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.pixels)
 
-    def split(self, held_out_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-        """(train, held_out) from a seeded permutation; each keeps at least one image.
+    def split(
+        self, held_out_fraction: float, seed: int, max_held_out: int | None = None
+    ) -> tuple[ImageSet, ImageSet]:
+        """(train, held_out) from a seeded permutation; each keeps at least one image, and
+        the held-out part at most ``max_held_out``.
 
         Both parts keep the set's order, so the held-out part is reported in a stable order.
         """
@@ -53,7 +56,10 @@ class ImageSet:
             raise DataImportError(
                 "too_few_images", f"need at least 2 images to hold some out, got {count}"
             )
-        held_out = min(max(round(count * held_out_fraction), 1), count - 1)
+        held_out = round(count * held_out_fraction)
+        if max_held_out is not None:
+            held_out = min(held_out, max_held_out)
+        held_out = min(max(held_out, 1), count - 1)
         order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
         train_indices = order[held_out:].sort().values
         held_out_indices = order[:held_out].sort().values

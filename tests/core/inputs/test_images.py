@@ -145,6 +145,16 @@ def test_split_is_a_seeded_partition() -> None:
     assert not torch.equal(images.split(0.25, seed=4)[1].pixels[:], held_out.pixels[:])
 
 
+def test_split_holds_out_at_most_max_held_out_images() -> None:
+    """A large upload's 10% would be evaluated three times over: the rest trains instead."""
+    images = make_set(20, labelled=False)
+    train, held_out = images.split(0.25, seed=3, max_held_out=2)
+    assert (len(train), len(held_out)) == (18, 2)
+    assert set(held_out.pixels[:, 0, 0, 0].tolist()) < set(
+        images.split(0.25, seed=3)[1].pixels[:, 0, 0, 0].tolist()
+    )
+
+
 @pytest.mark.parametrize(("fraction", "sizes"), [(0.01, (4, 1)), (0.99, (1, 4))])
 def test_split_keeps_one_image_on_each_side(fraction: float, sizes: tuple[int, int]) -> None:
     train, held_out = make_set(5, labelled=False).split(fraction, seed=0)
