@@ -32,6 +32,7 @@ from core.pipeline import JobInputs, SilentReporter, run_quantization
 from core.settings import get_settings
 
 CIFAR_TRAIN = SHARED / "data" / "cifar10" / "train"
+POINT_TOLERANCE = 1e-4  # relative, as tests/core/sqakd/test_distributed.py's LOSS_RTOL
 
 
 class StageClock(SilentReporter):
@@ -90,8 +91,12 @@ def main() -> None:
         ]
     reference = runs[0]
     for run in runs:
-        difference = max(
+        differences = [
             abs(a - b) / abs(b) for a, b in zip(run["losses"], reference["losses"], strict=True)
+        ]
+        difference = max(differences)
+        within = next(
+            (i for i, d in enumerate(differences) if d > POINT_TOLERANCE), len(differences)
         )
         rows.append(
             [
@@ -100,6 +105,7 @@ def main() -> None:
                 f"{run['images_per_second'] / reference['images_per_second']:.2f}x",
                 f"{run['training_seconds']:.1f}",
                 f"{difference:.1e}",
+                f"{within} of {len(differences)}",
                 f"{run['agreement']:.4f}",
             ]
         )
@@ -110,7 +116,12 @@ def main() -> None:
         f"out), global batch {args.batch}, {args.steps} steps, the same seed; one job per row "
         "through `run_quantization`. *curve difference*: the largest relative difference of a "
         "loss point from the 1-process job's. On a CPU the processes share its cores (threads "
-        "split among them).\n\n"
+        "split among them). The curves agree to float rounding until a rounding difference "
+        "moves one weight or activation across a quantization level; from there on a 4-bit "
+        "student's curve wanders off as any other run's would, and the students end as good "
+        "(*agreement*: top-1 agreement with the teacher on the held-out images). The exact "
+        "match over whole runs is tested on a tiny CNN (`tests/core/sqakd/test_distributed.py`)."
+        "\n\n"
         + table(
             [
                 "processes",
@@ -118,6 +129,7 @@ def main() -> None:
                 "vs 1 process",
                 "training stage s",
                 "curve difference",
+                f"first points within {POINT_TOLERANCE:g}",
                 "agreement",
             ],
             rows,
