@@ -87,7 +87,7 @@ def main() -> None:
                 [
                     "peak RSS (MiB)",
                     f"{figures['peak_rss'] / 2**20:,.0f}",
-                    f"{limits.validation_memory_bytes / 2**20:,.0f} (RLIMIT_DATA: heap and private mappings)",
+                    f"{limits.validation_memory_bytes / 2**20:,.0f} (RLIMIT_DATA)",
                 ],
             ],
         )
