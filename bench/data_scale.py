@@ -46,7 +46,7 @@ from PIL import Image
 from torch import nn
 
 from bench.cifar import SHARED
-from bench.report import machine, table, write_section
+from bench.report import publish, table
 
 SECTION = "data-scale"
 SIZE = 224
@@ -299,10 +299,7 @@ def main() -> None:
             table(["source", "to", "draft mode", "images/s/core"], decode),
         ]
     )
-    print(body)
-    if not args.no_write:
-        command = "python -m bench.data_scale " + " ".join(sys.argv[1:])
-        write_section(SECTION, body, command=command.strip(), machine_text=machine())
+    publish(SECTION, body, module="bench.data_scale", write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bench.report import machine, table, write_section
+from bench.report import publish, table
 from core.settings import Settings
 
 SECTION = "intake-scale"
@@ -92,10 +92,7 @@ def main() -> None:
             ],
         )
     )
-    print(body)
-    if not args.no_write:
-        command = "python -m bench.intake_scale " + " ".join(sys.argv[1:])
-        write_section(SECTION, body, command=command.strip(), machine_text=machine())
+    publish(SECTION, body, module="bench.intake_scale", write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,15 @@ def write_section(name: str, body: str, *, command: str, machine_text: str) -> N
     BENCHMARKS.write_text(text)
 
 
+def publish(name: str, body: str, *, module: str, write: bool = True) -> None:
+    """Print ``body``; with ``write``, also into section ``name``, stamped with this run's
+    command line (``python -m module`` and its arguments) and this machine."""
+    print(body)
+    if write:
+        command = " ".join(["python -m", module, *sys.argv[1:]])
+        write_section(name, body, command=command, machine_text=machine())
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
