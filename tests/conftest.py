@@ -20,8 +20,9 @@ from tests.fixtures_paths import unavailable
 from tests.utils import REDIS_TEST_DB, REDIS_URL, SettingsFactory, make_client
 
 # live_service, tiny_inputs: one real keyed service for the client, CLI and dashboard tests;
-# moto_endpoint, bucket, s3_env: an S3 server (moto) for the object-storage tests.
-pytest_plugins = ["tests.live_service", "tests.object_storage"]
+# moto_endpoint, bucket, s3_env: an S3 server (moto) for the object-storage tests;
+# production_service, production_env: one launcher on PostgreSQL and Redis for the e2e tests.
+pytest_plugins = ["tests.live_service", "tests.object_storage", "tests.production_service"]
 
 
 @pytest.fixture(scope="session")

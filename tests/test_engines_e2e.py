@@ -26,16 +26,9 @@ import redis
 
 from core.engines import engine_queue
 from tests.factories import VALID_CONFIG, post_job
-from tests.test_e2e import (  # noqa: F401 - fixtures
-    REDIS_TEST_DB,
-    REDIS_URL,
-    Service,
-    postgres_url,
-    production_env,
-    running_service,
-    wait_for_job,
-)
-from tests.utils import REPO_ROOT
+from tests.production_service import Service
+from tests.test_e2e import wait_for_job
+from tests.utils import REDIS_TEST_DB, REDIS_URL, REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 ENGINE_TIMEOUT_S = 120
@@ -53,15 +46,6 @@ def targets() -> Iterator[tuple[str, str]]:
         if keys:
             client.delete(*keys)
     client.close()
-
-
-@pytest.fixture
-def production_service(
-    production_env: dict[str, str],  # noqa: F811
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Service, dict[str, str]]]:
-    with running_service(tmp_path_factory.mktemp("engines"), production_env) as service:
-        yield service, production_env
 
 
 def engine_worker(
@@ -82,13 +66,14 @@ def engine_worker(
 
 
 def test_engine_builds_go_to_their_target_queue_and_wait_for_a_worker(
-    production_service: tuple[Service, dict[str, str]],
+    production_service: Service,
+    production_env: dict[str, str],
     targets: tuple[str, str],
     onnx_model: Path,
     image_archive: Path,
     tmp_path: Path,
 ) -> None:
-    service, env = production_service
+    service, env = production_service, production_env
     served, unserved = targets
     log = tmp_path / "engine-worker.log"
     worker = engine_worker(service, env, served, log)

@@ -1,6 +1,7 @@
 """End to end: a real job followed over Server-Sent Events from queued to succeeded.
 
-The real launcher (API + Celery worker) on PostgreSQL and the machine's Redis: the client drops
+The real launcher (API + Celery worker) on PostgreSQL and the machine's Redis (the session's
+tests.production_service, PROGRESS_EVENT_SECONDS=0.5): the client drops
 its connection mid-training, reconnects with Last-Event-ID, and must see every event exactly
 once, in order, the same ones the JSON pages list.
 """
@@ -17,7 +18,7 @@ import pytest
 
 from core.pipeline import STAGES
 from tests.factories import VALID_CONFIG, post_job
-from tests.test_e2e import running_service
+from tests.production_service import Service
 from tests.utils import sse_messages
 
 pytestmark = pytest.mark.e2e
@@ -41,23 +42,11 @@ def follow(client: httpx.Client, url: str, headers: dict[str, str]) -> Iterator[
 
 
 def test_a_job_followed_over_sse_with_a_reconnect_mid_training(
-    tmp_path: Path,
-    postgres_url: str,
-    redis_db: str,
-    queue_name: str,
-    onnx_model: Path,
-    image_archive: Path,
+    production_service: Service, onnx_model: Path, image_archive: Path
 ) -> None:
-    env = {
-        "DATABASE_URL": postgres_url,
-        "BROKER_URL": redis_db,
-        "TRAIN_QUEUE": queue_name,
-        "PROGRESS_EVENT_SECONDS": "0.5",
-    }
-    with (
-        running_service(tmp_path / "data", env) as service,
-        httpx.Client(base_url=service.url, timeout=60) as api,
-    ):
+    # The session's service (tests.production_service): a progress event every half second.
+    service = production_service
+    with httpx.Client(base_url=service.url, timeout=60) as api:
         submitted = post_job(api, model=onnx_model, data=image_archive, config=CONFIG)
         assert submitted.status_code == 202, submitted.text
         url = f"/v1/jobs/{submitted.json()['id']}/events"

@@ -43,19 +43,21 @@ def cifar_job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobInput
 @pytest.mark.parametrize(
     ("job", "floor"),
     [
-        ({"weight_bits": 8, "activation_bits": 8, "method": "lsq", "epochs": 1}, 0.97),
+        # 8 bits: calibration alone is close to the teacher; the steps check that training
+        # keeps it there (a third of an epoch: the epochs-to-steps count has tests of its own).
+        ({"weight_bits": 8, "activation_bits": 8, "method": "lsq", "steps": 10}, 0.97),
         ({"weight_bits": 2, "activation_bits": 2, "method": "lsq", "steps": 80}, 0.70),
         (
             {
                 "weight_bits": 4,
                 "activation_bits": 4,
                 "method": "ewgs",
-                "steps": 20,
+                "steps": 10,
             },
             0.93,
         ),
     ],
-    ids=["W8A8-1-epoch", "W2A2-lsq-80-steps", "W4A4-ewgs-20-steps"],
+    ids=["W8A8-lsq-10-steps", "W2A2-lsq-80-steps", "W4A4-ewgs-10-steps"],
 )
 def test_sqakd_students_agree_with_the_cifar10_teacher(
     cifar_job_inputs: tuple[JobInputs, dict[str, Any]],
@@ -81,7 +83,7 @@ def test_sqakd_students_agree_with_the_cifar10_teacher(
         f"student top-1 {metrics['student_top1']:.3f} (teacher {metrics['teacher_top1']:.3f})"
     )
     assert metrics["eval_images"] == 1000 and metrics["train_images"] == 2000
-    assert metrics["train"]["steps"] == job.get("steps", 2000 // 64)
+    assert metrics["train"]["steps"] == job["steps"]
     assert metrics["agreement"] >= floor
     assert metrics["teacher_top1"] > 0.85  # the labels of test/ really are used for top-1
     # Training, not calibration alone, got it there: 0.735 -> 0.793 in 80 steps on an AVX2 CPU;
