@@ -52,12 +52,12 @@ def cifar_job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobInput
                 "weight_bits": 4,
                 "activation_bits": 4,
                 "method": "ewgs",
-                "steps": 10,
+                "steps": 20,  # at 10 its agreement varied from 0.928 to 0.939 between runs
             },
             0.93,
         ),
     ],
-    ids=["W8A8-lsq-10-steps", "W2A2-lsq-80-steps", "W4A4-ewgs-10-steps"],
+    ids=["W8A8-lsq-10-steps", "W2A2-lsq-80-steps", "W4A4-ewgs-20-steps"],
 )
 def test_sqakd_students_agree_with_the_cifar10_teacher(
     cifar_job_inputs: tuple[JobInputs, dict[str, Any]],
