@@ -9,7 +9,8 @@ On a CPU it also runs a batch in chunks of about ``CHUNK_PIXELS`` input pixels: 
 activations stay in the processor's caches between layers, where a whole batch's go out to
 memory and back. The folded CIFAR-10 ResNet-20 at batch 256 took 212 ms whole and 142 ms in
 chunks of 64 images; a ResNet-18 at 224 px, batch 64: 1,559 ms whole, 1,449 ms in chunks of 4.
-An eval-mode vision model computes each image on its own, so the logits are the same.
+An eval-mode vision model computes each image on its own, so the logits are the same up to
+float rounding (the convolutions may pick other kernels for a smaller batch).
 """
 
 from __future__ import annotations
