@@ -256,6 +256,7 @@ def _load(inputs: JobInputs, config: JobConfig) -> _Loaded:
         store_dir=settings.dataset_stores,
         max_pixels=settings.max_dataset_pixels,  # data and eval_data share it
         decode_processes=settings.decode_processes,
+        max_store_bytes=settings.dataset_store_max_bytes,
     )
     # The job's class order applies where labels are evaluated: to data only when it is split.
     data_classes = config.class_names if inputs.eval_data_path is None else None

@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     dataset_store_days: float | None = Field(
         7, gt=0, description="Housekeeping deletes a dataset store unused this long."
     )
+    dataset_store_max_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Disk the dataset stores of one machine may keep: a decode first deletes "
+        "the least recently used stores no job reads, to stay under it (jobs keep theirs). "
+        "Default: no cap; a decode that would not fit on the disk still deletes unused stores.",
+    )
     decode_processes: int | None = Field(
         None, ge=1, description="Worker processes that decode a dataset; default: every CPU."
     )

@@ -29,6 +29,7 @@ from core.config import JobConfig
 from core.db import session_scope
 from core.errors import InputError
 from core.export.tensorrt_engine import TensorRTUnavailable, build_engine
+from core.housekeeping import delete_unused_dataset_stores
 from core.models import EngineBuild, Job, utcnow
 from core.pipeline import CHECKPOINT, JobCanceled, JobInputs, run_quantization
 from core.settings import Settings, get_settings
@@ -319,6 +320,8 @@ def run_claimed_job(settings: Settings, job: Job, owner: str) -> None:
         with heartbeat(settings, job.id, owner, reporter.lease_lost):
             # A job another worker started resumes from the checkpoint it mirrored.
             storage.restore_work_file(job.id, CHECKPOINT)
+            # This machine's dataset stores: the API's housekeeping may run on another one.
+            delete_unused_dataset_stores(settings)
             # Files on this machine: a bucket's are fetched to the cache once per content.
             inputs = JobInputs(
                 model_path=storage.local_file(job.model_path, job.model_sha256),

@@ -100,6 +100,7 @@ def load_image_archive(
     store_dir: Path | None = None,
     sha256: str | None = None,
     decode_processes: int | None = None,
+    max_store_bytes: int | None = None,
 ) -> ImageSet:
     """Every image of the archive (sorted by path), RGB, resized to `size` = (H, W).
 
@@ -112,7 +113,8 @@ def load_image_archive(
 
     The pixels are a view of the dataset store under `store_dir`, decoded there once per
     (`sha256` of the archive, `size`) and reused; without `store_dir`, of a private store
-    deleted with the view. `decode_processes` caps the decode workers.
+    deleted with the view. `decode_processes` caps the decode workers; `max_store_bytes` is
+    what all stores of `store_dir` may keep (see `core.inputs.store.make_room`).
     """
     height, width = size
     if height < 1 or width < 1:
@@ -129,6 +131,7 @@ def load_image_archive(
         max_pixels=max_pixels,
         images_before=images_before,
         processes=decode_processes,
+        max_store_bytes=max_store_bytes,
     )
     pixels = PixelView(stored.file)
     count = len(pixels) if max_images is None else min(max_images, len(pixels))

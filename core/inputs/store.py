@@ -12,7 +12,9 @@ store takes the exclusive lock (waiting for one that is decoding), decodes in wo
 the same way. A store is valid only with a header whose version, key and file size match, so a
 crashed half-decode (a temporary file, or pixels without a header) is never read; the next
 decoder removes it. Housekeeping deletes stores unused for ``dataset_store_days``, only when it
-gets the exclusive lock without waiting: never under a running job.
+gets the exclusive lock without waiting: never under a running job. A decode first makes room
+for its store the same way (``make_room``): it deletes the least recently used stores no job
+holds until the new one fits on the disk and under ``dataset_store_max_bytes``.
 
 Jobs read rows (``StoreFile``, through ``core.inputs.pixels.PixelView``) with ``preadv`` into
 their own buffers, not through a memory map: the kernel's page cache serves the file, and a
@@ -35,7 +37,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,14 +119,16 @@ def open_store(
     max_pixels: int | None = None,
     images_before: int = 0,
     processes: int | None = None,
+    max_store_bytes: int | None = None,
 ) -> StoredImages:
     """The images of ``archive_path`` at ``size`` = (H, W), decoded once per (``sha256``, size).
 
     ``store_dir`` None decodes into a private temporary store, deleted once its file is closed.
     ``max_pixels``: the dataset's disk budget in pixels (``check_pixel_budget``), shared with
     ``images_before`` images of the same job. ``processes`` caps the decode workers.
+    ``max_store_bytes``: what all stores of ``store_dir`` may keep (``make_room``).
     """
-    decode_args = (class_names, limits, max_pixels, images_before, processes)
+    decode_args = (class_names, limits, max_pixels, images_before, processes, max_store_bytes)
     if store_dir is None:
         private = Path(tempfile.mkdtemp(prefix="sqakd-store-"))
         try:
@@ -252,6 +256,7 @@ def _decode(
     max_pixels: int | None,
     images_before: int,
     processes: int | None,
+    max_store_bytes: int | None,
 ) -> _Header:
     """Decode the archive into ``folder`` (which we hold exclusively) and publish it."""
     for stale in folder.glob("*.tmp"):  # a crashed decode's; nobody else writes here now
@@ -276,6 +281,8 @@ def _decode(
             folder_of=[folder_index[name] for name in folder_names],
         )
         temp = folder / f"{PIXELS}.{uuid.uuid4().hex}.tmp"
+        if sha256 is not None:  # a shared store: room among the others
+            make_room(folder.parent, header.images * header.row_bytes, max_store_bytes, folder)
         try:
             _allocate(temp, header.images * header.row_bytes)
             row = {member: i for i, member in enumerate(members)}
@@ -378,7 +385,39 @@ def _close(fd: int, lock: _Lock | None) -> None:
         lock.close()
 
 
-# --- housekeeping ---------------------------------------------------------------------------
+# --- room and housekeeping -----------------------------------------------------------------
+
+
+def make_room(store_dir: Path, nbytes: int, max_bytes: int | None, mine: Path) -> int:
+    """Delete the least recently used stores of ``store_dir`` that no job holds until a store of
+    ``nbytes`` fits on the disk and, with ``max_bytes``, the stores with it fit under that;
+    returns how many went. ``mine`` is the store being decoded. Stores that jobs hold stay,
+    even past ``max_bytes``: the cap trims what is kept, it fails no job."""
+    others = []
+    for folder in store_dir.iterdir():
+        if folder != mine:
+            try:
+                others.append((_last_used(folder), _disk_bytes(folder), folder))
+            except (FileNotFoundError, NotADirectoryError, ValueError):
+                continue  # deleted meanwhile, not a folder, or empty
+    kept = sum(size for _, size, _ in others)
+    free = shutil.disk_usage(store_dir).free
+    deleted = 0
+    for _, size, folder in sorted(others):
+        if free >= nbytes and (max_bytes is None or kept + nbytes <= max_bytes):
+            break
+        if _delete_unheld(folder):
+            kept, free, deleted = kept - size, free + size, deleted + 1
+    if deleted:
+        log.info("deleted %d unused dataset stores to make room in %s", deleted, store_dir)
+    if max_bytes is not None and kept + nbytes > max_bytes:
+        log.warning(
+            "dataset stores in %s: %s with the new one, over the %s cap; jobs hold the rest",
+            store_dir,
+            human_bytes(kept + nbytes),
+            human_bytes(max_bytes),
+        )
+    return deleted
 
 
 def delete_unused_stores(store_dir: Path, unused_seconds: float, now: float | None = None) -> int:
@@ -387,25 +426,42 @@ def delete_unused_stores(store_dir: Path, unused_seconds: float, now: float | No
     if not store_dir.is_dir():
         return 0
     now = time.time() if now is None else now
-    deleted = 0
-    for folder in store_dir.iterdir():
-        try:
-            fd = os.open(folder / LOCK, os.O_RDWR)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        lock = _Lock(fd)
-        try:
-            lock.set(fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue  # a job reads or decodes it
-        try:
-            used = max(p.stat().st_mtime for p in folder.iterdir())
-            if _still_there(folder, fd) and now - used > unused_seconds:
-                shutil.rmtree(folder)
-                deleted += 1
-        except FileNotFoundError:
-            pass
-        finally:
-            lock.close()
-    return deleted
+
+    def unused(last_used: float) -> bool:
+        return now - last_used > unused_seconds
+
+    return sum(_delete_unheld(folder, unused) for folder in store_dir.iterdir())
+
+
+def _delete_unheld(folder: Path, wanted: Callable[[float], bool] | None = None) -> bool:
+    """Delete ``folder``'s store if no job reads or decodes it (its lock is free) and, given
+    ``wanted``, it says yes to the store's last use."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    lock = _Lock(fd)
+    try:
+        lock.set(fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return False  # a job reads or decodes it
+    try:
+        if _still_there(folder, fd) and (wanted is None or wanted(_last_used(folder))):
+            shutil.rmtree(folder)
+            return True
+        return False
+    except FileNotFoundError:
+        return False
+    finally:
+        lock.close()
+
+
+def _last_used(folder: Path) -> float:
+    """When a job last opened the store (``open_store`` touches its header) or wrote to it."""
+    return max(path.stat().st_mtime for path in folder.iterdir())
+
+
+def _disk_bytes(folder: Path) -> int:
+    """The disk the store's files take (a decode reserves all of its file at once)."""
+    return sum(path.stat().st_blocks * 512 for path in folder.iterdir())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import time
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -63,6 +65,26 @@ def test_unexpected_error_is_internal_error_without_internals(
     assert row.error["code"] == "internal_error"
     assert "ValidationError" in row.error["message"]
     assert str(settings.data_dir) not in row.error["message"]
+
+
+def test_a_worker_deletes_its_own_unused_dataset_stores_before_a_job(
+    settings: Settings, session: Session, image_archive: Path
+) -> None:
+    """A worker's stores are on its own disk: it applies DATASET_STORE_DAYS there itself, since
+    the API's housekeeping may run on another machine."""
+    unused = settings.dataset_stores / "old-store"
+    unused.mkdir(parents=True)
+    (unused / "lock").touch()
+    (unused / "pixels.u8").write_bytes(b"\0" * 64)
+    assert settings.dataset_store_days is not None
+    long_ago = time.time() - (settings.dataset_store_days + 1) * 86400
+    for path in [*unused.iterdir(), unused]:
+        os.utime(path, (long_ago, long_ago))
+    job = claimed_job_with_files(session, settings, b"garbage", image_archive)
+
+    run_claimed_job(settings, job, "me")
+
+    assert not unused.exists()
 
 
 def test_a_job_that_lost_its_lease_is_left_alone(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -305,6 +306,64 @@ def test_housekeeping_deletes_stores_unused_for_the_configured_days(
         os.utime(path, (eight_days_ago, eight_days_ago))
     assert delete_unused_dataset_stores(settings) == 1
     assert not folder.exists()
+
+
+def age(folder: Path, seconds_ago: float) -> None:
+    """Make ``folder``'s store look last used ``seconds_ago``."""
+    then = time.time() - seconds_ago
+    for path in [*folder.iterdir(), folder]:
+        os.utime(path, (then, then))
+
+
+def test_a_decode_deletes_the_least_recently_used_unheld_stores_to_fit_the_cap(
+    tmp_path: Path, archive: Path
+) -> None:
+    """DATASET_STORE_MAX_BYTES: the oldest stores no job holds go first, only as many as the
+    new store needs; a store a job holds stays even when the cap cannot be met."""
+    digest = sha256(archive)
+    held = load_image_archive(archive, (6, 6), store_dir=tmp_path, sha256=digest)
+    for size, seconds_ago in [((7, 7), 300), ((8, 8), 200)]:
+        load_image_archive(archive, size, store_dir=tmp_path, sha256=digest).pixels.source.close()
+        age(tmp_path / store.store_key(digest, size), seconds_ago)
+    folders = {size: tmp_path / store.store_key(digest, size) for size in [(6, 6), (7, 7), (8, 8)]}
+    disk = {size: store._disk_bytes(folder) for size, folder in folders.items()}
+    new_store = 40 * 3 * 9 * 9
+    # Room for the new store after deleting (7, 7), the least recently used one, alone.
+    cap = disk[(6, 6)] + disk[(8, 8)] + new_store
+
+    load_image_archive(archive, (9, 9), store_dir=tmp_path, sha256=digest, max_store_bytes=cap)
+
+    assert not folders[(7, 7)].exists() and folders[(8, 8)].exists()
+    # A cap below what a held store takes: every unheld store goes, the held one and the new one
+    # stay, and the job goes on.
+    loaded = load_image_archive(
+        archive, (5, 5), store_dir=tmp_path, sha256=digest, max_store_bytes=1
+    )
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        store.store_key(digest, size) for size in [(5, 5), (6, 6)]
+    )
+    assert torch.equal(held.pixels[:], load_image_archive(archive, (6, 6)).pixels[:])
+    assert len(loaded) == 40
+    held.pixels.source.close()
+
+
+def test_a_decode_that_would_not_fit_on_the_disk_deletes_unused_stores_first(
+    tmp_path: Path, archive: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a cap: an unused store is worth less than a job that fails for want of disk."""
+    digest = sha256(archive)
+    open_store(archive, (6, 6), store_dir=tmp_path, sha256=digest).file.close()
+    held = open_store(archive, (7, 7), store_dir=tmp_path, sha256=digest)
+    full_disk = shutil.disk_usage(tmp_path)._replace(free=0)
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: full_disk)
+
+    assert open_store(archive, SIZE, store_dir=tmp_path, sha256=digest).decoded
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        store.store_key(digest, size) for size in [(7, 7), SIZE]
+    )
+    held.file.close()
 
 
 def test_the_archive_image_cap_counts_images_not_other_entries(tmp_path: Path) -> None:
