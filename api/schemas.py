@@ -15,7 +15,7 @@ from core.engines import engine_queue
 from core.events import EventType
 from core.jobs import JobStatus, Metadata
 from core.models import EngineBuild, Job
-from core.sweeps import SweepView
+from core.sweep_table import SweepView
 
 # POST /v1/jobs, /v1/sweeps and /v1/webhooks (core.idempotency); at most what the column holds.
 IdempotencyKey = Annotated[

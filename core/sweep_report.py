@@ -17,7 +17,7 @@ from xml.sax.saxutils import quoteattr
 
 from core.jobs import JobStatus
 from core.storage import human_bytes
-from core.sweeps import SweepTable, SweepView, comparable
+from core.sweep_table import SweepTable, SweepView, comparable
 
 METRIC_TITLES = {
     "student_top1": "student top-1 on the labelled images",

@@ -1,5 +1,6 @@
 """Sweeps: one ordinary job per configuration of a grid, over the same stored model and data,
-and what compares them once they are final: a table, its Pareto front and a report.
+and what compares them once they are final: a table with its Pareto front
+(``core.sweep_table``) and a report (``core.sweep_report``).
 
 A grid's tied keys advance together (``weight_bits`` and ``activation_bits`` by default, so
 ``[8, 4, 2]`` means W8A8, W4A4 and W2A2); the other keys form the cartesian product. Each
@@ -22,8 +23,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select, update
@@ -37,14 +37,13 @@ from core.pages import Page, newest_first
 from core.resources import prepare_job
 from core.settings import Settings
 from core.storage import open_storage
+from core.sweep_report import render_html, render_svg
+from core.sweep_table import SweepView, sweep_table
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIE = ("weight_bits", "activation_bits")
 REPORT_FILES = ("report.html", "pareto.svg")
-# The recommendation: the smallest front point within this much accuracy of the best one.
-RECOMMEND_WITHIN = 0.01
-BITS_KEYS = ("weight_bits", "activation_bits", "method")  # what a label always shows
 
 
 class SweepArtifactNotFound(InputError):
@@ -92,16 +91,6 @@ def nested(path: str, value: Any) -> dict[str, Any]:
     """``"preprocessing.augment", False`` -> ``{"preprocessing": {"augment": False}}``."""
     head, _, rest = path.partition(".")
     return {head: nested(rest, value) if rest else value}
-
-
-def lookup(config: Mapping[str, Any], path: str) -> Any:
-    """The value at a dotted ``path`` of ``config``; None where it has none."""
-    value: Any = config
-    for part in path.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    return value
 
 
 def grid_points(
@@ -199,181 +188,8 @@ def _nested_all(point: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def swept_keys(request: Mapping[str, Any]) -> list[str]:
-    """The config fields a sweep chose per job: its grid's keys, or each configuration's
-    top-level keys, in order of first appearance."""
-    if request.get("grid"):
-        return list(request["grid"])
-    keys: dict[str, None] = {}
-    for config in request.get("configs") or []:
-        keys.update(dict.fromkeys(config))
-    return list(keys)
-
-
-def _value_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-
-
-def label(config: Mapping[str, Any], swept: Mapping[str, Any]) -> str:
-    """A configuration's short name: "W4A4 lsq", then any other swept value ("epochs=3")."""
-    parts = [
-        f"W{config.get('weight_bits', '?')}A{config.get('activation_bits', '?')}",
-        str(config.get("method", "?")),
-    ]
-    parts += [
-        f"{key.rsplit('.', 1)[-1]}={_value_text(value)}"
-        for key, value in swept.items()
-        if key not in BITS_KEYS
-    ]
-    text = " ".join(parts)
-    return text if len(text) <= 60 else text[:59] + "…"
-
-
-# ---------------------------------------------------------------------------------------------
-# The table and its Pareto front
-
-
-@dataclass
-class SweepRow:
-    job_id: str
-    label: str
-    config: dict[str, Any]  # the swept values of this job
-    status: str
-    agreement: float | None = None
-    student_top1: float | None = None
-    packed_bytes: int | None = None
-    int8_latency_ms: float | None = None
-    error: dict[str, str] | None = None
-    pareto: bool = False
-
-    def accuracy(self, metric: str) -> float | None:
-        value = getattr(self, metric)
-        return None if value is None else float(value)
-
-
-@dataclass
-class SweepTable:
-    status: str  # running | completed | canceled
-    counts: dict[str, int]
-    rows: list[SweepRow]
-    pareto_metric: str  # student_top1 or agreement
-    recommended: SweepRow | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.counts[JobStatus.QUEUED] == 0 and self.counts[JobStatus.RUNNING] == 0
-
-
-def int8_latency_ms(metrics: Mapping[str, Any]) -> float | None:
-    """Milliseconds per image of ``model_qdq_cpu.onnx`` at batch 1 under OpenVINO on the
-    worker's CPU (``metrics.inference``): OpenVINO fuses Q/DQ into int8 kernels as TensorRT
-    does, where ONNX Runtime's CPU int8 kernels are often slower than its float ones."""
-    inference = metrics.get("inference")
-    if not isinstance(inference, Mapping):
-        return None
-    ms = lookup(inference, "openvino.qdq_cpu_ms")
-    value = ms.get("1") if isinstance(ms, Mapping) else None
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def row_of(job: Job, keys: Sequence[str]) -> SweepRow:
-    swept = {key: lookup(job.config, key) for key in keys}
-    metrics = job.metrics or {}
-    packed = metrics.get("packed_bytes")
-    return SweepRow(
-        job_id=job.id,
-        label=label(job.config, swept),
-        config=swept,
-        status=job.status,
-        agreement=_number(metrics.get("agreement")),
-        student_top1=_number(metrics.get("student_top1")),
-        packed_bytes=int(packed) if _number(packed) is not None else None,
-        int8_latency_ms=int8_latency_ms(metrics),
-        error=job.error,
-    )
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> set[int]:
-    """Indices of the (size, accuracy) points no other point beats: smaller-or-equal size and
-    greater-or-equal accuracy, strictly better in one. Equal points are all on the front."""
-
-    def beats(a: tuple[float, float], b: tuple[float, float]) -> bool:
-        return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
-
-    return {i for i, point in enumerate(points) if not any(beats(other, point) for other in points)}
-
-
-def comparable(rows: Iterable[SweepRow], metric: str) -> list[SweepRow]:
-    """Succeeded rows with a size and an accuracy: the ones on the plot."""
-    return [
-        row
-        for row in rows
-        if row.status == JobStatus.SUCCEEDED
-        and row.packed_bytes is not None
-        and row.accuracy(metric) is not None
-    ]
-
-
-def pareto_metric(rows: Sequence[SweepRow]) -> str:
-    """student_top1 where every succeeded row has it (labels existed), else agreement."""
-    succeeded = [row for row in rows if row.status == JobStatus.SUCCEEDED]
-    if succeeded and all(row.student_top1 is not None for row in succeeded):
-        return "student_top1"
-    return "agreement"
-
-
-def recommend(rows: Sequence[SweepRow], metric: str) -> SweepRow | None:
-    """The smallest front row within ``RECOMMEND_WITHIN`` of the best accuracy."""
-    front = [row for row in rows if row.pareto]
-    if not front:
-        return None
-    best = max(row.accuracy(metric) or 0.0 for row in front)
-    near = [row for row in front if (row.accuracy(metric) or 0.0) >= best - RECOMMEND_WITHIN]
-    return min(near, key=lambda row: (row.packed_bytes or 0, -(row.accuracy(metric) or 0.0)))
-
-
-def build_table(
-    rows: list[SweepRow], *, cancel_requested: bool = False, counts: dict[str, int] | None = None
-) -> SweepTable:
-    """Flag the Pareto front of ``rows`` and summarise them."""
-    if counts is None:
-        counts = {str(status): 0 for status in JobStatus}
-        for row in rows:
-            counts[row.status] += 1
-    metric = pareto_metric(rows)
-    plotted = comparable(rows, metric)
-    front = pareto_front([(row.packed_bytes or 0, row.accuracy(metric) or 0.0) for row in plotted])
-    for index, row in enumerate(plotted):
-        row.pareto = index in front
-    active = counts[JobStatus.QUEUED] + counts[JobStatus.RUNNING]
-    status = "canceled" if cancel_requested else "running" if active else "completed"
-    table = SweepTable(status=status, counts=counts, rows=rows, pareto_metric=metric)
-    table.recommended = recommend(rows, metric)
-    return table
-
-
-def sweep_table(sweep: Sweep) -> SweepTable:
-    keys = swept_keys(sweep.request)
-    return build_table(
-        [row_of(job, keys) for job in sweep.jobs], cancel_requested=sweep.cancel_requested
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Creating, reading, canceling, deleting
-
-
-@dataclass
-class SweepView:
-    """A sweep with its table, read in one go (the API's answer is built from it)."""
-
-    sweep: Sweep
-    table: SweepTable
-    names: dict[str, str | None] = field(default_factory=dict)  # model/data/eval_data filenames
 
 
 def describe(sweep: Sweep) -> SweepView:
@@ -551,8 +367,6 @@ def input_names(session: Session, sweep: Sweep) -> dict[str, str | None]:
 def complete_if_final(session: Session, settings: Settings, sweep_id: str) -> bool:
     """Store the sweep's report and mark it complete if all its jobs are final; True if this
     call did. Safe to call any number of times, from any number of processes at once."""
-    from core.sweep_report import render_html, render_svg  # noqa: PLC0415 - import cycle
-
     sweep = session.get(Sweep, sweep_id, populate_existing=True)
     if sweep is None or sweep.completed_at is not None:
         return False

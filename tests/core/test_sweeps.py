@@ -12,14 +12,15 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core import jobs, sweeps
+from core import jobs, sweep_table, sweeps
 from core.db import session_factory
 from core.errors import InputError
 from core.models import Sweep, Webhook, WebhookMessage, utcnow
 from core.settings import Settings
 from core.storage import LocalStorage
 from core.sweep_report import render_html, render_svg
-from core.sweeps import SweepRow, SweepView, build_table, expand, grid_points, pareto_front
+from core.sweep_table import SweepRow, SweepView, build_table, pareto_front
+from core.sweeps import expand, grid_points
 from tests.factories import make_job
 from tests.utils import SettingsFactory
 
@@ -142,9 +143,9 @@ def test_a_huge_grid_is_refused_before_it_is_materialised() -> None:
 def test_labels_name_the_bits_the_method_and_other_swept_values() -> None:
     config = {"weight_bits": 4, "activation_bits": 2, "method": "ewgs", "epochs": 3}
 
-    assert sweeps.label(config, {"weight_bits": 4, "activation_bits": 2}) == "W4A2 ewgs"
-    assert sweeps.label(config, {"weight_bits": 4, "epochs": 3}) == "W4A2 ewgs epochs=3"
-    assert sweeps.label(config, {"preprocessing.augment": False}) == "W4A2 ewgs augment=false"
+    assert sweep_table.label(config, {"weight_bits": 4, "activation_bits": 2}) == "W4A2 ewgs"
+    assert sweep_table.label(config, {"weight_bits": 4, "epochs": 3}) == "W4A2 ewgs epochs=3"
+    assert sweep_table.label(config, {"preprocessing.augment": False}) == "W4A2 ewgs augment=false"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,9 +207,9 @@ def test_agreement_is_the_metric_unless_every_succeeded_row_has_top1() -> None:
 
 
 def test_int8_latency_is_openvino_qdq_cpu_at_batch_1_or_none() -> None:
-    assert sweeps.int8_latency_ms(realistic_metrics(0.9, None, 1, 0.42)) == 0.42
-    assert sweeps.int8_latency_ms({"inference": {"error": "fixed batch"}}) is None
-    assert sweeps.int8_latency_ms({}) is None
+    assert sweep_table.int8_latency_ms(realistic_metrics(0.9, None, 1, 0.42)) == 0.42
+    assert sweep_table.int8_latency_ms({"inference": {"error": "fixed batch"}}) is None
+    assert sweep_table.int8_latency_ms({}) is None
 
 
 # ---------------------------------------------------------------------------------------------
