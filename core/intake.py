@@ -132,6 +132,7 @@ def inspect_dataset(path: str) -> dict[str, Any]:
         "image_count": summary.image_count,
         "image_bytes": summary.total_bytes,
         "class_names": summary.class_names,
+        "class_folders": summary.class_folders,  # checked against a job's class_names
         "formats": dict(formats.most_common()),
         "image_sizes": [
             {"width": width, "height": height, "count": count}

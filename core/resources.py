@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from core import bucket_import
 from core.bucket_import import URL_MAX_CHARS
 from core.errors import InputError, NotFound
+from core.inputs.archive import check_class_folders
 from core.inputs.budget import check_pixel_budget
 from core.intake import with_input_size
 from core.jobs import (
@@ -335,6 +336,11 @@ def prepare_job(
             f"dataset {eval_data.id!r} is not labelled: eval_data needs its images in class "
             "folders (one folder per label)",
         )
+    # class_names label the evaluation images: eval_data's, or else the data's held-out part.
+    labelled = eval_data if eval_data is not None else data
+    folders = labelled.info.get("class_folders")  # absent from datasets stored before it was
+    if job_config.class_names is not None and folders is not None:
+        check_class_folders(folders, job_config.class_names)
     image_count = _image_count(data) + (_image_count(eval_data) if eval_data is not None else 0)
     assert job_config.preprocessing.input_size is not None  # filled in above
     check_pixel_budget(

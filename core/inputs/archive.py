@@ -147,6 +147,7 @@ class ArchiveSummary:
     # The model's outputs 0, 1, ... by name, as the class folders label them (see `_class_names`);
     # None when the archive is not labelled.
     class_names: list[str] | None
+    class_folders: list[str] | None  # the folders that hold its images (see `class_folders`)
 
 
 @dataclass(frozen=True)
@@ -610,6 +611,24 @@ def _class_folder(path: str) -> str:
     return path.rpartition("/")[0].rpartition("/")[2]  # "" for an image at the root
 
 
+def class_folders(paths: Collection[str]) -> list[str] | None:
+    """The distinct class folders of image ``paths``, sorted; None when the archive is not
+    labelled: an image outside a folder, or fewer than two folders."""
+    folders = {_class_folder(path) for path in paths}
+    return None if "" in folders or len(folders) < 2 else sorted(folders)
+
+
+def check_class_folders(folders: Collection[str], model_classes: Sequence[str]) -> None:
+    """``unknown_class_folder`` unless every class folder is one of the job's class_names."""
+    unknown = sorted(set(folders).difference(model_classes))
+    if unknown:
+        shown = ", ".join(repr(folder[:50]) for folder in unknown[:5])
+        raise DataImportError(
+            "unknown_class_folder",
+            f"{len(unknown)} class folder(s) are not in the job's class_names: {shown}",
+        )
+
+
 def _class_names(paths: Collection[str], model_classes: Sequence[str] | None) -> list[str] | None:
     """The model's outputs 0, 1, ... by name, as far as the class folders label them; None when
     the archive is not labelled.
@@ -623,19 +642,13 @@ def _class_names(paths: Collection[str], model_classes: Sequence[str] | None) ->
       "2"); outputs no folder names are listed by their number;
     - otherwise the sorted folder names, torchvision's `ImageFolder` convention.
     """
-    folders = {_class_folder(path) for path in paths}
-    if "" in folders or len(folders) < 2:
+    folders = class_folders(paths)
+    if folders is None:
         return None
     if model_classes is not None:
         if len(set(model_classes)) != len(model_classes):
             raise ValueError("class_names must name each class once")
-        unknown = sorted(folders.difference(model_classes))
-        if unknown:
-            shown = ", ".join(repr(folder[:50]) for folder in unknown[:5])
-            raise DataImportError(
-                "unknown_class_folder",
-                f"{len(unknown)} class folder(s) are not in the job's class_names: {shown}",
-            )
+        check_class_folders(folders, model_classes)
         return list(model_classes)
     if all(folder.isascii() and folder.isdigit() for folder in folders):
         by_number = {int(folder): folder for folder in folders}
@@ -760,6 +773,7 @@ class ImageArchive:
             image_count=len(self.members),
             total_bytes=sum(entry.size for entry in self._entries.values()),
             class_names=class_names,
+            class_folders=class_folders(self.members),
         )
 
     def stream(self, members: Collection[str] | None = None) -> Iterator[tuple[str, io.RawIOBase]]:

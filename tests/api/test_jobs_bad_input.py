@@ -130,6 +130,15 @@ def test_eval_data_without_labels(
     assert_rejected(response, settings, 422, "eval_data_unlabeled", "class folders")
 
 
+def test_class_names_that_leave_out_a_class_folder(
+    client: httpx.Client, settings: Settings, onnx_model: Path, image_archive: Path
+) -> None:
+    """The archive's folders are cats/ and dogs/: refused on upload, not when the job runs."""
+    config = with_config(class_names=["cats", "birds"])
+    response = post_job(client, model=onnx_model, data=image_archive, config=config)
+    assert_rejected(response, settings, 422, "unknown_class_folder", "'dogs'")
+
+
 def test_unknown_field(client: httpx.Client, settings: Settings, onnx_model: Path) -> None:
     response = client.post(
         "/v1/jobs",

@@ -40,6 +40,7 @@ DATASET_INFO = {
     "image_count": 64,
     "image_bytes": 1000,
     "class_names": ["a", "b"],
+    "class_folders": ["a", "b"],
     "formats": {"png": 64},
     "image_sizes": [{"width": 16, "height": 16, "count": 64}],
     "images_sampled": 64,
@@ -115,7 +116,7 @@ def test_a_model_is_stored_once_with_what_validation_found(
 
 
 def test_a_dataset_reports_images_classes_formats_and_sizes(
-    client: httpx.Client, settings: Settings, tmp_path: Path, image_archive: Path
+    client: httpx.Client, settings: Settings, session: Session, tmp_path: Path, image_archive: Path
 ) -> None:
     response = upload(client, "dataset", image_archive)
 
@@ -133,6 +134,8 @@ def test_a_dataset_reports_images_classes_formats_and_sizes(
         "source_url": None,  # uploaded, not registered by URL
     }
     assert (LocalStorage(settings.data_dir).resource_dir(dataset["id"]) / "data.zip").is_file()
+    row = session.get(Resource, dataset["id"])
+    assert row is not None and row.info["class_folders"] == ["cats", "dogs"]  # for class_names
 
     not_images = zip_archive(tmp_path / "notes.zip", {"a.txt": b"hello"})
     refused = upload(client, "dataset", not_images)
@@ -263,6 +266,13 @@ def test_a_json_job_shares_the_stored_files_and_trains(
         ({"unlabelled_eval": True}, 422, "eval_data_unlabeled"),
         ({"dynamic_model": True, "config": {}}, 422, "unsupported_model"),
         ({"huge_dataset": True}, 413, "pixel_budget_exceeded"),
+        # class_names that leave out a class folder: refused here, not by the worker later
+        ({"config": QUICK_CONFIG | {"class_names": ["b", "c"]}}, 422, "unknown_class_folder"),
+        (
+            {"eval_folders": ["a", "z"], "config": QUICK_CONFIG | {"class_names": ["a", "b"]}},
+            422,
+            "unknown_class_folder",
+        ),  # eval_data's folders, not data's, when there is one
     ],
 )
 def test_json_job_refusals(
@@ -276,6 +286,9 @@ def test_json_job_refusals(
     model = stored(session, settings, "model")
     data = stored(session, settings, "dataset")
     body: dict[str, Any] = {"model_id": model.id, "data_id": data.id}
+    if "eval_folders" in change:
+        folders = change.pop("eval_folders")
+        body["eval_data_id"] = stored(session, settings, "dataset", class_folders=folders).id
     if change.pop("unlabelled_eval", False):
         body["eval_data_id"] = stored(session, settings, "dataset", class_names=None).id
     if change.pop("dynamic_model", False):
