@@ -2,7 +2,8 @@
 
 A thin layer over the SDK (``sqakd_client.Client``): argparse reads the command, a few SDK calls
 do the work, ``render`` shows the result. Tables go to stdout, progress bars and errors to
-stderr; ``--json`` prints one JSON document on stdout instead, and nothing else there.
+stderr; ``--json`` prints one JSON document on stdout instead, and nothing else there
+(``jobs events -f --json``: one per line, as the events come).
 
 Exit codes: 0 success; 1 an API error, a missing local file, or a waited job (or sweep job)
 that ended failed or canceled; 2 a usage error.
@@ -62,6 +63,11 @@ class Output:
     def document(self, value: Any) -> None:
         if self.as_json:
             sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+    def json_line(self, value: Any) -> None:
+        """One JSON value on one line, sent at once (``jobs events -f --json``)."""
+        sys.stdout.write(json.dumps(value, default=str) + "\n")
+        sys.stdout.flush()
 
     def note(self, text: str) -> None:
         """A line a person wants to see at once (the new job's id): stderr under --json."""
@@ -232,23 +238,28 @@ def cmd_jobs_delete(client: Client, args: argparse.Namespace, out: Output) -> in
 
 
 def cmd_jobs_events(client: Client, args: argparse.Namespace, out: Output) -> int:
-    """One line per event as it comes; with --json, the list once the events end."""
+    """One line per event as it comes. With --json: the list once the events end, or, when
+    following, one JSON object per line as each event comes (JSON Lines: a pipe into ``jq``
+    sees them live, not when the job ends)."""
     job = client.jobs.get(args.job_id)
     events = []
     for event in job.events(follow=args.follow, after=args.after):
         if out.as_json:
-            events.append(
-                {
-                    "id": event.id,
-                    "type": event.type,
-                    "data": event.data,
-                    "created_at": event.created_at,
-                }
-            )
+            document = {
+                "id": event.id,
+                "type": event.type,
+                "data": event.data,
+                "created_at": event.created_at,
+            }
+            if args.follow:
+                out.json_line(document)
+            else:
+                events.append(document)
         else:
             line = render.event_line(event.id, event.type, event.data, event.created_at)
             out.out.print(line, soft_wrap=True)  # one line per event, however wide
-    out.document(events)
+    if not args.follow:
+        out.document(events)
     return SUCCESS
 
 

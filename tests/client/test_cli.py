@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import select
 import subprocess
 import sys
 import uuid
@@ -219,16 +220,35 @@ def test_a_waited_job_canceled_from_another_command_exits_1(
         text=True,
     )
     job_id = ""
+    follower: subprocess.Popen[str] | None = None
     try:
         assert waiting.stdout is not None
         job_id = job_id_in(waiting.stdout.readline())
+        # Followed as JSON Lines: the first event comes while the job runs, not at its end.
+        follower = subprocess.Popen(
+            [*CLI, "jobs", "events", job_id, "-f", "--json"],
+            env=cli_env(live_service),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert follower.stdout is not None
+        readable, _, _ = select.select([follower.stdout], [], [], JOB_TIMEOUT_S)
+        assert readable, "no event line while the job ran"
+        first = json.loads(follower.stdout.readline())
         cancel = sqakd(live_service, "jobs", "cancel", job_id)
         assert cancel.returncode == 0 and job_id in cancel.stdout
         stdout, stderr = waiting.communicate(timeout=JOB_TIMEOUT_S)
+        followed, _ = follower.communicate(timeout=JOB_TIMEOUT_S)
     finally:
         waiting.kill()
+        if follower is not None:
+            follower.kill()
         if job_id:  # whatever happened, free the shared worker
             api(live_service, f"/v1/jobs/{job_id}/cancel", method="POST")
+    rest = [json.loads(line) for line in followed.splitlines()]
+    assert first["id"] == 1 and [event["id"] for event in rest] == list(range(2, len(rest) + 2))
+    assert (rest[-1]["type"], rest[-1]["data"]["status"]) == ("status", "canceled")
     assert waiting.returncode == 1, stdout + stderr
     assert "status   canceled" in stdout
     assert f"error: job_canceled: job {job_id} ended canceled" in stderr
