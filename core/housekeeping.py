@@ -1,5 +1,6 @@
-"""Disk housekeeping: inputs past their retention, files that belong to no request or job, and
-dataset stores (``core.inputs.store``) no job opened for ``dataset_store_days``.
+"""Disk housekeeping: inputs past their retention, files that belong to no request, job,
+resource or sweep, and dataset stores (``core.inputs.store``) no job opened for
+``dataset_store_days``.
 
 Run at the API's startup and then every ``maintenance_interval_seconds`` (``api.main``). Every
 step is idempotent, so several API processes may run it at once.
@@ -16,11 +17,15 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from core.jobs import FINISHED
-from core.models import Job, Resource, utcnow
+from core.models import Job, Resource, Sweep, utcnow
 from core.settings import Settings
 from core.storage import LocalStorage, Storage, open_storage
 
 log = logging.getLogger(__name__)
+
+# Folder names looked up per query: PostgreSQL binds at most 65,535 parameters a query, and
+# SQLite 32,766 (999 before 3.32); a long-lived service has more job folders than either.
+IDS_PER_QUERY = 500
 
 
 @dataclass
@@ -29,6 +34,7 @@ class HousekeepingReport:
     orphan_uploads: int = 0
     orphan_job_dirs: int = 0
     orphan_resource_dirs: int = 0
+    orphan_sweep_dirs: int = 0
     dataset_stores_deleted: int = 0
 
 
@@ -62,10 +68,10 @@ def delete_expired_inputs(
     return len(ids)
 
 
-def delete_orphans(session: Session, settings: Settings) -> tuple[int, int, int]:
+def delete_orphans(session: Session, settings: Settings) -> tuple[int, int, int, int]:
     """Remove upload folders that no request is writing any more (the API died mid-upload),
-    and job and resource folders without a row (a crash between the files and their row).
-    Returns the three counts.
+    and job, resource and sweep folders without a row (a crash between the files and their
+    row, either way round). Returns the four counts.
 
     A folder counts only once untouched for ``orphan_upload_seconds``: an upload still arriving
     writes into its folder, and a row is committed a moment after its folder is made.
@@ -77,7 +83,8 @@ def delete_orphans(session: Session, settings: Settings) -> tuple[int, int, int]
     storage = open_storage(settings)
     job_dirs = _delete_rowless(session, storage, storage.JOBS, Job.id, settings, now)
     resource_dirs = _delete_rowless(session, storage, storage.RESOURCES, Resource.id, settings, now)
-    return uploads, job_dirs, resource_dirs
+    sweep_dirs = _delete_rowless(session, storage, storage.SWEEPS, Sweep.id, settings, now)
+    return uploads, job_dirs, resource_dirs, sweep_dirs
 
 
 def _delete_rowless(
@@ -89,9 +96,12 @@ def _delete_rowless(
     now: float,
 ) -> int:
     """Remove the folders under ``key`` named by no row's ``ids`` column; returns how many."""
-    names = storage.folder_names(key)
-    known = set(session.scalars(select(ids).where(ids.in_(list(names)))))
-    return _delete_untouched(storage, key, names - known, settings, now)
+    names = sorted(storage.folder_names(key))
+    known: set[str] = set()
+    for first in range(0, len(names), IDS_PER_QUERY):
+        chunk = names[first : first + IDS_PER_QUERY]
+        known.update(session.scalars(select(ids).where(ids.in_(chunk))))
+    return _delete_untouched(storage, key, set(names) - known, settings, now)
 
 
 def _delete_untouched(
@@ -124,9 +134,12 @@ def run_housekeeping(session: Session, settings: Settings) -> HousekeepingReport
         inputs_deleted=delete_expired_inputs(session, settings),
         dataset_stores_deleted=delete_unused_dataset_stores(settings),
     )
-    (report.orphan_uploads, report.orphan_job_dirs, report.orphan_resource_dirs) = delete_orphans(
-        session, settings
-    )
+    (
+        report.orphan_uploads,
+        report.orphan_job_dirs,
+        report.orphan_resource_dirs,
+        report.orphan_sweep_dirs,
+    ) = delete_orphans(session, settings)
     if report != HousekeepingReport():
         log.info("housekeeping: %s", report)
     return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 from api.main import create_app
 from core.db import session_factory
 from core.housekeeping import run_housekeeping
-from core.models import Artifact, Job, utcnow
+from core.models import Artifact, Job, Sweep, utcnow
 from core.settings import Settings
 from core.storage import LocalStorage
 from tests.factories import make_job, post_job
@@ -186,6 +187,39 @@ def test_orphan_sweep_removes_stale_uploads_and_jobless_folders_only(
         assert not orphan.exists() and young_orphan.exists()
         assert storage.job_dir(kept.id).exists()
         assert session.scalars(select(Job.id)).all() == [kept.id]
+
+
+def test_orphan_sweep_removes_rowless_sweep_folders_and_survives_more_folders_than_a_query_binds(
+    make_settings: SettingsFactory, postgres_url: str
+) -> None:
+    """PostgreSQL binds at most 65,535 parameters a query: a service with more job folders than
+    that must still find which have rows. Sweep folders without a row go like job folders."""
+    settings = make_settings(database_url=postgres_url, orphan_upload_seconds=600)
+    storage = LocalStorage(settings.data_dir)
+    jobs_root = storage.root / storage.JOBS
+    jobs_root.mkdir(parents=True)
+    for index in range(66_000):  # young: looked up, never deleted
+        (jobs_root / f"{index:08d}-0000-4000-8000-000000000000").mkdir()
+    with session_factory(settings)() as session:
+        kept = make_job(session, status="succeeded")
+        job_files(storage, kept.id)
+        orphan = storage.job_dir("d1b0e0c4-0000-4000-8000-000000000000")
+        orphan.mkdir()
+        sweep = Sweep(id=str(uuid.uuid4()), tenant="local", request={}, user_metadata={},
+                      cancel_requested=False, artifacts=[])  # fmt: skip
+        session.add(sweep)
+        session.commit()
+        sweep_dirs = [storage.root / storage.sweep_key(i) for i in (sweep.id, str(uuid.uuid4()))]
+        for folder in [*sweep_dirs, storage.job_dir(kept.id), orphan]:
+            (folder / "artifacts").mkdir(parents=True, exist_ok=True)
+            age(folder, 3600)
+
+        report = run_housekeeping(session, settings)
+
+    assert (report.orphan_job_dirs, report.orphan_sweep_dirs) == (1, 1)
+    assert not orphan.exists() and storage.job_dir(kept.id).exists()
+    assert sweep_dirs[0].exists() and not sweep_dirs[1].exists()
+    assert len(list(jobs_root.iterdir())) == 66_001
 
 
 def test_a_full_validation_line_answers_429_before_the_body_is_read(
