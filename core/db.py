@@ -7,7 +7,7 @@ for the other's lock instead of failing with "database is locked").
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +21,15 @@ from core.settings import Settings, get_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Ids bound in one IN (...) list: PostgreSQL binds at most 65,535 parameters a query, SQLite
+# 32,766 (999 before 3.32), and a long-lived service has more jobs than either.
+IDS_PER_QUERY = 500
+
+
+def id_batches(ids: Sequence[str], size: int = IDS_PER_QUERY) -> Iterator[Sequence[str]]:
+    """``ids`` in slices of at most ``size``: one IN list each."""
+    for first in range(0, len(ids), size):
+        yield ids[first : first + size]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -16,16 +16,13 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from core.db import id_batches
 from core.jobs import FINISHED
 from core.models import Job, Resource, Sweep, utcnow
 from core.settings import Settings
 from core.storage import LocalStorage, Storage, open_storage
 
 log = logging.getLogger(__name__)
-
-# Folder names looked up per query: PostgreSQL binds at most 65,535 parameters a query, and
-# SQLite 32,766 (999 before 3.32); a long-lived service has more job folders than either.
-IDS_PER_QUERY = 500
 
 
 @dataclass
@@ -59,11 +56,11 @@ def delete_expired_inputs(
             )
         )
     )
-    for job_id in ids:
-        storage.remove(storage.inputs_key(job_id))
-        storage.remove(storage.work_key(job_id))
-    if ids:
-        session.execute(update(Job).where(Job.id.in_(ids)).values(inputs_deleted_at=now))
+    for batch in id_batches(ids):
+        for job_id in batch:
+            storage.remove(storage.inputs_key(job_id))
+            storage.remove(storage.work_key(job_id))
+        session.execute(update(Job).where(Job.id.in_(batch)).values(inputs_deleted_at=now))
         session.commit()
     return len(ids)
 
@@ -98,9 +95,8 @@ def _delete_rowless(
     """Remove the folders under ``key`` named by no row's ``ids`` column; returns how many."""
     names = sorted(storage.folder_names(key))
     known: set[str] = set()
-    for first in range(0, len(names), IDS_PER_QUERY):
-        chunk = names[first : first + IDS_PER_QUERY]
-        known.update(session.scalars(select(ids).where(ids.in_(chunk))))
+    for batch in id_batches(names):
+        known.update(session.scalars(select(ids).where(ids.in_(batch))))
     return _delete_untouched(storage, key, set(names) - known, settings, now)
 
 

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from core import events, idempotency
 from core.config import JobConfig
+from core.db import id_batches
 from core.errors import InputError, NotFound, QuotaExceeded, TooLargeError
 from core.json_values import json_safe
 from core.models import Artifact, Job, JobEvent, Resource, utcnow
@@ -803,6 +804,7 @@ def queued_job_ids(session: Session, *, sent_before: dt.datetime | None = None) 
 def mark_enqueued(session: Session, job_ids: Iterable[str]) -> None:
     """Record that these jobs' ids were just sent to the broker (again)."""
     ids = list(job_ids)
+    for batch in id_batches(ids):
+        session.execute(update(Job).where(Job.id.in_(batch)).values(enqueued_at=utcnow()))
     if ids:
-        session.execute(update(Job).where(Job.id.in_(ids)).values(enqueued_at=utcnow()))
         session.commit()
