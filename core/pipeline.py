@@ -35,7 +35,7 @@ from core.export.onnx_qdq import (
     tensorrt_report,
     write_cpu_variant,
 )
-from core.export.runtime_speed import int8_slower_batches, int8_speed
+from core.export.runtime_speed import int8_slower_batches, int8_speed_in_child
 from core.inputs.images import ImageSet, load_image_archive, normalize
 from core.inputs.onnx_model import ImportedModel, load_onnx_model
 from core.settings import get_settings
@@ -318,11 +318,13 @@ def train_rank(job: dict[str, Any], rendezvous: distributed.Rendezvous) -> None:
 
 
 def _inference_speed(models: dict[str, Path], input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """``runtime_speed.int8_speed`` on the worker's CPU threads; a model OpenVINO or ONNX
-    Runtime cannot run at these batch sizes (a fixed batch dimension, say) is reported, not
-    failed: the job's other results stand."""
+    """``runtime_speed.int8_speed`` on the worker's CPU threads, in a child process; a model
+    OpenVINO or ONNX Runtime cannot run at these batch sizes (a fixed batch dimension, say) is
+    reported, not failed: the job's other results stand."""
     try:
-        return int8_speed(models, input_shape, threads=torch.get_num_threads(), seconds=0.5)
+        return int8_speed_in_child(
+            models, input_shape, threads=torch.get_num_threads(), seconds=0.5
+        )
     except Exception as exc:  # noqa: BLE001 - each runtime has its own error types
         log.warning("inference speed not measured: %s", exc)
         return {"error": str(exc).splitlines()[0][:300]}

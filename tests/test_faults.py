@@ -41,6 +41,7 @@ CONFIG: dict[str, Any] = {
 # exports in ~0.1 s, too short to meet. Its own reference: quant_config.json, compared byte
 # for byte, holds the job's config.
 TIMED_CONFIG: dict[str, Any] = CONFIG | {"export": {"speed": True}}
+POOL_EXIT_S = 6  # for the last job's pool process to exit, or to die
 LEASE_SECONDS = 10  # a dead worker's job is sent again within 1.5 leases
 # Where no database outage could outlast a lease: the shortest one Settings accept.
 SHORT_LEASE_SECONDS = 5
@@ -133,6 +134,11 @@ def references(
             assert job["status"] == "succeeded", f"{job['error']}\n{undisturbed.logs()}"
             assert job["attempts"] == 1
             outcomes.append(Outcome.of(undisturbed, job))
+        # Each job's pool process exits after it (max-tasks-per-child 1), and must exit cleanly:
+        # OpenVINO timing in the pool process once made every such exit a SIGSEGV, 0.1 to 4 s on.
+        time.sleep(POOL_EXIT_S)
+        worker_log = undisturbed.worker.log.read_text(errors="replace")
+        assert "exited with 'signal" not in worker_log, undisturbed.logs()
         assert_nothing_left(undisturbed, client, outcomes[0])
     untimed, timed = outcomes
     return untimed, timed

@@ -14,10 +14,17 @@ Whether int8 pays (``int8_pays``): the fastest int8 file under OpenVINO against 
 at each batch size. It need not: a small, depthwise-heavy model (a MobileNetV3 at 224 px ran
 W4A4 at 0.98x and 1.08x of its float model here) spends its time outside the convolutions
 that int8 speeds up, and pays for the quantization steps between them.
+
+A worker times a job's files with ``int8_speed_in_child``: in a fresh interpreter, since
+OpenVINO's threads crashed the forked Celery pool process that ran them (SIGSEGV as it exited,
+after every job), and away from the worker's own torch threads.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -167,3 +174,48 @@ def int8_slower_batches(inference: dict[str, Any]) -> dict[str, float]:
     speedups = [times for key, times in openvino.items() if key.endswith("_speedup")]
     best = {batch: max(times[batch] for times in speedups) for batch in speedups[0]}
     return {batch: speedup for batch, speedup in best.items() if speedup <= 1.0}
+
+
+def int8_speed_in_child(
+    models: dict[str, Path],
+    input_shape: tuple[int, ...],
+    *,
+    threads: int,
+    seconds: float,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """``int8_speed`` run by ``python -m core.export.runtime_speed`` (JSON in, JSON out);
+    ``RuntimeError`` with the child's last error line if it fails."""
+    request = {
+        "models": {name: str(path) for name, path in models.items()},
+        "input_shape": list(input_shape),
+        "threads": threads,
+        "seconds": seconds,
+    }
+    child = subprocess.run(
+        [sys.executable, "-m", __name__],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if child.returncode != 0:
+        lines = child.stderr.strip().splitlines() or [f"exit status {child.returncode}"]
+        raise RuntimeError(lines[-1])
+    return json.loads(child.stdout)
+
+
+def _main() -> None:
+    request = json.load(sys.stdin)
+    result = int8_speed(
+        {name: Path(path) for name, path in request["models"].items()},
+        tuple(request["input_shape"]),
+        threads=request["threads"],
+        seconds=request["seconds"],
+    )
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    _main()

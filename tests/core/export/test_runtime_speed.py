@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from core.export.onnx_qdq import export_qdq_onnx, write_cpu_variant
-from core.export.runtime_speed import int8_slower_batches, int8_speed, openvino_layers
+from core.export.runtime_speed import (
+    int8_slower_batches,
+    int8_speed,
+    int8_speed_in_child,
+    openvino_layers,
+)
 from core.inputs.onnx_model import load_onnx_model
 from core.pipeline import _inference_speed, int8_warnings
 from core.sqakd.calibrate import calibrate
@@ -26,7 +31,8 @@ def fixture_onnx() -> Path:
 
 def export(teacher: nn.Module, path: Path, **spec: object) -> Path:
     student = prepare(teacher, QuantSpec(method="lsq", weight_bits=8, activation_bits=8, **spec))  # type: ignore[arg-type]
-    calibrate(student, teacher, torch.randn(16, *INPUT_SHAPE))
+    generator = torch.Generator().manual_seed(0)  # one calibration: the layers it gives are fixed
+    calibrate(student, teacher, torch.randn(16, *INPUT_SHAPE, generator=generator))
     export_qdq_onnx(student.eval(), INPUT_SHAPE, path)
     return path
 
@@ -76,11 +82,20 @@ def test_int8_speed_times_every_model_in_both_runtimes(fixture_onnx: Path, tmp_p
     assert isinstance(speed["int8_pays"], bool)
 
 
+def test_a_worker_times_in_a_child_process_that_answers_in_json(fixture_onnx: Path) -> None:
+    """What a job runs (OpenVINO in the Celery pool process crashed it as it exited)."""
+    speed = int8_speed_in_child({"float": fixture_onnx}, INPUT_SHAPE, threads=1, seconds=0.05)
+    assert (speed["threads"], speed["batches"]) == (1, [1, 32])
+    for runtime in ("openvino", "onnxruntime"):
+        assert set(speed[runtime]["float_ms"]) == {"1", "32"}
+        assert all(ms > 0 for ms in speed[runtime]["float_ms"].values())
+
+
 def test_a_model_the_runtimes_cannot_run_is_reported_not_failed(tmp_path: Path) -> None:
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not an onnx model")
     result = _inference_speed({"float": broken, "qdq": broken}, INPUT_SHAPE)
-    assert set(result) == {"error"} and result["error"]
+    assert set(result) == {"error"} and "broken.onnx" in result["error"]  # the child's words
 
 
 def inference(openvino: dict[str, dict[str, float]]) -> dict[str, object]:
