@@ -239,7 +239,8 @@ def test_a_waited_job_canceled_from_another_command_exits_1(
         cancel = sqakd(live_service, "jobs", "cancel", job_id)
         assert cancel.returncode == 0 and job_id in cancel.stdout
         stdout, stderr = waiting.communicate(timeout=JOB_TIMEOUT_S)
-        followed, _ = follower.communicate(timeout=JOB_TIMEOUT_S)
+        followed = follower.stdout.read()  # to the end of the stream, past what readline buffered
+        follower.wait(timeout=JOB_TIMEOUT_S)
     finally:
         waiting.kill()
         if follower is not None:
