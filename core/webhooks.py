@@ -10,8 +10,10 @@ task run is one attempt (``deliver``): claim the message, sign, POST, record a
 Every attempt carries ``webhook-id`` (the message id, the same on every retry),
 ``webhook-timestamp`` (Unix seconds of this attempt) and ``webhook-signature``:
 ``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`` keyed by the base64-decoded part of
-the webhook's ``whsec_`` secret. Rotating the secret replaces it at once: later attempts, retries
-of earlier messages too, are signed with the new secret only.
+the webhook's ``whsec_`` secret. Rotating the secret makes a new one that signs every later
+attempt, retries of earlier messages too; the old one signs them as well for a grace period (a
+day by default, as Svix does), a second signature in the same header, so that receivers can
+switch secrets without refusing a delivery. A grace of 0 revokes the old secret at once.
 
 Targets: only http(s) URLs whose host resolves to public addresses, unless the settings allow
 loopback (``webhook_allow_loopback``; by default exactly in the keyless embedded mode) or
@@ -61,6 +63,8 @@ EVENT_TYPES = (
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 24
 MESSAGE_PREFIX = "msg_"
+ROTATION_GRACE_SECONDS = 24 * 3600  # how long a rotated-out secret still signs, by default
+MAX_ROTATION_GRACE_SECONDS = 7 * 24 * 3600
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 URL_MAX_CHARS = 2000  # the column's size
 SNIPPET_BYTES = 200  # of a receiver's answer to a failed attempt, kept as the attempt's error
@@ -103,13 +107,25 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def signed_headers(secret: str, message_id: str, body: bytes, timestamp: int) -> dict[str, str]:
+def signed_headers(
+    secrets: Sequence[str], message_id: str, body: bytes, timestamp: int
+) -> dict[str, str]:
+    """The Standard Webhooks headers, with one signature per secret, space-separated: a
+    receiver accepts the message when any of them verifies with its secret."""
     return {
         "content-type": "application/json",
         "webhook-id": message_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(secret, message_id, timestamp, body),
+        "webhook-signature": " ".join(sign(s, message_id, timestamp, body) for s in secrets),
     }
+
+
+def signing_secrets(webhook: Webhook, now: dt.datetime) -> list[str]:
+    """The webhook's secret, and the one before its last rotation while that one's grace lasts."""
+    expires = webhook.previous_secret_expires_at
+    if webhook.previous_secret is None or expires is None or expires <= now:
+        return [webhook.secret]
+    return [webhook.secret, webhook.previous_secret]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,9 +312,18 @@ def update_webhook(
     return webhook
 
 
-def rotate_secret(session: Session, tenant: str, webhook_id: str) -> Webhook:
-    """A new secret, used from now on for every attempt (retries of older messages too)."""
+def rotate_secret(
+    session: Session, tenant: str, webhook_id: str, grace_seconds: int = ROTATION_GRACE_SECONDS
+) -> Webhook:
+    """A new secret, which signs every attempt from now on (retries of older messages too).
+    For ``grace_seconds`` the old secret signs them as well, so that receivers can move to the
+    new one without refusing a delivery; 0 revokes it at once (a leaked secret)."""
     webhook = get_webhook(session, tenant, webhook_id)
+    if grace_seconds > 0:
+        webhook.previous_secret = webhook.secret
+        webhook.previous_secret_expires_at = utcnow() + dt.timedelta(seconds=grace_seconds)
+    else:
+        webhook.previous_secret = webhook.previous_secret_expires_at = None
     webhook.secret = new_secret()
     session.commit()
     return webhook
@@ -458,7 +483,8 @@ def deliver(session: Session, settings: Settings, message_id: str) -> float | No
     if webhook is None:  # deleted meanwhile, with its messages
         return None
     body = message.body.encode()
-    headers = signed_headers(webhook.secret, message.id, body, int(time.time()))
+    secrets_now = signing_secrets(webhook, utcnow())
+    headers = signed_headers(secrets_now, message.id, body, int(time.time()))
     status_code: int | None = None
     error: str | None = None
     started = time.monotonic()

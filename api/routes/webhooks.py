@@ -82,6 +82,11 @@ class WebhookPublic(BaseModel):
     events: list[str]
     created_at: dt.datetime
     updated_at: dt.datetime
+    previous_secret_expires_at: dt.datetime | None = Field(
+        None,
+        description="until then the secret before the last rotation also signs each delivery; "
+        "null: only the current one does",
+    )
 
 
 class WebhookWithSecret(WebhookPublic):
@@ -92,6 +97,20 @@ class WebhookWithSecret(WebhookPublic):
     )
 
     secret: str = Field(description="whsec_<base64 key>: keep it; it is not shown again")
+
+
+class SecretRotation(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"grace_seconds": 0}]}
+    )
+
+    grace_seconds: int = Field(
+        webhooks.ROTATION_GRACE_SECONDS,
+        ge=0,
+        le=webhooks.MAX_ROTATION_GRACE_SECONDS,
+        description="how long the old secret still signs deliveries, beside the new one (default "
+        "a day); 0 revokes it at once, as for a leaked secret",
+    )
 
 
 class WebhookList(BaseModel):
@@ -235,10 +254,19 @@ def delete_webhook(webhook_id: str, session: SessionDep, tenant: TenantDep) -> N
 
 
 @router.post("/{webhook_id}/rotate-secret", response_model=WebhookWithSecret, responses=ERRORS)
-def rotate_secret(webhook_id: str, session: SessionDep, tenant: TenantDep) -> WebhookWithSecret:
-    """A new secret, returned once. The old one stops signing at once: every later attempt,
-    retries of earlier messages included, is signed with the new one only."""
-    return _with_secret(webhooks.rotate_secret(session, tenant, webhook_id))
+def rotate_secret(
+    webhook_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    body: SecretRotation | None = None,
+) -> WebhookWithSecret:
+    """A new secret, returned once, which signs every later attempt (retries of earlier
+    messages included). The old one signs them too until `previous_secret_expires_at` (a day
+    by default; the body's `grace_seconds`), a second `v1,` signature in `webhook-signature`,
+    so that receivers can switch secrets without refusing a delivery; `grace_seconds: 0`
+    revokes it at once."""
+    grace = (body or SecretRotation()).grace_seconds
+    return _with_secret(webhooks.rotate_secret(session, tenant, webhook_id, grace))
 
 
 @router.get("/{webhook_id}/deliveries", response_model=DeliveryList, responses=ERRORS)

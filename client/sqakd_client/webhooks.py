@@ -17,12 +17,21 @@ class Webhook(ApiObject):
     url: str = field("url")
     events: List[str] = field("events")
     secret: Optional[str] = field("secret", "The signing secret; None except after create.")
+    previous_secret_expires_at: Optional[str] = field(
+        "previous_secret_expires_at",
+        "Until then (ISO 8601) the secret before the last rotation signs deliveries too.",
+    )
     _collection = "/v1/webhooks"
 
-    def rotate_secret(self) -> Webhook:
-        """A new secret (in ``.secret``); the old one stops signing at once."""
+    def rotate_secret(self, grace_seconds: Optional[int] = None) -> Webhook:
+        """A new secret (in ``.secret``). The old one signs deliveries too for
+        ``grace_seconds`` (the service's default: a day) so that the receiver can switch
+        without refusing one; ``grace_seconds=0`` revokes it at once."""
+        body = None if grace_seconds is None else {"grace_seconds": grace_seconds}
         # Not retried: a lost answer would leave a secret nobody has seen.
-        answer = self._client._transport.request("POST", f"{self._path}/rotate-secret", retry=False)
+        answer = self._client._transport.request(
+            "POST", f"{self._path}/rotate-secret", retry=False, json=body
+        )
         self.data = answer.json()
         return self
 

@@ -3,6 +3,8 @@ deliveries log, bad input and other tenants."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import httpx
 import pytest
 import redis
@@ -54,6 +56,16 @@ def test_secret_is_shown_on_creation_and_rotation_only(client: httpx.Client) -> 
     rotated = client.post(f"{path}/rotate-secret")
     assert rotated.status_code == 200
     assert rotated.json()["secret"].startswith("whsec_") and rotated.json()["secret"] != secret
+    # The old secret signs too for a day, unless the rotation says otherwise.
+    grace_ends = dt.datetime.fromisoformat(rotated.json()["previous_secret_expires_at"])
+    assert abs(grace_ends - utcnow() - dt.timedelta(days=1)) < dt.timedelta(minutes=1)
+    shown = client.get(path).json()["previous_secret_expires_at"]
+    assert dt.datetime.fromisoformat(shown) == grace_ends
+    revoked = client.post(f"{path}/rotate-secret", json={"grace_seconds": 0})
+    assert revoked.status_code == 200 and revoked.json()["previous_secret_expires_at"] is None
+    for grace in (-1, 7 * 86400 + 1):
+        refused = client.post(f"{path}/rotate-secret", json={"grace_seconds": grace})
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_request"
 
     changed = client.patch(path, json={"events": ["job.canceled"]})
     assert changed.status_code == 200 and changed.json()["events"] == ["job.canceled"]

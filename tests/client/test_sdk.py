@@ -289,6 +289,8 @@ def test_webhooks_and_their_signature_check(client: Client) -> None:
         assert hook in list(client.webhooks.list())
         first = hook.secret
         assert hook.rotate_secret().secret not in (None, first)
+        assert hook.previous_secret_expires_at is not None  # the first still signs, for a day
+        assert hook.rotate_secret(grace_seconds=0).previous_secret_expires_at is None
         assert list(hook.deliveries()) == []
     finally:
         hook.delete()

@@ -65,7 +65,7 @@ def test_signature_verifies_with_the_standardwebhooks_package() -> None:
     body = webhooks.message_body("job.succeeded", "job-1", utcnow()).encode()
     now = int(utcnow().timestamp())
 
-    headers = webhooks.signed_headers(secret, "msg_1", body, now)
+    headers = webhooks.signed_headers([secret], "msg_1", body, now)
 
     payload = standardwebhooks.Webhook(secret).verify(body, headers)
     assert payload["type"] == "job.succeeded" and payload["data"] == {"id": "job-1"}
@@ -74,6 +74,33 @@ def test_signature_verifies_with_the_standardwebhooks_package() -> None:
         standardwebhooks.Webhook(webhooks.new_secret()).verify(body, headers)
     with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
         standardwebhooks.Webhook(secret).verify(body + b" ", headers)
+
+
+def test_a_rotated_out_secret_signs_beside_the_new_one_until_its_grace_ends(
+    session: Session, settings: Settings
+) -> None:
+    """Receivers verify with either secret while they switch; after the grace, or with none,
+    only the new one signs (Standard Webhooks: space-separated signatures, any may verify)."""
+    hook, _ = webhooks.create_webhook(session, settings, "local", PUBLIC_URL, ["job.succeeded"])
+    first = hook.secret
+    body = webhooks.message_body("job.succeeded", "job-1", utcnow()).encode()
+    now = utcnow()
+
+    webhooks.rotate_secret(session, "local", hook.id, grace_seconds=3600)
+
+    assert webhooks.signing_secrets(hook, now) == [hook.secret, first] and hook.secret != first
+    stamp = int(now.timestamp())
+    headers = webhooks.signed_headers(webhooks.signing_secrets(hook, now), "msg_1", body, stamp)
+    assert len(headers["webhook-signature"].split()) == 2
+    for secret in (first, hook.secret):
+        assert standardwebhooks.Webhook(secret).verify(body, headers)["data"] == {"id": "job-1"}
+    assert webhooks.signing_secrets(hook, now + dt.timedelta(seconds=3601)) == [hook.secret]
+
+    second = hook.secret
+    webhooks.rotate_secret(session, "local", hook.id, grace_seconds=0)  # a leaked secret
+
+    assert webhooks.signing_secrets(hook, now) == [hook.secret] and hook.secret != second
+    assert hook.previous_secret is None and hook.previous_secret_expires_at is None
 
 
 @pytest.mark.parametrize(("address", "default", "keyless", "private"), ADDRESSES)
