@@ -453,6 +453,9 @@ def _delete_unheld(folder: Path, wanted: Callable[[float], bool] | None = None) 
         return False
     except FileNotFoundError:
         return False
+    except OSError as exc:  # a cache left as it is: never the reason a job fails
+        log.warning("could not delete the dataset store %s: %s", folder, exc)
+        return False
     finally:
         lock.close()
 
