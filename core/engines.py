@@ -17,10 +17,12 @@ for it.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import hmac
 import json
 import secrets
 import uuid
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -119,21 +121,32 @@ def _claimable(now: dt.datetime) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A claimed build and its lease token, which only this claimant learns (the row keeps its
+    sha256)."""
+
+    build: EngineBuild
+    lease_token: str
+
+
+def token_sha256(lease_token: str) -> str:
+    return hashlib.sha256(lease_token.encode()).hexdigest()
+
+
 def claim_build(
     session: Session, build_id: str, builder: str, *, now: dt.datetime | None = None
-) -> EngineBuild | None:
-    """Take a waiting build (or one whose builder's lease expired); None if another has it.
-
-    The returned row carries the claim's new ``lease_token``, which only this claimant learns.
-    """
+) -> Claim | None:
+    """Take a waiting build (or one whose builder's lease expired); None if another has it."""
     now = now or utcnow()
+    lease_token = secrets.token_urlsafe(LEASE_TOKEN_BYTES)
     claimed = session.execute(
         update(EngineBuild)
         .where(EngineBuild.id == build_id, _claimable(now))
         .values(
             status=EngineStatus.BUILDING,
             builder=builder,
-            lease_token=secrets.token_urlsafe(LEASE_TOKEN_BYTES),
+            lease_token_sha256=token_sha256(lease_token),
             lease_expires_at=now + dt.timedelta(seconds=ENGINE_LEASE_SECONDS),
             started_at=now,
             updated_at=now,
@@ -146,10 +159,12 @@ def claim_build(
         return None
     _record_change(session, claimed.job_id, build_id, claimed.target, EngineStatus.BUILDING)
     session.commit()
-    return session.get(EngineBuild, build_id, populate_existing=True)
+    build = session.get(EngineBuild, build_id, populate_existing=True)
+    assert build is not None
+    return Claim(build, lease_token)
 
 
-def claim_next(session: Session, tenant: str, target: str, builder: str) -> EngineBuild | None:
+def claim_next(session: Session, tenant: str, target: str, builder: str) -> Claim | None:
     """The oldest claimable build of ``target`` among ``tenant``'s jobs, claimed; None if none.
 
     Two builders racing for one row: the loser's ``claim_build`` finds it taken and tries the
@@ -164,9 +179,9 @@ def claim_next(session: Session, tenant: str, target: str, builder: str) -> Engi
         .limit(10)
     ).all()
     for build_id in candidates:
-        build = claim_build(session, build_id, builder, now=now)
-        if build is not None:
-            return build
+        claim = claim_build(session, build_id, builder, now=now)
+        if claim is not None:
+            return claim
     return None
 
 
@@ -186,9 +201,9 @@ def held_build(
     build = get_build(session, tenant, build_id)
     held = (
         build.status == EngineStatus.BUILDING
-        and build.lease_token is not None
+        and build.lease_token_sha256 is not None
         and lease_token is not None
-        and hmac.compare_digest(build.lease_token.encode(), lease_token.encode())
+        and hmac.compare_digest(build.lease_token_sha256, token_sha256(lease_token))
     )
     if not held:
         raise EngineBuildNotClaimed(build_id)
@@ -200,7 +215,7 @@ def _held_by(build_id: str, builder: str, lease_token: str) -> Any:
     return and_(
         EngineBuild.id == build_id,
         EngineBuild.builder == builder,
-        EngineBuild.lease_token == lease_token,
+        EngineBuild.lease_token_sha256 == token_sha256(lease_token),
         EngineBuild.status == EngineStatus.BUILDING,
     )
 
@@ -248,7 +263,7 @@ def finish_build(
             report=report,
             error=error_body,
             lease_expires_at=None,
-            lease_token=None,
+            lease_token_sha256=None,
             finished_at=now,
             updated_at=now,
         )

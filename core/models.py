@@ -203,7 +203,8 @@ class EngineBuild(Base):
     lease_expires_at: Mapped[dt.datetime | None]
     # A secret handed to the builder with its claim: results, failures and lease renewals must
     # present it, so no other key of the tenant can complete (or spoof) a build it does not hold.
-    lease_token: Mapped[str | None] = mapped_column(String(64))
+    # Stored as its sha256 (hex): what the database holds cannot be presented.
+    lease_token_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[dt.datetime | None]

@@ -30,7 +30,7 @@ from core.db import session_scope
 from core.errors import InputError
 from core.export.tensorrt_engine import TensorRTUnavailable, build_engine
 from core.housekeeping import delete_unused_dataset_stores
-from core.models import EngineBuild, Job, utcnow
+from core.models import Job, utcnow
 from core.pipeline import CHECKPOINT, JobCanceled, JobInputs, run_quantization
 from core.settings import Settings, get_settings
 from core.storage import Storage, StoredObject, open_storage
@@ -400,12 +400,11 @@ def announce_engine_builds(settings: Settings, session: Session, job_id: str) ->
         log.info("job %s: engine build %s waits on %s", job_id, build.id, queue)
 
 
-def build_claimed_engine(settings: Settings, build: EngineBuild, builder: str) -> None:
-    """Build the engine of a build ``builder`` holds (under ``build.lease_token``), renewing
-    the lease while it builds; store it with its report as the job's artifacts, and record how
-    it ended. Nothing is stored for a failed build, nor for one whose lease was lost."""
-    lease_token = build.lease_token
-    assert lease_token is not None, "only a claimed build has a lease token"
+def build_claimed_engine(settings: Settings, claim: engines.Claim, builder: str) -> None:
+    """Build the engine of a build ``builder`` holds (its ``claim``), renewing the lease while it
+    builds; store it with its report as the job's artifacts, and record how it ended. Nothing
+    is stored for a failed build, nor for one whose lease was lost."""
+    build, lease_token = claim.build, claim.lease_token
     storage = open_storage(settings)
     plan_name, _ = engines.artifact_names(build.target)
     with session_scope(settings) as session:
@@ -458,11 +457,11 @@ def build_engine_task(self: Task, build_id: str) -> None:
     settings = get_settings()
     builder = f"{self.request.hostname}/{os.getpid()}/{self.request.id}"
     with session_scope(settings) as session:
-        build = engines.claim_build(session, build_id, builder)
-    if build is None:
+        claim = engines.claim_build(session, build_id, builder)
+    if claim is None:
         log.info("engine build %s: not claimable (built, or taken by another builder)", build_id)
         return
-    build_claimed_engine(settings, build, builder)
+    build_claimed_engine(settings, claim, builder)
 
 
 @app.task(

@@ -131,17 +131,16 @@ async def claim(
 ) -> EngineClaimed | Response:
     """Take the oldest waiting build of a target; its answer holds the claim's lease token."""
     body = await receive_json(request, EngineClaim)
-    build = await run_in_threadpool(
+    claim = await run_in_threadpool(
         engines.claim_next, session, tenant, body.target, _agent_name(body)
     )
-    if build is None:
+    if claim is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
-    assert build.lease_token is not None  # set by the claim
     return EngineClaimed(
-        build=EnginePublic.from_row(build),
-        model_url=f"/v1/jobs/{build.job_id}/artifacts/model_qdq.onnx",
+        build=EnginePublic.from_row(claim.build),
+        model_url=f"/v1/jobs/{claim.build.job_id}/artifacts/model_qdq.onnx",
         lease_seconds=engines.ENGINE_LEASE_SECONDS,
-        lease_token=build.lease_token,
+        lease_token=claim.lease_token,
     )
 
 

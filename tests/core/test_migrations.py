@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -21,7 +22,8 @@ from sqlalchemy import (
     text,
 )
 
-from core.db import alembic_config, engine_for, migrate
+from core import engines
+from core.db import alembic_config, engine_for, migrate, session_factory
 from core.models import Base, utcnow
 from core.settings import Settings
 
@@ -81,3 +83,30 @@ def test_sqlite_upgrade_keeps_the_rows_that_point_at_a_rebuilt_table(tmp_path: P
         assert connection.scalar(text("SELECT sweep_id FROM jobs")) == "sweep-1"
         assert connection.scalar(text("SELECT count(*) FROM webhook_messages")) == 1
         assert connection.scalar(text("PRAGMA foreign_keys")) == 1  # enforced again after
+
+
+def test_a_build_held_across_the_upgrade_keeps_its_claim_under_a_hashed_token(
+    tmp_path: Path,
+) -> None:
+    """0007 keeps the sha256 of each lease token, not the token: the builder's token still
+    proves its claim, and the database no longer holds anything it could present."""
+    settings = Settings(data_dir=tmp_path)
+    command.upgrade(alembic_config(settings), "0006")
+    engine = engine_for(settings)
+    old = MetaData()
+    old.reflect(engine)
+    with engine.begin() as connection:
+        _insert_row(connection, old.tables["jobs"], id="job-1", status="succeeded", tenant="local")
+        _insert_row(connection, old.tables["engine_builds"], id="build-1", job_id="job-1",
+                    status="building", builder="agent:nano", lease_token="the-token")  # fmt: skip
+
+    migrate(settings)
+
+    with engine.connect() as connection:
+        stored = connection.scalar(text("SELECT lease_token_sha256 FROM engine_builds"))
+    assert stored == engines.token_sha256("the-token") != "the-token"
+    with session_factory(settings)() as session:
+        build = engines.held_build(session, "local", "build-1", "the-token")
+        assert build.id == "build-1"
+        with pytest.raises(engines.EngineBuildNotClaimed):
+            engines.held_build(session, "local", "build-1", stored)  # the hash is no token
