@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "api.main:app",
         host=settings.host,
         port=settings.port,
+        workers=settings.api_processes,
         timeout_graceful_shutdown=5,
         log_level="info",
     )

@@ -3,6 +3,7 @@ hostile uploads being validated. Writes the ``api-load`` section of BENCHMARKS.m
 
     python -m bench.api_load                       # 60 s per window, 50, 200 and 1,000 req/s
     python -m bench.api_load --seconds 10 --no-write
+    python -m bench.api_load --api-processes 2     # API_PROCESSES=2: its own section
 
 It starts the whole service with ``python -m scripts.serve`` (embedded defaults: SQLite, the
 bundled Redis, one worker) on a fresh data directory, submits a CIFAR-10 ResNet-20 job from
@@ -45,6 +46,7 @@ CIFAR_TRAIN = SHARED / "data" / "cifar10" / "train"
 HOSTILE_IN_FLIGHT = 20
 POLL_CONNECTIONS = 64
 DRAIN_SECONDS = 10.0
+HOSTILE_PIXEL_BUDGET = 10**10  # MAX_DATASET_PIXELS of the service under load
 
 
 def slow_model() -> bytes:
@@ -87,7 +89,12 @@ class Window:
 
     def row(self) -> list[object]:
         ordered = sorted(self.latencies_ms)
-        p = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+
+        def p(q: float) -> str:  # "-": nothing was answered in the window
+            if not ordered:
+                return "-"
+            return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))]:.1f}"
+
         errors = sum(n for status, n in self.statuses.items() if status != "200")
         hostile = (
             f"{sum(self.hostile_answers.values())} answered "
@@ -101,9 +108,9 @@ class Window:
             f"{len(ordered) / self.seconds:.0f}",
             HOSTILE_IN_FLIGHT if self.hostile else 0,
             len(ordered),
-            f"{p(0.5):.1f}",
-            f"{p(0.99):.1f}",
-            f"{ordered[-1]:.1f}",
+            p(0.5),
+            p(0.99),
+            p(1.0),
             errors,
             hostile,
         ]
@@ -195,7 +202,9 @@ def hostile_uploads(url: str, model: bytes, data: bytes, stop: Any, answers: Pat
                     files={"model": ("m.onnx", model), "data": ("d.zip", data)},
                     data={"config": json.dumps({"steps": 1})},
                 )
-                code = response.json().get("error", {}).get("code", "accepted")
+                body = response.json()
+                error = body.get("error") if isinstance(body, dict) else None
+                code = error["code"] if isinstance(error, dict) else "accepted"
                 record(f"{response.status_code} {code}", time.monotonic() - started)
             except httpx.HTTPError as exc:
                 record(type(exc).__name__, time.monotonic() - started)
@@ -239,18 +248,39 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return kib("VmRSS"), kib("VmHWM")
 
 
-def api_pid(launcher: subprocess.Popen[bytes]) -> int:
-    for task in Path(f"/proc/{launcher.pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            if b"uvicorn" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return int(child)
+def children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def api_pids(launcher: subprocess.Popen[bytes], processes: int) -> list[int]:
+    """The API's server processes: uvicorn itself, or with several the ones it spawned."""
+    for child in children(launcher.pid):
+        if b"uvicorn" in Path(f"/proc/{child}/cmdline").read_bytes():
+            if processes == 1:
+                return [child]
+            return [
+                server
+                for server in children(child)
+                if b"spawn_main" in Path(f"/proc/{server}/cmdline").read_bytes()
+            ]
     raise RuntimeError("no uvicorn child")
+
+
+def total_rss_mib(pids: list[int]) -> tuple[float, float]:
+    """(current, peak) resident memory of the processes together, MiB."""
+    both = [rss_mib(pid) for pid in pids]
+    return sum(rss for rss, _ in both), sum(peak for _, peak in both)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--rates", default="50,200,1000")
+    parser.add_argument("--api-processes", type=int, default=1, help="API_PROCESSES")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     rates = [int(rate) for rate in args.rates.split(",")]
@@ -259,6 +289,10 @@ def main() -> None:
     port = 18000 + os.getpid() % 1000
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "DATABASE_URL")}
+    env["API_PROCESSES"] = str(args.api_processes)
+    # The flood is refused by the pixel budget it passes: the default budget (a 200 GB store)
+    # would admit its 20,000 x 1024 x 1024 pixels.
+    env["MAX_DATASET_PIXELS"] = str(HOSTILE_PIXEL_BUDGET)
     log = (work / "serve.log").open("wb")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "scripts.serve", "--port", str(port), "--data-dir", str(work)],
@@ -278,7 +312,7 @@ def main() -> None:
             if time.monotonic() > deadline or launcher.poll() is not None:
                 raise RuntimeError(f"service did not start; see {work / 'serve.log'}")
             time.sleep(0.3)
-        pid = api_pid(launcher)
+        pids = api_pids(launcher, args.api_processes)
         data = cifar_zip(CIFAR_TRAIN, 100, work / "cifar.zip")
         config = {"steps": 1_000_000, "batch_size": 64, "export": {"speed": False}}
         config["preprocessing"] = teacher_preprocessing()
@@ -294,14 +328,14 @@ def main() -> None:
         while httpx.get(f"{url}/v1/jobs/{job_id}").json()["stage"] != "training":
             time.sleep(0.5)
         hostile = (slow_model(), png_flood(20_000))
-        rss_before = rss_mib(pid)
+        rss_before = total_rss_mib(pids)
         windows = [
             Window(rate, hostile_on, args.seconds) for hostile_on in (False, True) for rate in rates
         ]
         for window in windows:
             run_window(url, job_id, window, hostile, work)
             print(window.row(), flush=True)
-        rss_after = rss_mib(pid)
+        rss_after = total_rss_mib(pids)
         job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
         httpx.post(f"{url}/v1/jobs/{job_id}/cancel")
     finally:
@@ -312,11 +346,13 @@ def main() -> None:
         [
             f"`GET /v1/jobs/{{id}}` polled open-loop for {args.seconds:g} s per window (latency "
             "counts from each request's due time) while a CIFAR-10 ResNet-20 job trains in the "
-            f"same service (`make serve`'s embedded defaults, one worker; {job['status']}, "
+            f"same service (`make serve`'s embedded defaults, one worker, "
+            f"{args.api_processes} API process(es); {job['status']}, "
             f"{job['stage']}, step {steps} at the end). Hostile windows keep "
             f"{HOSTILE_IN_FLIGHT} uploads in flight, each validated in a child process (a "
             "model whose verification costs seconds of CPU, with 20,000 one-pixel PNGs past "
-            "the pixel budget) and refused. Pollers, API, worker and validators share the "
+            f"the pixel budget, MAX_DATASET_PIXELS={HOSTILE_PIXEL_BUDGET:.0e} here) and refused. "
+            "Pollers, API, worker and validators share the "
             "machine's cores. Errors are requests not answered within 10 s of the window's end "
             "(a saturated server's backlog). A hostile upload refused with 429 before its body "
             "is read is closed under the client, which sees a ReadError and retries at once.",
@@ -334,13 +370,17 @@ def main() -> None:
                 ],
                 [window.row() for window in windows],
             ),
-            f"API process RSS: {rss_before[0]:.0f} MiB before the windows, "
+            f"API processes' RSS together: {rss_before[0]:.0f} MiB before the windows, "
             f"{rss_after[0]:.0f} MiB after (peak {rss_after[1]:.0f} MiB).",
         ]
     )
     print(body)
     if not args.no_write:
-        write_section("api-load", body, command="python -m bench.api_load", machine_text=machine())
+        name, command = "api-load", "python -m bench.api_load"
+        if args.api_processes > 1:
+            name += f"-{args.api_processes}-processes"
+        command += f" --seconds {args.seconds:g} --api-processes {args.api_processes}"
+        write_section(name, body, command=command, machine_text=machine())
 
 
 if __name__ == "__main__":

@@ -188,6 +188,13 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    api_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="API processes (uvicorn workers) on one port; each has its own validation "
+        "children (validation_concurrency each) and maintenance loop, which may run at once.",
+    )
 
     @field_validator("data_dir", "dataset_store_dir")
     @classmethod

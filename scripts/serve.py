@@ -225,6 +225,7 @@ def api_argv(settings: Settings) -> list[str]:
         sys.executable, "-m", "uvicorn", "api.main:app",
         "--host", settings.host,
         "--port", str(settings.port),
+        "--workers", str(settings.api_processes),
         "--timeout-graceful-shutdown", "5",
         "--log-level", "info",
     ]  # fmt: skip

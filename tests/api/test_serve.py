@@ -80,3 +80,33 @@ def test_keyless_on_loopback_migrates_and_serves(tmp_path: Path) -> None:
     # uvicorn re-raises the signal it stopped on, after a graceful shutdown.
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Finished server process" in output
+
+
+@pytest.mark.e2e
+def test_api_processes_serve_one_port_and_stop_together(tmp_path: Path) -> None:
+    """API_PROCESSES=2: uvicorn's supervisor with two server processes on the port; SIGTERM
+    stops both gracefully."""
+    port = free_port()
+    env = {"PORT": str(port), "SQAKD_DATA_DIR": str(tmp_path), "API_PROCESSES": "2"}
+    process = entrypoint(env, "--migrate")
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "not serving in time"
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        servers = [
+            pid for pid in children
+            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        ]  # fmt: skip
+        assert len(servers) == 2, children
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert output.count("Finished server process") == 2, output
