@@ -30,6 +30,18 @@ def entrypoint(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     )
 
 
+def first_health_answer(process: subprocess.Popen[str], port: int) -> httpx.Response:
+    """``/healthz``'s first answer, once the entrypoint serves (it must not exit meanwhile)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, "not serving in time"
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 @pytest.mark.parametrize("api_keys", [None, "{}"])
 def test_keyless_on_all_interfaces_is_refused(tmp_path: Path, api_keys: str | None) -> None:
     env = {"HOST": "0.0.0.0", "PORT": str(free_port()), "SQAKD_DATA_DIR": str(tmp_path)}
@@ -58,16 +70,7 @@ def test_keyless_on_loopback_migrates_and_serves(tmp_path: Path) -> None:
     env = {"HOST": "127.0.0.1", "PORT": str(port), "SQAKD_DATA_DIR": str(tmp_path)}
     process = entrypoint(env, "--migrate")
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "not serving in time"
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert response.status_code == 200
+        assert first_health_answer(process, port).status_code == 200
         # The database was migrated (its broker, the embedded socket, is not started here).
         readiness = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()
         assert readiness["checks"]["database"] == "ok"
@@ -90,15 +93,7 @@ def test_api_processes_serve_one_port_and_stop_together(tmp_path: Path) -> None:
     env = {"PORT": str(port), "SQAKD_DATA_DIR": str(tmp_path), "API_PROCESSES": "2"}
     process = entrypoint(env, "--migrate")
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "not serving in time"
-            try:
-                assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        assert first_health_answer(process, port).status_code == 200
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
         servers = [
             pid for pid in children
