@@ -21,6 +21,11 @@ from core.settings import Settings, get_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Connections a process may hold: more than the API's 40 threadpool threads. A request keeps
+# its session's connection until its answer is sent; with SQLAlchemy's 5 + 10 a burst left
+# every connection with answers the event loop had yet to send while all 40 threads waited
+# for one, and one API process answered nothing for a minute (bench.api_load).
+POOL_SIZE, POOL_OVERFLOW = 10, 50
 # Ids bound in one IN (...) list: PostgreSQL binds at most 65,535 parameters a query, SQLite
 # 32,766 (999 before 3.32), and a long-lived service has more jobs than either.
 IDS_PER_QUERY = 500
@@ -52,10 +57,15 @@ def get_engine(url: str) -> Engine:
         # write, so reads take no lock and hold no snapshot, and a write never has to upgrade
         # a read lock (which fails at once with SQLITE_BUSY instead of waiting). Our writes
         # that must be atomic are single UPDATE statements.
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_size=POOL_SIZE,
+            max_overflow=POOL_OVERFLOW,
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
 
 
 def engine_for(settings: Settings | None = None) -> Engine:
